@@ -1,0 +1,39 @@
+# Set-up and entry points. Every target installs what it needs first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+TFF_VERSION := 0.87.0
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+RUN_DIR ?= runs/quick
+
+.PHONY: venv data run test clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (TensorFlow Federated 0.87 needs Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps tensorflow-federated==$(TFF_VERSION)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package, where apt is available.
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	else echo "note: $(FMNIST_DIR) is missing and apt is not usable; run.py will try --data_dir and the Keras cache"; fi
+
+# The main job: a short FedDST run on Fashion-MNIST, exported to sparse TFLite.
+run: venv data
+	$(PY) run.py --algorithm=feddst --dataset=fashion_mnist --sparsity=0.8 \
+	  --total_clients=100 --clients_per_round=10 --rounds=10 --local_epochs=2 \
+	  --eval_every=5 --export_tflite --output_dir=$(RUN_DIR)
+
+test: venv data
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,23 @@
+"""The paper's networks (FEDDST_SPEC.md section 6) as Keras models.
+
+Every network returns logits (train with a from-logits cross-entropy). The
+prunable layers are the Conv2D and Dense layers; `prunable_layers` lists them
+in model order, which is also the order of their kernels in
+`model.trainable_weights`.
+"""
+
+from keras_models.networks import (
+    MODEL_NAMES,
+    build_model,
+    default_model_for_dataset,
+    is_prunable,
+    prunable_layers,
+)
+
+__all__ = [
+    "MODEL_NAMES",
+    "build_model",
+    "default_model_for_dataset",
+    "is_prunable",
+    "prunable_layers",
+]
