@@ -1,0 +1,74 @@
+"""The TFF simulation runtime's lifetime.
+
+`tensorflow_federated` runs client computations in a child process,
+`worker_binary`, which it stops only from a finaliser; in practice the
+child outlives Python (re-parented to init, still holding its port and the
+parent's stdout). `stop_tff_workers` stops it explicitly; `managed_runtime`
+makes sure that happens when a run ends, fails or is interrupted.
+"""
+
+import atexit
+import contextlib
+import signal
+import sys
+
+import psutil
+
+WORKER_NAME = "worker_binary"
+
+
+def tff_worker_processes() -> list[psutil.Process]:
+  """The TFF worker processes started by this Python process."""
+  found = []
+  for child in psutil.Process().children(recursive=True):
+    try:
+      if child.name() == WORKER_NAME:
+        found.append(child)
+    except psutil.NoSuchProcess:
+      pass
+  return found
+
+
+def stop_tff_workers(timeout: float = 5.0) -> int:
+  """Stops this process's TFF workers (SIGINT, then SIGKILL); returns how many."""
+  workers = tff_worker_processes()
+  for proc in workers:
+    with contextlib.suppress(psutil.NoSuchProcess):
+      proc.send_signal(signal.SIGINT)
+  _, alive = psutil.wait_procs(workers, timeout=timeout)
+  for proc in alive:
+    with contextlib.suppress(psutil.NoSuchProcess):
+      proc.kill()
+  psutil.wait_procs(alive, timeout=timeout)
+  return len(workers)
+
+
+def _raise_on_sigterm(signum, frame):
+  del frame
+  # Unwinds like Ctrl-C does, so `finally` blocks and atexit run.
+  raise SystemExit(128 + signum)
+
+
+_installed = False
+
+
+def install_shutdown_handlers() -> None:
+  """Stops the TFF worker at interpreter exit and on SIGTERM (idempotent)."""
+  global _installed
+  if _installed:
+    return
+  atexit.register(stop_tff_workers)
+  if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+  _installed = True
+
+
+@contextlib.contextmanager
+def managed_runtime():
+  """Context in which TFF may start its worker; it is stopped on the way out."""
+  install_shutdown_handlers()
+  try:
+    yield
+  finally:
+    stop_tff_workers()
+    sys.stdout.flush()
