@@ -9,6 +9,7 @@ makes sure that happens when a run ends, fails or is interrupted.
 
 import atexit
 import contextlib
+import gc
 import signal
 import sys
 
@@ -29,9 +30,33 @@ def tff_worker_processes() -> list[psutil.Process]:
   return found
 
 
-def stop_tff_workers(timeout: float = 5.0) -> int:
-  """Stops this process's TFF workers (SIGINT, then SIGKILL); returns how many."""
+def _reset_tff_context(fresh: bool) -> None:
+  """Drops TFF's execution context so its worker manager is finalised now.
+
+  With `fresh`, a new local C++ context is installed (it starts a new worker
+  only when a computation next runs); otherwise none is left. Done while the
+  interpreter is intact, TFF's own finaliser stops the worker quietly instead
+  of failing during interpreter teardown.
+  """
+  if "tensorflow_federated" not in sys.modules:
+    return
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  if fresh:
+    tff.backends.native.set_sync_local_cpp_execution_context()
+  else:
+    tff.test.set_no_default_context()
+  gc.collect()
+
+
+def stop_tff_workers(timeout: float = 5.0, restartable: bool = True) -> int:
+  """Stops this process's TFF workers (SIGINT, then SIGKILL); returns how many.
+
+  With `restartable`, TFF can run computations again afterwards (a new worker
+  is started on demand).
+  """
   workers = tff_worker_processes()
+  _reset_tff_context(fresh=restartable)
   for proc in workers:
     with contextlib.suppress(psutil.NoSuchProcess):
       proc.send_signal(signal.SIGINT)
@@ -57,7 +82,7 @@ def install_shutdown_handlers() -> None:
   global _installed
   if _installed:
     return
-  atexit.register(stop_tff_workers)
+  atexit.register(stop_tff_workers, restartable=False)
   if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
   _installed = True

@@ -1,0 +1,232 @@
+"""FedDST client work: masked local training and mask readjustment.
+
+Each sampled client (FEDDST_SPEC.md section 3, steps 2-4):
+- loads the global weights and masks (the masks live in the tfmot wrappers'
+  `mask` variables, part of `ModelWeights.non_trainable`), with a fresh
+  optimizer state;
+- trains E local epochs of momentum SGD with weight decay; gradients (and
+  the FedProx term) are multiplied by the mask, so masked weights stay exactly
+  zero and the momentum never moves them;
+- in readjustment rounds, computes the gradient of the task loss (the mean
+  over all its local examples, never the proximal term) and, per layer,
+  prunes k_l weights by magnitude and regrows k_l by gradient magnitude;
+- returns its weights, its masks and its example count.
+
+The round number lives in the client work's server state; the server turns it
+into the per-layer counts k_l = round(alpha_r * budget_l) and broadcasts them.
+"""
+
+import collections
+
+import numpy as np
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_feddst import masks as masks_lib
+from tff_feddst.sparse_model import SparseLayout
+
+def _client_stats(mask_changed, active, rejected, examples):
+  return collections.OrderedDict(
+      mask_changed=tf.cast(mask_changed, tf.int32),
+      uploaded_values=tf.cast(active, tf.int64),
+      rejected=tf.cast(rejected, tf.int32),
+      clients=tf.constant(1, tf.int32),
+      examples=tf.cast(examples, tf.int64),
+  )
+
+
+def build_client_update(
+    model_fn,
+    layout: SparseLayout,
+    optimizer: tff.learning.optimizers.Optimizer,
+    local_epochs: int,
+    prox_mu: float = 0.0,
+    upload_dtype: tf.DType = tf.float32,
+):
+  """Returns the `tf.function` run by each client."""
+  model = model_fn()
+  loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True, reduction=tf.keras.losses.Reduction.SUM
+  )
+  kernel_index = layout.kernel_index
+  slot_of = layout.mask_slot()
+
+  @tf.function
+  def client_update(initial_weights, dataset, num_to_readjust):
+    weights = tff.learning.models.ModelWeights.from_model(model)
+    tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
+    trainable = list(weights.trainable)
+    mask_vars = [weights.non_trainable[i] for i in layout.mask_index]
+    initial_masks = [initial_weights.non_trainable[i] for i in layout.mask_index]
+    global_params = list(initial_weights.trainable)
+
+    def mask_gradients(grads):
+      return [
+          g * mask_vars[slot_of[i]] if i in slot_of else g
+          for i, g in enumerate(grads)
+      ]
+
+    def train_step(state, batch):
+      num_examples, opt_state = state
+      with tf.GradientTape() as tape:
+        output = model.forward_pass(batch, training=True)
+      grads = tape.gradient(output.loss, trainable)
+      if prox_mu:
+        grads = [
+            g + prox_mu * (w - w0)
+            for g, w, w0 in zip(grads, trainable, global_params)
+        ]
+      opt_state, new_values = optimizer.next(
+          opt_state, tuple(trainable), tuple(mask_gradients(grads))
+      )
+      for var, value in zip(trainable, new_values):
+        var.assign(value)
+      num_examples += tf.shape(output.predictions, out_type=tf.int64)[0]
+      return num_examples, opt_state
+
+    specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
+    initial_state = (tf.constant(0, tf.int64), optimizer.initialize(specs))
+    num_examples, _ = dataset.repeat(local_epochs).reduce(
+        initial_state, train_step
+    )
+    # Steps already keep masked weights at zero; this makes it explicit.
+    for slot, i in enumerate(kernel_index):
+      trainable[i].assign(trainable[i] * mask_vars[slot])
+
+    if tf.reduce_sum(num_to_readjust) > 0:
+      # Mean gradient of the task loss over the local data at the final
+      # weights (dense: inactive positions get a gradient too).
+      def accumulate(sums, batch):
+        with tf.GradientTape() as tape:
+          logits = model.predict_on_batch(batch["x"], training=False)
+          loss = loss_fn(batch["y"], logits)
+        grads = tape.gradient(loss, [trainable[i] for i in kernel_index])
+        return tuple(s + g for s, g in zip(sums, grads))
+
+      zeros = tuple(tf.zeros_like(trainable[i]) for i in kernel_index)
+      grad_sums = dataset.reduce(zeros, accumulate)
+      denominator = tf.cast(tf.maximum(num_examples // local_epochs, 1), tf.float32)
+      for slot, i in enumerate(kernel_index):
+        new_mask, new_kernel = masks_lib.readjust(
+            trainable[i],
+            mask_vars[slot],
+            grad_sums[slot] / denominator,
+            num_to_readjust[slot],
+        )
+        mask_vars[slot].assign(new_mask)
+        trainable[i].assign(new_kernel)
+
+    values = [v.read_value() for v in trainable]
+    if upload_dtype != tf.float32:
+      values = [tf.cast(tf.cast(v, upload_dtype), tf.float32) for v in values]
+    masks = [
+        mask_vars[slot_of[i]].read_value() if i in slot_of else tf.ones([])
+        for i in range(len(values))
+    ]
+    mask_changed = tf.reduce_any(
+        [tf.reduce_any(tf.not_equal(m, m0)) for m, m0 in zip(mask_vars, initial_masks)]
+    )
+    active = tf.add_n([tf.reduce_sum(tf.cast(m > 0, tf.int64)) for m in mask_vars])
+    # A client whose update is not finite is rejected: weight 0, no votes.
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values])
+    weight = tf.where(finite, tf.cast(num_examples, tf.float32), 0.0)
+    values = [tf.where(finite, v, tf.zeros_like(v)) for v in values]
+    if not finite:
+      model.reset_metrics()
+    update = collections.OrderedDict(values=values, masks=masks)
+    stats = _client_stats(
+        mask_changed, active, tf.logical_not(finite), num_examples
+    )
+    return (
+        tff.learning.templates.ClientResult(update=update, update_weight=weight),
+        model.report_local_unfinalized_metrics(),
+        stats,
+    )
+
+  return client_update, model
+
+
+def build_feddst_client_work(
+    model_fn,
+    layout: SparseLayout,
+    optimizer: tff.learning.optimizers.Optimizer,
+    *,
+    local_epochs: int,
+    readjustment_ratio: float,
+    rounds_between_readjustments: int,
+    readjustment_end_round: int,
+    prox_mu: float = 0.0,
+    upload_dtype: tf.DType = tf.float32,
+) -> tff.learning.templates.ClientWorkProcess:
+  """The FedDST `ClientWorkProcess` (alpha = 0 gives RandomMask)."""
+  with tf.Graph().as_default():
+    model = model_fn()
+    metrics_aggregation_fn = tff.learning.metrics.sum_then_finalize(
+        model.metric_finalizers()
+    )
+    weights_type = tff.learning.models.weights_type_from_model(model)
+    element_type = tff.types.tensorflow_to_type(model.input_spec)
+  data_type = tff.SequenceType(element_type)
+  num_layers = len(layout.budgets)
+  k_type = tff.TensorType(np.int32, [num_layers])
+
+  @tff.tensorflow.computation
+  def init_tf():
+    return collections.OrderedDict(round_num=tf.constant(1, tf.int32))
+
+  state_type = init_tf.type_signature.result
+
+  @tff.tensorflow.computation(state_type)
+  def plan_round(state):
+    """Per-layer k_l for this round (all zero outside readjustment rounds)."""
+    r = state["round_num"]
+    ratio = masks_lib.readjustment_ratio(
+        r, readjustment_ratio, readjustment_end_round
+    )
+    on_schedule = tf.equal((r - 1) % rounds_between_readjustments, 0)
+    readjust = tf.logical_and(on_schedule, ratio > 0.0)
+    ks = tf.stack([masks_lib.num_to_readjust(ratio, b) for b in layout.budgets])
+    ks = tf.where(readjust, ks, tf.zeros_like(ks))
+    return collections.OrderedDict(
+        round_num=r, readjustment_ratio=tf.where(readjust, ratio, 0.0), num_readjusted=ks
+    )
+
+  @tff.tensorflow.computation(state_type)
+  def advance(state):
+    return collections.OrderedDict(round_num=state["round_num"] + 1)
+
+  @tff.tensorflow.computation(weights_type, data_type, k_type)
+  def client_update_tf(initial_weights, dataset, num_to_readjust):
+    client_update, _ = build_client_update(
+        model_fn, layout, optimizer, local_epochs, prox_mu, upload_dtype
+    )
+    return client_update(initial_weights, dataset, num_to_readjust)
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_eval(init_tf, tff.SERVER)
+
+  @tff.federated_computation(
+      init_fn.type_signature.result,
+      tff.FederatedType(weights_type, tff.CLIENTS),
+      tff.FederatedType(data_type, tff.CLIENTS),
+  )
+  def next_fn(state, weights, client_data):
+    plan = tff.federated_map(plan_round, state)
+    ks = tff.federated_broadcast(plan.num_readjusted)
+    result, model_outputs, stats = tff.federated_map(
+        client_update_tf, (weights, client_data, ks)
+    )
+    measurements = tff.federated_zip(
+        collections.OrderedDict(
+            train=metrics_aggregation_fn(model_outputs),
+            clients=tff.federated_sum(stats),
+            readjustment=plan,
+        )
+    )
+    return tff.templates.MeasuredProcessOutput(
+        tff.federated_map(advance, state), result, measurements
+    )
+
+  return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)

@@ -1,0 +1,105 @@
+"""`build_feddst`: FedDST (Algorithm 1 of the paper) as a TFF LearningProcess.
+
+Four swappable blocks composed with `compose_learning_process`:
+  distributor  -> TFF's broadcast of the global ModelWeights (kernels, biases
+                  and the wrappers' masks)
+  client work  -> `client_work.build_feddst_client_work` (masked training,
+                  prune-and-regrow readjustment)
+  aggregator   -> `aggregation.SparseVotingFactory` (sparse weighted average
+                  with voting)
+  finalizer    -> `finalizer.build_sparse_finalizer` (re-prune to the budget,
+                  optional server momentum)
+RandomMask is the same process with readjustment_ratio = 0; FedProx on the
+sparse network adds prox_mu.
+"""
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_feddst import aggregation
+from tff_feddst import client_work as client_work_lib
+from tff_feddst import finalizer as finalizer_lib
+from tff_feddst.sparse_model import SparseLayout
+
+
+def constant_weights_fn(initial_weights: tff.learning.models.ModelWeights):
+  """A no-argument tff computation returning fixed (seeded) initial weights."""
+
+  @tff.tensorflow.computation
+  def initial_weights_fn():
+    return tff.learning.models.ModelWeights(
+        trainable=[tf.constant(w) for w in initial_weights.trainable],
+        non_trainable=[tf.constant(w) for w in initial_weights.non_trainable],
+    )
+
+  return initial_weights_fn
+
+
+def build_feddst(
+    model_fn,
+    layout: SparseLayout,
+    initial_weights: tff.learning.models.ModelWeights,
+    client_optimizer: tff.learning.optimizers.Optimizer,
+    *,
+    local_epochs: int,
+    readjustment_ratio: float = 0.05,
+    rounds_between_readjustments: int = 10,
+    readjustment_end_round: int = 0,
+    min_votes: int = 1,
+    prox_mu: float = 0.0,
+    server_optimizer: tff.learning.optimizers.Optimizer | None = None,
+    upload_dtype: tf.DType = tf.float32,
+    aggregation_factory: tff.aggregators.WeightedAggregationFactory | None = None,
+) -> tff.learning.templates.LearningProcess:
+  """Builds the FedDST learning process.
+
+  Args:
+    model_fn: no-argument function returning a `tff.learning.models.VariableModel`
+      over a Keras model wrapped by `sparse_model.wrap_prunable`.
+    layout: kernel/mask positions and per-layer budgets.
+    initial_weights: numpy ModelWeights (from `sparse_model.initial_model_weights`).
+    client_optimizer: the clients' optimizer (`optimizers.build_sgdw`).
+    local_epochs: E.
+    readjustment_ratio: alpha (0 gives RandomMask).
+    rounds_between_readjustments: Delta_R.
+    readjustment_end_round: R_end; alpha_r = 0 from this round on.
+    min_votes: positions kept by fewer clients are dropped in aggregation.
+    prox_mu: FedProx strength (0 disables).
+    server_optimizer: None applies the re-pruned average directly (the paper);
+      otherwise e.g. `build_sgdm(server_lr, server_momentum)`.
+    upload_dtype: tf.float16 rounds uploaded values to half precision.
+    aggregation_factory: replaces the sparse voting average.
+  """
+  if local_epochs < 1:
+    raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
+  if rounds_between_readjustments < 1:
+    raise ValueError("rounds_between_readjustments must be >= 1")
+  client_work = client_work_lib.build_feddst_client_work(
+      model_fn,
+      layout,
+      client_optimizer,
+      local_epochs=local_epochs,
+      readjustment_ratio=readjustment_ratio,
+      rounds_between_readjustments=rounds_between_readjustments,
+      readjustment_end_round=readjustment_end_round,
+      prox_mu=prox_mu,
+      upload_dtype=upload_dtype,
+  )
+  weights_type = client_work.next.type_signature.parameter[1].member
+  result_type = client_work.next.type_signature.result.result.member
+  update_type = result_type.update
+  weight_type = result_type.update_weight
+  factory = aggregation_factory or aggregation.SparseVotingFactory(min_votes)
+  aggregator = factory.create(update_type, weight_type)
+  update_out_type = aggregator.next.type_signature.result.result.member
+  finalizer = finalizer_lib.build_sparse_finalizer(
+      weights_type, update_out_type, layout, server_optimizer
+  )
+  distributor = tff.learning.templates.build_broadcast_process(weights_type)
+  return tff.learning.templates.compose_learning_process(
+      constant_weights_fn(initial_weights),
+      distributor,
+      client_work,
+      aggregator,
+      finalizer,
+  )

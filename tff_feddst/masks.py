@@ -1,0 +1,209 @@
+"""Mask arithmetic for FedDST, as pure NumPy / TensorFlow functions.
+
+Nothing here knows about TFF or Keras layers: budgets are computed from
+kernel shapes, masks are float tensors of zeros and ones with the kernel's
+shape. See FEDDST_SPEC.md sections 2 and 3.
+
+Conventions
+- A kernel shape is (k_h, k_w, n_in, n_out) for a convolution and
+  (n_in, n_out) for a dense layer (Keras layout).
+- The budget of a layer is the integer number of weights it keeps; it is
+  fixed for the whole run.
+- Ties (equal magnitudes or gradients) are broken towards the lower flat
+  index, as `tf.math.top_k` does, so every choice is deterministic.
+"""
+
+import math
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+DISTRIBUTIONS = ("uniform", "er", "erk")
+
+
+def _raw_density(shape: Sequence[int], distribution: str) -> float:
+  """Unnormalised density of a layer under ER / ERK (RigL, Evci et al.)."""
+  if len(shape) == 2:
+    n_in, n_out = shape
+    return (n_in + n_out) / (n_in * n_out)
+  if len(shape) == 4:
+    k_h, k_w, n_in, n_out = shape
+    if distribution == "erk":
+      return (n_in + n_out + k_h + k_w) / (n_in * n_out * k_h * k_w)
+    return (n_in + n_out) / (n_in * n_out)
+  raise ValueError(f"kernel shape {tuple(shape)} is neither dense nor conv")
+
+
+def layer_densities(
+    shapes: Sequence[Sequence[int]], sparsity: float, distribution: str = "erk"
+) -> list[float]:
+  """Density per layer so that sum d_l size_l = (1 - S) sum size_l.
+
+  Layers whose ER/ERK density would exceed 1 are kept dense and the scale is
+  recomputed over the others, until no layer exceeds 1.
+  """
+  if not 0.0 <= sparsity < 1.0:
+    raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+  if distribution not in DISTRIBUTIONS:
+    raise ValueError(
+        f"unknown sparsity distribution {distribution!r}; choose one of "
+        f"{', '.join(DISTRIBUTIONS)}"
+    )
+  sizes = [int(np.prod(s)) for s in shapes]
+  if distribution == "uniform" or sparsity == 0.0:
+    return [1.0 - sparsity] * len(shapes)
+  raw = [_raw_density(s, distribution) for s in shapes]
+  dense = set()
+  while True:
+    # Weights the non-dense layers must hold once dense layers are full.
+    budget = (1.0 - sparsity) * sum(sizes) - sum(sizes[i] for i in dense)
+    divisor = sum(raw[i] * sizes[i] for i in range(len(shapes)) if i not in dense)
+    scale = budget / divisor
+    free = [i for i in range(len(shapes)) if i not in dense]
+    top = max(raw[i] for i in free)
+    if scale * top <= 1.0:
+      break
+    dense.update(i for i in free if raw[i] == top)
+  return [1.0 if i in dense else scale * raw[i] for i in range(len(shapes))]
+
+
+def layer_budgets(
+    shapes: Sequence[Sequence[int]], sparsity: float, distribution: str = "erk"
+) -> list[int]:
+  """Integer number of kept weights per layer: floor(d_l * size_l)."""
+  densities = layer_densities(shapes, sparsity, distribution)
+  budgets = []
+  for shape, density in zip(shapes, densities):
+    size = int(np.prod(shape))
+    # The small epsilon keeps floor(0.2 * 250) from landing on 49.
+    budgets.append(min(size, int(math.floor(density * size + 1e-9))))
+  return budgets
+
+
+def random_masks(
+    shapes: Sequence[Sequence[int]], budgets: Sequence[int], seed: int
+) -> list[np.ndarray]:
+  """Seeded random masks (float32) with exactly `budget` ones per layer."""
+  rng = np.random.default_rng(seed)
+  masks = []
+  for shape, budget in zip(shapes, budgets):
+    size = int(np.prod(shape))
+    flat = np.zeros(size, np.float32)
+    flat[rng.permutation(size)[:budget]] = 1.0
+    masks.append(flat.reshape(shape))
+  return masks
+
+
+def sparsity_of(masks: Sequence[np.ndarray]) -> float:
+  """Global sparsity: zeros / all over the given masks (or kernels)."""
+  total = sum(int(np.size(m)) for m in masks)
+  nonzero = sum(int(np.count_nonzero(m)) for m in masks)
+  return 1.0 - nonzero / total if total else 0.0
+
+
+def readjustment_ratio(
+    round_num, alpha: float, end_round: int
+):
+  """Cosine-decayed alpha_r: alpha/2 (1 + cos(pi r / R_end)) for r < R_end.
+
+  Works on Python numbers and on TF tensors (float64). The ratio is applied
+  once (the public experiment code applied alpha twice).
+  """
+  if isinstance(round_num, (int, np.integer)):
+    if end_round <= 0 or round_num >= end_round:
+      return 0.0
+    return alpha / 2.0 * (1.0 + math.cos(math.pi * round_num / end_round))
+  r = tf.cast(round_num, tf.float64)
+  if end_round <= 0:
+    return tf.constant(0.0, tf.float64)
+  value = alpha / 2.0 * (1.0 + tf.cos(math.pi * r / float(end_round)))
+  return tf.where(r < float(end_round), value, tf.constant(0.0, tf.float64))
+
+
+def is_readjustment_round(
+    round_num: int, alpha: float, rounds_between: int, end_round: int
+) -> bool:
+  """Readjust in rounds with (r - 1) mod Delta_R == 0 and alpha_r > 0."""
+  return (round_num - 1) % rounds_between == 0 and readjustment_ratio(
+      round_num, alpha, end_round
+  ) > 0.0
+
+
+def num_to_readjust(ratio, budget: int):
+  """k_l = round(alpha_r * budget_l) (tensor in, int32 tensor out)."""
+  k = tf.round(tf.cast(ratio, tf.float64) * float(budget))
+  return tf.cast(k, tf.int32)
+
+
+def _select(scores: tf.Tensor, k) -> tf.Tensor:
+  """0/1 float vector marking the k largest scores (lower index wins ties)."""
+  flat = tf.reshape(scores, [-1])
+  _, idx = tf.math.top_k(flat, k=k, sorted=False)
+  picked = tf.scatter_nd(
+      tf.expand_dims(idx, 1), tf.ones_like(idx, tf.float32), tf.shape(flat)
+  )
+  return tf.reshape(picked, tf.shape(scores))
+
+
+def prune_smallest(weights: tf.Tensor, mask: tf.Tensor, k) -> tf.Tensor:
+  """Deactivates the k active positions of smallest |w|; returns the mask."""
+  active = mask > 0
+  neg_inf = tf.constant(-np.inf, weights.dtype)
+  scores = tf.where(active, -tf.abs(weights), neg_inf)
+  return mask * (1.0 - _select(scores, k))
+
+
+def grow_largest(scores: tf.Tensor, mask: tf.Tensor, k) -> tf.Tensor:
+  """Activates the k inactive positions of largest |score|; returns the mask.
+
+  Only inactive positions compete (the public experiment code ranked active
+  ones too, so it grew fewer weights than intended).
+  """
+  neg_inf = tf.constant(-np.inf, scores.dtype)
+  candidates = tf.where(mask > 0, neg_inf, tf.abs(scores))
+  return tf.minimum(mask + _select(candidates, k), 1.0)
+
+
+def readjust(
+    weights: tf.Tensor, mask: tf.Tensor, gradient: tf.Tensor, k
+) -> tuple[tf.Tensor, tf.Tensor]:
+  """Prune k weights by magnitude, then regrow k by gradient magnitude.
+
+  Returns (new_mask, new_weights). A position that enters the mask starts at
+  zero; a position that was dropped and regrown in the same step keeps its
+  value (its connection never left the model). The count of ones is unchanged.
+  """
+  pruned = prune_smallest(weights, mask, k)
+  grown = grow_largest(gradient, pruned, k)
+  new_positions = grown * (1.0 - mask)
+  new_weights = weights * grown * (1.0 - new_positions)
+  return grown, new_weights
+
+
+def keep_top_k(values: tf.Tensor, support: tf.Tensor, k: int) -> tf.Tensor:
+  """Server re-prune: the k positions of largest |v| where support > 0.
+
+  `support` is the aggregated mask, 0 where no client voted and otherwise
+  the vote share (any positive number). Ties in |v| (typically weights that
+  clients regrew at zero) go to the larger support, then the lower index.
+  If fewer than k positions have support, all of them are kept. Returns a 0/1
+  float mask.
+  """
+  size = int(np.prod(values.shape))
+  k = min(int(k), size)
+  supported = tf.reshape(support > 0, [-1])
+  share = tf.reshape(tf.cast(support, tf.float32), [-1])
+  magnitude = tf.where(
+      supported, tf.reshape(tf.abs(values), [-1]), tf.constant(-1.0, values.dtype)
+  )
+  by_share = tf.argsort(share, direction="DESCENDING", stable=True)
+  by_magnitude = tf.argsort(
+      tf.gather(magnitude, by_share), direction="DESCENDING", stable=True
+  )
+  chosen = tf.gather(by_share, by_magnitude)[:k]
+  picked = tf.scatter_nd(
+      tf.expand_dims(chosen, 1), tf.ones([k], tf.float32), [size]
+  )
+  picked *= tf.cast(supported, tf.float32)
+  return tf.reshape(picked, tf.shape(values))

@@ -1,0 +1,190 @@
+"""Keras models with tfmot pruning wrappers whose masks FedDST owns.
+
+Every Conv2D and Dense layer is wrapped by `prune_low_magnitude` with a
+schedule that never prunes, so tfmot applies the mask (kernel <- kernel *
+mask on every forward pass) while our code decides what the mask is. In TFF
+the wrapper's variables (`mask`, `threshold`, `pruning_step`) travel in
+`ModelWeights.non_trainable`. `SparseLayout` records where each kernel and
+mask sits in those lists, and each layer's budget.
+"""
+
+import collections
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
+
+import keras_models
+from tff_feddst import masks as masks_lib
+
+_prune = tfmot.sparsity.keras
+
+
+class KeepMaskSchedule(_prune.PruningSchedule):
+  """A pruning schedule under which tfmot never changes the mask itself."""
+
+  def __call__(self, step):
+    del step
+    return tf.constant(False), tf.constant(0.0, tf.float32)
+
+  def get_config(self):
+    return {"class_name": self.__class__.__name__, "config": {}}
+
+
+def wrap_prunable(model: tf.keras.Model) -> tf.keras.Model:
+  """Wraps the Conv2D and Dense layers (only those) in pruning wrappers."""
+
+  def clone(layer):
+    if keras_models.is_prunable(layer):
+      return _prune.prune_low_magnitude(layer, pruning_schedule=KeepMaskSchedule())
+    return layer
+
+  return tf.keras.models.clone_model(model, clone_function=clone)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseLayout:
+  """Where the prunable kernels and their masks are, and their budgets."""
+
+  layer_names: tuple[str, ...]
+  kernel_shapes: tuple[tuple[int, ...], ...]
+  kernel_index: tuple[int, ...]  # into ModelWeights.trainable
+  mask_index: tuple[int, ...]  # into ModelWeights.non_trainable
+  step_index: tuple[int, ...]  # pruning_step variables, non_trainable
+  budgets: tuple[int, ...]
+  num_trainable: int
+  trainable_sizes: tuple[int, ...]
+
+  @property
+  def num_prunable(self) -> int:
+    """n: prunable weights (all kernels)."""
+    return int(sum(np.prod(s) for s in self.kernel_shapes))
+
+  @property
+  def num_unmasked(self) -> int:
+    """b: parameters that are never masked (biases)."""
+    return int(sum(self.trainable_sizes)) - self.num_prunable
+
+  @property
+  def num_kept(self) -> int:
+    return int(sum(self.budgets))
+
+  @property
+  def sparsity(self) -> float:
+    return 1.0 - self.num_kept / self.num_prunable
+
+  def mask_slot(self) -> dict[int, int]:
+    """Trainable index -> position in the layer lists, for kernels."""
+    return {t: i for i, t in enumerate(self.kernel_index)}
+
+
+def build_layout(
+    wrapped: tf.keras.Model, sparsity: float, distribution: str = "erk"
+) -> SparseLayout:
+  """Reads variable positions off a wrapped model and computes budgets."""
+  trainable = wrapped.trainable_weights
+  non_trainable = wrapped.non_trainable_weights
+  t_pos = {id(v): i for i, v in enumerate(trainable)}
+  n_pos = {id(v): i for i, v in enumerate(non_trainable)}
+  names, shapes, k_idx, m_idx, s_idx = [], [], [], [], []
+  for layer in wrapped.layers:
+    if not isinstance(layer, pruning_wrapper.PruneLowMagnitude):
+      continue
+    names.append(layer.layer.name)
+    shapes.append(tuple(int(d) for d in layer.layer.kernel.shape))
+    k_idx.append(t_pos[id(layer.layer.kernel)])
+    (_, mask_var, _), = layer.pruning_vars  # (kernel, mask, threshold)
+    m_idx.append(n_pos[id(mask_var)])
+    s_idx.append(n_pos[id(layer.pruning_step)])
+  budgets = masks_lib.layer_budgets(shapes, sparsity, distribution)
+  return SparseLayout(
+      layer_names=tuple(names),
+      kernel_shapes=tuple(shapes),
+      kernel_index=tuple(k_idx),
+      mask_index=tuple(m_idx),
+      step_index=tuple(s_idx),
+      budgets=tuple(budgets),
+      num_trainable=len(trainable),
+      trainable_sizes=tuple(int(np.prod(v.shape)) for v in trainable),
+  )
+
+
+def keras_loss():
+  return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def make_model_fn(
+    keras_fn: Callable[[], tf.keras.Model], input_spec, wrapped: bool
+) -> Callable[[], tff.learning.models.VariableModel]:
+  """A TFF `model_fn` building a fresh (optionally wrapped) Keras model."""
+
+  def model_fn():
+    model = keras_fn()
+    if wrapped:
+      model = wrap_prunable(model)
+    return tff.learning.models.from_keras_model(
+        model,
+        loss=keras_loss(),
+        input_spec=input_spec,
+        metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+
+  return model_fn
+
+
+def initial_model_weights(
+    keras_fn: Callable[[], tf.keras.Model],
+    seed: int,
+    layout: SparseLayout | None,
+) -> tff.learning.models.ModelWeights:
+  """Seeded Keras initialisation; with a layout, a seeded ERK random mask.
+
+  Returns numpy ModelWeights: for a layout, the wrapped model's trainable
+  weights (kernels zero outside the mask) and non-trainable variables
+  (masks, thresholds, pruning_step = 1 so the wrapper's training-mode
+  assertion holds inside TFF, where no Keras callback sets it).
+  """
+  tf.keras.utils.set_random_seed(seed)
+  model = keras_fn()
+  if layout is None:
+    return tff.learning.models.ModelWeights(
+        trainable=[w.numpy() for w in model.trainable_weights], non_trainable=[]
+    )
+  wrapped = wrap_prunable(model)
+  trainable = [w.numpy() for w in wrapped.trainable_weights]
+  non_trainable = [w.numpy() for w in wrapped.non_trainable_weights]
+  # The mask draw has its own stream, independent of the Keras initialisers.
+  mask_seed = np.random.SeedSequence([seed, 1]).generate_state(1)[0]
+  initial_masks = masks_lib.random_masks(
+      layout.kernel_shapes, layout.budgets, int(mask_seed)
+  )
+  for slot, mask in enumerate(initial_masks):
+    trainable[layout.kernel_index[slot]] *= mask
+    non_trainable[layout.mask_index[slot]] = mask
+  for i in layout.step_index:
+    non_trainable[i] = np.ones_like(non_trainable[i])
+  return tff.learning.models.ModelWeights(trainable, non_trainable)
+
+
+def kernels_and_masks(
+    weights: tff.learning.models.ModelWeights, layout: SparseLayout
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  kernels = [np.asarray(weights.trainable[i]) for i in layout.kernel_index]
+  masks = [np.asarray(weights.non_trainable[i]) for i in layout.mask_index]
+  return kernels, masks
+
+
+def model_weights_type(model_fn) -> tff.Type:
+  with tf.Graph().as_default():
+    return tff.learning.models.weights_type_from_model(model_fn())
+
+
+SparseUpdate = collections.namedtuple("SparseUpdate", ["values", "masks"])
+
+
+def dense_masks_like(values: Sequence) -> list:
+  return [tf.ones([], tf.float32) for _ in values]
