@@ -23,6 +23,7 @@ import keras_models  # noqa: E402
 from tff_feddst import algorithms  # noqa: E402
 from tff_feddst import data as data_lib  # noqa: E402
 from tff_feddst import masks as masks_lib  # noqa: E402
+from tff_feddst import runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -137,7 +138,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
-  from tff_feddst import runtime  # pylint: disable=g-import-not-at-top
   from tff_feddst import training  # pylint: disable=g-import-not-at-top
 
   config = config_from_flags()
@@ -151,4 +151,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Before flags are parsed: TFF is imported above, and even a run that stops
+  # at a flag error must release TFF's executor cleanly at exit.
+  runtime.install_shutdown_handlers()
   app.run(main)

@@ -255,4 +255,7 @@ def _main_or_exit(argv) -> None:
 
 
 if __name__ == "__main__":
+  from tff_feddst import runtime  # pylint: disable=g-import-not-at-top
+
+  runtime.install_shutdown_handlers()
   app.run(_main_or_exit)
