@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 from absl import app
 from absl import flags
 from absl import logging
