@@ -29,8 +29,8 @@ data:
 # The main job: a short FedDST run on Fashion-MNIST, exported to sparse TFLite.
 run: venv data
 	$(PY) run.py --algorithm=feddst --dataset=fashion_mnist --sparsity=0.8 \
-	  --total_clients=100 --clients_per_round=10 --rounds=10 --local_epochs=2 \
-	  --eval_every=5 --export_tflite --output_dir=$(RUN_DIR)
+	  --readjustment_ratio=0.05 --rounds_between_readjustments=5 \
+	  --rounds=20 --eval_every=5 --export_tflite --output_dir=$(RUN_DIR)
 
 test: venv data
 	$(PY) -m pytest -q tests
