@@ -8,7 +8,6 @@ the wrapper's variables (`mask`, `threshold`, `pruning_step`) travel in
 mask sits in those lists, and each layer's budget.
 """
 
-import collections
 import dataclasses
 from typing import Callable, Sequence
 
@@ -176,15 +175,3 @@ def kernels_and_masks(
   kernels = [np.asarray(weights.trainable[i]) for i in layout.kernel_index]
   masks = [np.asarray(weights.non_trainable[i]) for i in layout.mask_index]
   return kernels, masks
-
-
-def model_weights_type(model_fn) -> tff.Type:
-  with tf.Graph().as_default():
-    return tff.learning.models.weights_type_from_model(model_fn())
-
-
-SparseUpdate = collections.namedtuple("SparseUpdate", ["values", "masks"])
-
-
-def dense_masks_like(values: Sequence) -> list:
-  return [tf.ones([], tf.float32) for _ in values]
