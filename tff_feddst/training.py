@@ -52,10 +52,9 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
-  """Every setting of a run (the flags of run.py)."""
+class ExperimentConfig(algorithms.AlgorithmConfig):
+  """Every setting of a run (the flags of run.py): the algorithm's, and these."""
 
-  algorithm: str = "feddst"
   dataset: str = "fashion_mnist"
   data_dir: str | None = None
   model: str | None = None
@@ -66,23 +65,10 @@ class ExperimentConfig:
   total_clients: int = 400
   clients_per_round: int = 20
   rounds: int = 200
-  local_epochs: int = 10
   batch_size: int = 32
-  client_lr: float = 0.01
-  client_momentum: float = 0.9
-  weight_decay: float = 0.001
-  server_lr: float = 1.0
-  server_momentum: float = 0.0
-  prox_mu: float = 0.0
-  sparsity: float = 0.8
-  sparsity_distribution: str = "erk"
-  readjustment_ratio: float = 0.05
-  rounds_between_readjustments: int = 10
+  # None: R_end = rounds // 2.
   readjustment_end_round: int | None = None
-  min_votes: int = 1
-  upload_dtype: str = "float32"
   eval_every: int = 10
-  seed: int = 0
   output_dir: str = "runs/default"
   export_tflite: bool = False
   tflite_quantization: str = "float32"
@@ -93,8 +79,10 @@ class ExperimentConfig:
     return self.readjustment_end_round
 
   def algorithm_config(self) -> algorithms.AlgorithmConfig:
-    fields = {f.name for f in dataclasses.fields(algorithms.AlgorithmConfig)}
-    values = {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
+    values = {
+        f.name: getattr(self, f.name)
+        for f in dataclasses.fields(algorithms.AlgorithmConfig)
+    }
     values["readjustment_end_round"] = self.resolved_end_round()
     return algorithms.AlgorithmConfig(**values)
 
