@@ -3,21 +3,26 @@
 Every network returns logits (train with a from-logits cross-entropy). The
 prunable layers are the Conv2D and Dense layers; `prunable_layers` lists them
 in model order, which is also the order of their kernels in
-`model.trainable_weights`.
+`model.trainable_weights`. `build_model(..., widths=...)` builds a network
+with narrower hidden layers (structured pruning, FEDDST_SPEC.md section 9).
 """
 
 from keras_models.networks import (
     MODEL_NAMES,
     build_model,
     default_model_for_dataset,
+    default_widths,
     is_prunable,
     prunable_layers,
+    resolve_widths,
 )
 
 __all__ = [
     "MODEL_NAMES",
     "build_model",
     "default_model_for_dataset",
+    "default_widths",
     "is_prunable",
     "prunable_layers",
+    "resolve_widths",
 ]

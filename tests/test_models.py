@@ -266,3 +266,116 @@ def test_cifar10_sparse_flops_at_s08_erk(cifar10_model):
   assert got_masks == pytest.approx(expected, rel=1e-3)
   # Against the dense figure: about 37% of the dense FLOPs, well above 1 - S.
   assert 0.35 < got / 4586640 < 0.39
+
+
+# ---------------------------------------------------------------------------
+# Widths of the hidden layers (structured pruning, spec section 9).
+# ---------------------------------------------------------------------------
+
+
+def test_default_widths_are_the_papers_hidden_layers_in_order():
+  assert keras_models.default_widths("mnist_cnn") == {
+      "conv1": 10, "conv2": 20, "dense1": 50
+  }
+  assert list(keras_models.default_widths("cifar10_cnn").items()) == [
+      ("conv1", 6), ("conv2", 16), ("dense1", 120), ("dense2", 84)
+  ]
+  assert keras_models.default_widths("cifar100_cnn") == {
+      "conv1": 6, "conv2": 16, "dense1": 120
+  }
+  assert keras_models.default_widths("leaf_cnn") == {
+      "conv1": 32, "conv2": 64, "dense1": 2048
+  }
+  # A fresh dict each call: callers may change it.
+  keras_models.default_widths("mnist_cnn")["conv1"] = 1
+  assert keras_models.default_widths("mnist_cnn")["conv1"] == 10
+  with pytest.raises(ValueError, match="unknown model"):
+    keras_models.default_widths("resnet50")
+
+
+def test_default_widths_match_the_built_layers(built):
+  name, model = built
+  widths = keras_models.default_widths(name)
+  hidden = keras_models.prunable_layers(model)[:-1]
+  assert {layer.name: int(layer.kernel.shape[-1]) for layer in hidden} == widths
+
+
+def test_widths_none_and_default_widths_build_the_same_network(built):
+  name, model = built
+  input_shape, classes, *_ = MODELS[name]
+  same = keras_models.build_model(
+      name, input_shape, classes, widths=keras_models.default_widths(name)
+  )
+  assert [layer.name for layer in same.layers] == [l.name for l in model.layers]
+  assert [w.shape for w in same.weights] == [w.shape for w in model.weights]
+  assert same.name == model.name
+
+
+def test_mnist_cnn_with_widths_by_hand():
+  # conv1 4, conv2 7, dense1 9 (input 28x28x1, flatten 16*16*7 = 1792):
+  #   conv1 5*5*1*4 + 4 = 104; conv2 5*5*4*7 + 7 = 707;
+  #   dense1 1792*9 + 9 = 16137; logits 9*10 + 10 = 100; total 17048.
+  widths = {"conv1": 4, "conv2": 7, "dense1": 9}
+  model = keras_models.build_model("mnist_cnn", (28, 28, 1), 10, widths=widths)
+  assert model.count_params() == 17048
+  assert [tuple(l.kernel.shape) for l in keras_models.prunable_layers(model)] == [
+      (5, 5, 1, 4), (5, 5, 4, 7), (1792, 9), (9, 10)
+  ]
+  assert [l.name for l in model.layers] == [
+      "conv1", "pool1", "relu1", "conv2", "pool2", "relu2", "flatten",
+      "dense1", "logits",
+  ]
+  assert model.name == "mnist_cnn"
+
+
+def test_missing_widths_keep_the_papers_width():
+  model = keras_models.build_model(
+      "cifar10_cnn", (32, 32, 3), 10, widths={"dense2": 5}
+  )
+  kernels = [tuple(l.kernel.shape) for l in keras_models.prunable_layers(model)]
+  assert kernels == [(5, 5, 3, 6), (5, 5, 6, 16), (6400, 120), (120, 5), (5, 10)]
+  # 456 + 2416 + 768120 + (120*5 + 5) + (5*10 + 10) = 771657
+  assert model.count_params() == 771657
+
+
+def test_leaf_and_cifar100_widths():
+  leaf = keras_models.build_model(
+      "leaf_cnn", (28, 28, 1), 62, widths={"conv1": 2, "conv2": 3, "dense1": 4}
+  )
+  # conv1 25*2 + 2 = 52; conv2 25*2*3 + 3 = 153; flatten 7*7*3 = 147;
+  # dense1 147*4 + 4 = 592; logits 4*62 + 62 = 310; total 1107.
+  assert leaf.count_params() == 1107
+  c100 = keras_models.build_model(
+      "cifar100_cnn", (32, 32, 3), 100, widths={"dense1": 1}
+  )
+  # 456 + 2416 + (6400 + 1) + (1*100 + 100) = 9473
+  assert c100.count_params() == 9473
+  assert [l.name for l in keras_models.prunable_layers(c100)] == [
+      "conv1", "conv2", "dense1", "logits"
+  ]
+
+
+@pytest.mark.parametrize(
+    "name, widths, message",
+    [
+        ("mnist_cnn", {"logits": 5}, "no prunable hidden layer 'logits'"),
+        ("mnist_cnn", {"dense2": 5}, "no prunable hidden layer 'dense2'"),
+        ("cifar100_cnn", {"dense2": 5}, "no prunable hidden layer 'dense2'"),
+        ("mnist_cnn", {"conv1": 0}, "width of 'conv1' must be >= 1, got 0"),
+        ("leaf_cnn", {"dense1": -3}, "width of 'dense1' must be >= 1, got -3"),
+        ("mnist_cnn", {"conv2": 2.5}, "width of 'conv2' must be an integer"),
+        ("mnist_cnn", {"conv2": True}, "width of 'conv2' must be an integer"),
+        ("mnist_cnn", [("conv1", 3)], "widths must be a dict"),
+    ],
+)
+def test_bad_widths_raise_one_line_errors(name, widths, message):
+  with pytest.raises(ValueError, match=message) as info:
+    keras_models.build_model(name, (28, 28, 1), 10, widths=widths)
+  assert "\n" not in str(info.value)
+
+
+def test_numpy_integer_widths_are_accepted():
+  model = keras_models.build_model(
+      "mnist_cnn", (28, 28, 1), 10, widths={"dense1": np.int64(3)}
+  )
+  assert model.get_layer("dense1").units == 3
