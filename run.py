@@ -7,10 +7,12 @@ Defaults are the FedDST paper's setting: 400 clients with 2 classes x 20
 examples each, 20 clients per round, 10 local epochs of SGD (batch 32, lr
 0.01, momentum 0.9, weight decay 0.001). Writes config.json, metrics.csv,
 summary.json and final_model.keras (and, with --export_tflite, model.tflite
-and tflite_report.json) into --output_dir.
+and tflite_report.json) into --output_dir, and checkpoints every
+--checkpoint_every rounds: rerunning the same command resumes the run.
 """
 
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -57,6 +59,12 @@ _EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Evaluate every this many r
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice.", lower_bound=0)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/default", "Where outputs are written.")
 _EXPORT_TFLITE = flags.DEFINE_bool("export_tflite", False, "Export the final model to sparse TFLite and evaluate it.")
+_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 10, "Save a checkpoint every this many rounds (and after the last); rerunning with the same --output_dir resumes.", lower_bound=1)
+_CLIENT_FAILURE_RATE = flags.DEFINE_float("client_failure_rate", 0.0, "Probability that a sampled client fails before uploading, in [0, 1).")
+_STRUCTURED_SEARCH_ROUNDS = flags.DEFINE_integer("structured_search_rounds", 20, "structured*: rounds of the architecture search (phase 1); the rest retrain the smaller network.", lower_bound=1)
+_STRUCTURED_BOUNDARY = flags.DEFINE_float("structured_boundary", 0.95, "structured*: after each search round, remove units whose L1 importance is below this fraction of the reference (--structured_relative_to).", lower_bound=0.0)
+_STRUCTURED_RELATIVE_TO = flags.DEFINE_enum("structured_relative_to", "original_mean", ["original_mean", "mean", "max"], "structured*: reference importance: mean over the layer's original units (removed ones count 0), mean or max over its alive units.")
+_STRUCTURED_REINIT = flags.DEFINE_bool("structured_reinit", False, "structured*: phase 2 starts from fresh weights instead of the surviving ones.")
 _TFLITE_QUANTIZATION = flags.DEFINE_enum("tflite_quantization", "float32", ["float32", "float16", "int8"], "TFLite weight format.")
 
 flags.register_validator("dirichlet_beta", lambda v: v > 0, "--dirichlet_beta must be > 0")
@@ -64,6 +72,7 @@ flags.register_validator("client_lr", lambda v: v > 0, "--client_lr must be > 0"
 flags.register_validator("server_lr", lambda v: v > 0, "--server_lr must be > 0")
 flags.register_validator("sparsity", lambda v: 0.0 <= v < 1.0, "--sparsity must be in [0, 1)")
 flags.register_validator("output_dir", bool, "--output_dir must not be empty")
+flags.register_validator("client_failure_rate", lambda v: 0.0 <= v < 1.0, "--client_failure_rate must be in [0, 1)")
 
 
 @flags.multi_flags_validator(
@@ -79,7 +88,15 @@ def _check_clients(values):
     message="--upload_dtype=float16 is implemented for feddst and randommask only",
 )
 def _check_upload_dtype(values):
-  return values["upload_dtype"] == "float32" or values["algorithm"] in algorithms.SPARSE_ALGORITHMS
+  return values["upload_dtype"] == "float32" or values["algorithm"] in (*algorithms.SPARSE_ALGORITHMS, "structured_feddst")
+
+
+@flags.multi_flags_validator(
+    ["structured_search_rounds", "rounds", "algorithm"],
+    message="--structured_search_rounds must be below --rounds (phase 2 needs at least one round)",
+)
+def _check_structured_rounds(values):
+  return not values["algorithm"].startswith("structured") or values["structured_search_rounds"] < values["rounds"]
 
 
 @flags.multi_flags_validator(
@@ -119,7 +136,7 @@ def config_from_flags():
       server_lr=_SERVER_LR.value,
       server_momentum=server_momentum,
       prox_mu=prox_mu,
-      sparsity=_SPARSITY.value if _ALGORITHM.value in algorithms.SPARSE_ALGORITHMS else 0.0,
+      sparsity=_SPARSITY.value if _ALGORITHM.value in (*algorithms.SPARSE_ALGORITHMS, "structured_feddst") else 0.0,
       sparsity_distribution=_SPARSITY_DISTRIBUTION.value,
       readjustment_ratio=_READJUSTMENT_RATIO.value,
       rounds_between_readjustments=_ROUNDS_BETWEEN.value,
@@ -131,6 +148,12 @@ def config_from_flags():
       output_dir=_OUTPUT_DIR.value,
       export_tflite=_EXPORT_TFLITE.value,
       tflite_quantization=_TFLITE_QUANTIZATION.value,
+      checkpoint_every=_CHECKPOINT_EVERY.value,
+      client_failure_rate=_CLIENT_FAILURE_RATE.value,
+      structured_search_rounds=_STRUCTURED_SEARCH_ROUNDS.value,
+      structured_boundary=_STRUCTURED_BOUNDARY.value,
+      structured_relative_to=_STRUCTURED_RELATIVE_TO.value,
+      structured_reinit=_STRUCTURED_REINIT.value,
   )
 
 
@@ -138,16 +161,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
-  from tff_feddst import training  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from tff_feddst import checkpoint
+  from tff_feddst import training
 
   config = config_from_flags()
   try:
     with runtime.managed_runtime():
       training.run_experiment(config)
-  except (data_lib.DataError, training.ConfigError) as e:
+  except (data_lib.DataError, training.ConfigError, checkpoint.CheckpointError) as e:
     sys.exit(f"error: {e}")
   except KeyboardInterrupt:
-    sys.exit("interrupted")
+    sys.exit(f"interrupted; rerun the same command to resume from the last checkpoint in {config.output_dir}")
+  except SystemExit as e:
+    if e.code == 128 + signal.SIGTERM:
+      print(f"terminated; rerun the same command to resume from the last checkpoint in {config.output_dir}", file=sys.stderr)
+    raise
 
 
 if __name__ == "__main__":

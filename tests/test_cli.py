@@ -54,6 +54,16 @@ BAD_INPUTS = [
     ("seed_negative", ["--seed=-1"], ["seed"]),
     ("total_clients_zero", ["--total_clients=0"], ["total_clients"]),
     ("unknown_flag", ["--no_such_flag=3"], ["no_such_flag"]),
+    ("client_failure_rate_one", ["--client_failure_rate=1.0"], ["client_failure_rate"]),
+    ("client_failure_rate_negative", ["--client_failure_rate=-0.2"], ["client_failure_rate"]),
+    ("checkpoint_every_zero", ["--checkpoint_every=0"], ["checkpoint_every"]),
+    (
+        "structured_search_rounds_not_below_rounds",
+        ["--algorithm=structured", "--rounds=10", "--structured_search_rounds=10"],
+        ["structured_search_rounds"],
+    ),
+    ("structured_boundary_negative", ["--structured_boundary=-1"], ["structured_boundary"]),
+    ("structured_relative_to_unknown", ["--structured_relative_to=median"], ["structured_relative_to"]),
     ("positional_argument", ["surplus_argument"], ["surplus_argument"]),
 ]
 

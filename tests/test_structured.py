@@ -85,6 +85,21 @@ def test_select_relative_to_mean():
   )
 
 
+def test_select_relative_to_original_mean_settles():
+  importance = np.array([1.0, 2.0, 3.0, 6.0])  # mean 3
+  first = structured.select_units(importance, ALL, 1.0, "original_mean")
+  np.testing.assert_array_equal(first, [False, False, True, True])
+  # Removed units count 0: R = (3 + 6) / 4 = 2.25, so 3 stays.
+  np.testing.assert_array_equal(
+      structured.select_units(importance, first, 1.0, "original_mean"), first
+  )
+  # "mean" over the alive units keeps going: R = 4.5 removes 3 as well.
+  np.testing.assert_array_equal(
+      structured.select_units(importance, first, 1.0, "mean"),
+      [False, False, False, True],
+  )
+
+
 def test_select_relative_to_max():
   importance = [1.0, 2.0, 3.0, 6.0]  # max 6
   # boundary 0.25: remove < 1.5
@@ -173,7 +188,7 @@ def test_removed_units_stay_removed_over_steps():
 
 
 def test_selection_argument_errors():
-  with pytest.raises(ValueError, match="relative_to must be one of mean, max"):
+  with pytest.raises(ValueError, match="relative_to must be one of original_mean, mean, max"):
     structured.select_units([1.0], [True], 0.5, "median")
   with pytest.raises(ValueError, match="boundary must be a finite number >= 0"):
     structured.select_units([1.0], [True], -0.1)

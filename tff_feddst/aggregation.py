@@ -19,6 +19,12 @@ support. For unmasked tensors the share is a scalar: 1 if any client
 contributed (total weight > 0), 0 otherwise, so the finalizer can tell an
 empty round.
 
+Every update is validated first, as a server must treat what clients send:
+an update with a NaN or Inf value, or whose mask keeps more positions of a
+layer than the layer's budget (when `budgets` is given), gets weight 0 and
+no votes, and is counted in the `rejected` measurement. So is an update that
+arrives with weight 0.
+
 The sums go through an inner `tff.aggregators.UnweightedAggregationFactory`
 (plain `SumFactory` by default), so secure or compressed summation can be
 swapped in without touching client or server code.
@@ -48,28 +54,58 @@ def _check_value_type(value_type):
 class SparseVotingFactory(tff.aggregators.WeightedAggregationFactory):
   """Weighted average in which each client votes only for the weights it kept."""
 
-  def __init__(self, min_votes: int = 1, sum_factory=None):
+  def __init__(
+      self,
+      min_votes: int = 1,
+      sum_factory=None,
+      budgets: dict[int, int] | None = None,
+  ):
+    """Args:
+      min_votes: masked positions kept by fewer clients get no votes.
+      sum_factory: the inner unweighted sum (default `SumFactory`).
+      budgets: {index of a masked value: most positions its mask may keep};
+        an update exceeding any is rejected.
+    """
     if min_votes < 1:
       raise ValueError(f"min_votes must be >= 1, got {min_votes}")
     self._min_votes = int(min_votes)
     self._sum_factory = sum_factory or tff.aggregators.SumFactory()
+    self._budgets = dict(budgets or {})
 
   def create(self, value_type, weight_type) -> tff.templates.AggregationProcess:
     _check_value_type(value_type)
     masked = [tuple(m.shape) != () for m in value_type.masks]
+    for i in self._budgets:
+      if not 0 <= i < len(masked) or not masked[i]:
+        raise ValueError(f"budget given for value {i}, which has no mask")
     min_votes = self._min_votes
+    budgets = self._budgets
 
     @tff.tensorflow.computation(value_type, weight_type)
     def contribution(update, weight):
       w = tf.cast(weight, tf.float32)
+      checks = [tf.math.is_finite(w), w > 0]
+      for i, (v, m) in enumerate(zip(update["values"], update["masks"])):
+        checks.append(tf.reduce_all(tf.math.is_finite(v)))
+        checks.append(tf.reduce_all(tf.math.is_finite(m)))
+        if i in budgets:
+          kept = tf.reduce_sum(tf.cast(tf.not_equal(m, 0.0), tf.int64))
+          checks.append(kept <= budgets[i])
+      valid = tf.reduce_all(checks)
+      w = tf.where(valid, w, 0.0)
       weighted, votes, counts = [], [], []
-      total = w
       for v, m in zip(update["values"], update["masks"]):
+        v = tf.where(valid, v, tf.zeros_like(v))
+        m = tf.where(valid, m, tf.zeros_like(m))
         weighted.append(w * m * v)
         votes.append(w * m)
         counts.append(tf.cast(w > 0, tf.float32) * m)
       return collections.OrderedDict(
-          weighted=weighted, votes=votes, counts=counts, total=total
+          weighted=weighted,
+          votes=votes,
+          counts=counts,
+          total=w,
+          rejected=tf.cast(tf.logical_not(valid), tf.int32),
       )
 
     sums_type = contribution.type_signature.result
@@ -95,7 +131,9 @@ class SparseVotingFactory(tff.aggregators.WeightedAggregationFactory):
         share = votes / tf.maximum(sums["total"], 1e-30)
         masks.append(tf.where(keep, tf.maximum(share, 1e-12), 0.0))
       stats = collections.OrderedDict(
-          voted_positions=voted, dropped_by_min_votes=dropped
+          voted_positions=voted,
+          dropped_by_min_votes=dropped,
+          rejected=sums["rejected"],
       )
       return collections.OrderedDict(values=values, masks=masks), stats
 
@@ -117,6 +155,56 @@ class SparseVotingFactory(tff.aggregators.WeightedAggregationFactory):
       )
       return tff.templates.MeasuredProcessOutput(
           summed.state, result, measurements
+      )
+
+    return tff.templates.AggregationProcess(init_fn, next_fn)
+
+
+class ValidatingMeanFactory(tff.aggregators.WeightedAggregationFactory):
+  """TFF's weighted mean, after the server's check of every update.
+
+  For the dense algorithms (FedAvg, FedAvgM, FedProx): an update with a NaN
+  or Inf value, or with a weight that is not positive and finite, gets weight
+  0 and zero values, and is counted in the `rejected` measurement.
+  """
+
+  def __init__(self, inner: tff.aggregators.WeightedAggregationFactory | None = None):
+    self._inner = inner or tff.aggregators.MeanFactory()
+
+  def create(self, value_type, weight_type) -> tff.templates.AggregationProcess:
+    inner = self._inner.create(value_type, weight_type)
+
+    @tff.tensorflow.computation(value_type, weight_type)
+    def validate(value, weight):
+      leaves = tf.nest.flatten(value)
+      checks = [tf.reduce_all(tf.math.is_finite(v)) for v in leaves]
+      checks += [tf.math.is_finite(weight), weight > 0]
+      valid = tf.reduce_all(checks)
+      value = tf.nest.map_structure(
+          lambda v: tf.where(valid, v, tf.zeros_like(v)), value
+      )
+      weight = tf.where(valid, weight, tf.zeros_like(weight))
+      return value, weight, tf.cast(tf.logical_not(valid), tf.int32)
+
+    @tff.federated_computation
+    def init_fn():
+      return inner.initialize()
+
+    @tff.federated_computation(
+        init_fn.type_signature.result,
+        tff.FederatedType(value_type, tff.CLIENTS),
+        tff.FederatedType(weight_type, tff.CLIENTS),
+    )
+    def next_fn(state, value, weight):
+      checked = tff.federated_map(validate, (value, weight))
+      output = inner.next(state, checked[0], checked[1])
+      measurements = tff.federated_zip(
+          collections.OrderedDict(
+              mean=output.measurements, rejected=tff.federated_sum(checked[2])
+          )
+      )
+      return tff.templates.MeasuredProcessOutput(
+          output.state, output.result, measurements
       )
 
     return tff.templates.AggregationProcess(init_fn, next_fn)

@@ -3,6 +3,8 @@
 - fedavg / fedavgm: `tff.learning.algorithms.build_weighted_fed_avg` with the
   clients' momentum-SGD-with-weight-decay optimizer (and server momentum).
 - fedprox: `tff.learning.algorithms.build_weighted_fed_prox`.
+  The dense algorithms aggregate through `aggregation.ValidatingMeanFactory`
+  (TFF's weighted mean after the server's check of every update).
 - feddst: `feddst.build_feddst` (sparse client work with readjustment, sparse
   voting aggregation, server re-prune).
 - randommask: the same process with readjustment ratio 0.
@@ -14,13 +16,19 @@ from typing import Callable
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_feddst import aggregation
 from tff_feddst import costs
 from tff_feddst import feddst
 from tff_feddst import optimizers
 from tff_feddst import sparse_model
 
-ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "feddst", "randommask")
+ALGORITHMS = (
+    "fedavg", "fedavgm", "fedprox", "feddst", "randommask", "structured", "structured_feddst",
+)
 SPARSE_ALGORITHMS = ("feddst", "randommask")
+# Two phases: a structured search (paper 2), then FedAvg or FedDST on the
+# smaller network it found (the driver switches phases).
+STRUCTURED_ALGORITHMS = {"structured": "fedavg", "structured_feddst": "feddst"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +51,8 @@ class AlgorithmConfig:
   min_votes: int = 1
   upload_dtype: str = "float32"
   seed: int = 0
+  structured_boundary: float = 0.95
+  structured_relative_to: str = "original_mean"
 
 
 @dataclasses.dataclass
@@ -55,6 +65,8 @@ class BuiltAlgorithm:
   model_size: costs.ModelSize
   # True when the process iterates E epochs itself (one-epoch datasets).
   epochs_in_process: bool
+  # The structured search's layout (phase 1 of `structured*` algorithms).
+  structured: object | None = None
 
   @property
   def sparse(self) -> bool:
@@ -82,6 +94,8 @@ def build_algorithm(
   )
   if config.algorithm in SPARSE_ALGORITHMS:
     return _build_sparse(config, keras_fn, input_spec, client_optimizer)
+  if config.algorithm in STRUCTURED_ALGORITHMS:
+    return _build_structured_search(config, keras_fn, input_spec, client_optimizer)
 
   model_fn = sparse_model.make_model_fn(keras_fn, input_spec, wrapped=False)
   if config.algorithm == "fedprox":
@@ -90,12 +104,14 @@ def build_algorithm(
         proximal_strength=config.prox_mu,
         client_optimizer_fn=client_optimizer,
         server_optimizer_fn=_server_optimizer(config),
+        model_aggregator=aggregation.ValidatingMeanFactory(),
     )
   else:
     process = tff.learning.algorithms.build_weighted_fed_avg(
         model_fn,
         client_optimizer_fn=client_optimizer,
         server_optimizer_fn=_server_optimizer(config),
+        model_aggregator=aggregation.ValidatingMeanFactory(),
     )
   initial = sparse_model.initial_model_weights(keras_fn, config.seed, None)
   model = keras_fn()
@@ -136,3 +152,25 @@ def _build_sparse(config, keras_fn, input_spec, client_optimizer) -> BuiltAlgori
   )
   size = costs.ModelSize(layout.num_prunable, layout.num_unmasked)
   return BuiltAlgorithm(process, initial, layout, size, epochs_in_process=True)
+
+
+def _build_structured_search(config, keras_fn, input_spec, client_optimizer) -> BuiltAlgorithm:
+  from tff_feddst import structured  # pylint: disable=g-import-not-at-top
+
+  layout = structured.build_structured_layout(sparse_model.wrap_prunable(keras_fn()))
+  initial = structured.initial_search_weights(keras_fn, config.seed, layout)
+  process = structured.build_structured_search(
+      sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True),
+      layout,
+      initial,
+      client_optimizer,
+      local_epochs=config.local_epochs,
+      boundary=config.structured_boundary,
+      relative_to=config.structured_relative_to,
+      prox_mu=config.prox_mu,
+  )
+  model = keras_fn()
+  size = costs.ModelSize(model.count_params(), 0)
+  return BuiltAlgorithm(
+      process, initial, None, size, epochs_in_process=True, structured=layout
+  )

@@ -26,11 +26,10 @@ import tensorflow_federated as tff
 from tff_feddst import masks as masks_lib
 from tff_feddst.sparse_model import SparseLayout
 
-def _client_stats(mask_changed, active, rejected, examples):
+def _client_stats(mask_changed, active, examples):
   return collections.OrderedDict(
       mask_changed=tf.cast(mask_changed, tf.int32),
       uploaded_values=tf.cast(active, tf.int64),
-      rejected=tf.cast(rejected, tf.int32),
       clients=tf.constant(1, tf.int32),
       examples=tf.cast(examples, tf.int64),
   )
@@ -128,16 +127,14 @@ def build_client_update(
         [tf.reduce_any(tf.not_equal(m, m0)) for m, m0 in zip(mask_vars, initial_masks)]
     )
     active = tf.add_n([tf.reduce_sum(tf.cast(m > 0, tf.int64)) for m in mask_vars])
-    # A client whose update is not finite is rejected: weight 0, no votes.
+    # The server rejects a non-finite update (aggregation.SparseVotingFactory);
+    # its loss is kept out of the round's training metrics here.
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values])
-    weight = tf.where(finite, tf.cast(num_examples, tf.float32), 0.0)
-    values = [tf.where(finite, v, tf.zeros_like(v)) for v in values]
     if not finite:
       model.reset_metrics()
+    weight = tf.cast(num_examples, tf.float32)
     update = collections.OrderedDict(values=values, masks=masks)
-    stats = _client_stats(
-        mask_changed, active, tf.logical_not(finite), num_examples
-    )
+    stats = _client_stats(mask_changed, active, num_examples)
     return (
         tff.learning.templates.ClientResult(update=update, update_weight=weight),
         model.report_local_unfinalized_metrics(),

@@ -89,7 +89,9 @@ def build_feddst(
   result_type = client_work.next.type_signature.result.result.member
   update_type = result_type.update
   weight_type = result_type.update_weight
-  factory = aggregation_factory or aggregation.SparseVotingFactory(min_votes)
+  factory = aggregation_factory or aggregation.SparseVotingFactory(
+      min_votes, budgets=dict(zip(layout.kernel_index, layout.budgets))
+  )
   aggregator = factory.create(update_type, weight_type)
   update_out_type = aggregator.next.type_signature.result.result.member
   finalizer = finalizer_lib.build_sparse_finalizer(

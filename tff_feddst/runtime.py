@@ -9,8 +9,10 @@ makes sure that happens when a run ends, fails or is interrupted.
 
 import atexit
 import contextlib
+import ctypes
 import gc
 import signal
+import subprocess
 import sys
 
 import psutil
@@ -68,6 +70,50 @@ def stop_tff_workers(timeout: float = 5.0, restartable: bool = True) -> int:
   return len(workers)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+  """Runs in the forked child before exec: SIGKILL it when its parent dies."""
+  try:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+  except (AttributeError, OSError):
+    pass
+
+
+class _PopenDyingWithParent(subprocess.Popen):
+  """`subprocess.Popen` whose child is killed by the kernel when we die."""
+
+  def __init__(self, *args, **kwargs):
+    if sys.platform.startswith("linux") and kwargs.get("preexec_fn") is None:
+      kwargs["preexec_fn"] = _die_with_parent
+    super().__init__(*args, **kwargs)
+
+
+class _SubprocessWithParentDeath:
+  """`subprocess` as seen by TFF's worker start-up: workers die with us.
+
+  Covers what no handler can: a run killed by SIGKILL (or the OOM killer).
+  The kernel then stops the worker too, instead of leaving an orphan.
+  """
+
+  Popen = _PopenDyingWithParent  # pylint: disable=invalid-name
+
+  def __getattr__(self, name):
+    return getattr(subprocess, name)
+
+
+def tie_workers_to_this_process() -> None:
+  """Makes TFF start its workers so that they die when this process dies."""
+  try:
+    # pylint: disable=g-import-not-at-top
+    from tensorflow_federated.python.core.impl.executor_stacks import executor_factory
+  except ImportError:
+    return
+  if getattr(executor_factory, "subprocess", None) is subprocess:
+    executor_factory.subprocess = _SubprocessWithParentDeath()
+
+
 def _raise_on_sigterm(signum, frame):
   del frame
   # Unwinds like Ctrl-C does, so `finally` blocks and atexit run.
@@ -78,10 +124,15 @@ _installed = False
 
 
 def install_shutdown_handlers() -> None:
-  """Stops the TFF worker at interpreter exit and on SIGTERM (idempotent)."""
+  """Stops the TFF worker at interpreter exit and on SIGTERM (idempotent).
+
+  Workers started afterwards are also killed by the kernel if this process
+  is killed outright.
+  """
   global _installed
   if _installed:
     return
+  tie_workers_to_this_process()
   atexit.register(stop_tff_workers, restartable=False)
   if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
     signal.signal(signal.SIGTERM, _raise_on_sigterm)

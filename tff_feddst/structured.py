@@ -60,7 +60,7 @@ from tff_feddst import costs
 from tff_feddst import feddst
 from tff_feddst import sparse_model
 
-RELATIVE_TO = ("mean", "max")
+RELATIVE_TO = ("original_mean", "mean", "max")
 LINK_MODES = ("conv", "flatten", "dense")
 
 _layers = tf.keras.layers
@@ -263,6 +263,9 @@ def _select_tf(importance, alive, boundary: float, relative_to: str):
   if relative_to == "mean":
     count = tf.reduce_sum(tf.cast(alive, dtype))
     reference = tf.reduce_sum(alive_importance) / tf.maximum(count, 1.0)
+  elif relative_to == "original_mean":
+    # Over the layer's original units, removed ones counting 0.
+    reference = tf.reduce_sum(alive_importance) / tf.cast(tf.size(importance), dtype)
   else:
     reference = tf.reduce_max(alive_importance)  # importance >= 0
   keep = tf.logical_and(alive, importance >= tf.cast(boundary, dtype) * reference)
@@ -363,7 +366,15 @@ def select_units(
 
   Among the alive units, those with importance < boundary * R are removed,
   where R is the mean (`relative_to="mean"`) or the maximum ("max") of the
-  alive units' importance. A layer is never emptied: when every alive unit
+  alive units' importance, or ("original_mean") the mean over the layer's
+  original units with removed ones counting 0.
+
+  Applied after every round, "mean" keeps removing: once the weakest units
+  are gone the mean of the rest rises above more of them, so a layer whose
+  importances spread more than the boundary shrinks towards one unit even
+  if nothing changes. "original_mean" and "max" settle: removing units
+  lowers (or keeps) R, so a step with unchanged importances removes nothing
+  more. A layer is never emptied: when every alive unit
   would go, the single most important one stays (lowest index among equal
   importances). Dead units stay dead. Returns a new bool vector.
   """

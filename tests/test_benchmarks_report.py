@@ -1,0 +1,66 @@
+"""The benchmark's table and plots from hand-made metrics."""
+
+import os
+
+import pytest
+
+from benchmarks import accuracy
+from benchmarks import report
+
+GIB = report.GIB_BITS
+
+
+def _rows(per_round_bits, accuracies, eval_every=2):
+  rows, total = [], 0
+  for r, acc in enumerate(accuracies, start=1):
+    total += per_round_bits
+    rows.append({
+        "round": str(r),
+        "clients_accuracy": f"{acc}" if r % eval_every == 0 or r == len(accuracies) else "",
+        "cumulative_upload_bits": str(total),
+        "round_seconds": str(1.0 + r),
+    })
+  return rows
+
+
+def test_accuracy_at_cap_is_the_last_evaluation_within_the_cap():
+  rows = _rows(GIB // 4, [0.1, 0.2, 0.3, 0.4, 0.5])  # 0.25 GiB per round
+  # Evaluated rounds 2 (0.5 GiB), 4 (1 GiB), 5 (1.25 GiB).
+  assert report.accuracy_at_cap(rows, 0.4 * GIB) is None
+  assert report.accuracy_at_cap(rows, 0.5 * GIB) == (0.2, 2, False)
+  assert report.accuracy_at_cap(rows, 1.2 * GIB) == (0.4, 4, False)
+  # The run ended below the cap: its last evaluation, marked.
+  assert report.accuracy_at_cap(rows, 2 * GIB) == (0.5, 5, True)
+
+
+def test_table_and_plots(tmp_path):
+  runs = {
+      "fedavg": _rows(GIB // 4, [0.1, 0.2, 0.3, 0.4, 0.5]),
+      "feddst": _rows(GIB // 16, [0.2, 0.3, 0.4, 0.5, 0.6]),
+  }
+  table = report.markdown_table(runs, [0.5, 1.0], {"feddst": "FedDST"})
+  lines = table.strip().splitlines()
+  assert lines[0].startswith("| algorithm | ≤ 0.5 GiB | ≤ 1 GiB | round 5 |")
+  assert lines[2].split(" | ")[1:3] == ["0.2000 (r2)", "0.4000 (r4)"]
+  # FedDST sent 5/16 GiB in all: both caps are above its total.
+  assert lines[3].split(" | ")[1:4] == ["0.6000 (r5)*", "0.6000 (r5)*", "0.6000"]
+  report.write_runs_csv(runs, str(tmp_path / "runs.csv"))
+  assert (tmp_path / "runs.csv").read_text().count("\n") == 11
+  paths = report.plot(runs, [0.5, 1.0], {}, str(tmp_path))
+  for path in paths:
+    assert os.path.getsize(path) > 1000
+
+
+def test_benchmark_configs_share_seed_and_partition():
+  settings = accuracy.BenchmarkSettings(rounds=7)
+  configs = {a: accuracy.experiment_config(a, settings, f"/x/{a}") for a in accuracy.ALGORITHMS}
+  assert {c.seed for c in configs.values()} == {0}
+  assert {(c.partition, c.total_clients, c.clients_per_round, c.local_epochs) for c in configs.values()} == {
+      ("pathological", 400, 20, 10)
+  }
+  assert configs["fedavgm"].server_momentum == 0.9 and configs["fedavg"].server_momentum == 0.0
+  assert configs["fedprox"].prox_mu == 0.01
+  assert configs["feddst"].sparsity == 0.8 and configs["fedavg"].sparsity == 0.0
+  assert configs["randommask"].sparsity == 0.8
+  with pytest.raises(ValueError):
+    accuracy.experiment_config("nope", settings, "/x")
