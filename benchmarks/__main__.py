@@ -32,7 +32,7 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/benchmark", "Where runs, t
 _ROUNDS = flags.DEFINE_integer("rounds", 200, "Rounds of every algorithm.", lower_bound=1)
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 5, "Evaluation period.", lower_bound=1)
 _ALGORITHMS = flags.DEFINE_list("algorithms", list(accuracy.ALGORITHMS), "Algorithms to compare.")
-_CAPS = flags.DEFINE_list("upload_caps_gib", ["0.1", "0.2", "0.4", "0.8"], "Total upload caps (GiB) of the table.")
+_CAPS = flags.DEFINE_list("upload_caps_gib", ["0.1", "0.2", "0.4", "0.8"], "Total upload caps (GiB) of the table (FedDST at S=0.8 uploads about 0.4 GiB in 100 rounds).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every run.", lower_bound=0)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Fashion-MNIST directory (default: the Debian package's).")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 3 rounds, 40 clients, 5 per round, 1 epoch.")
@@ -95,8 +95,9 @@ def main(argv):
       f"Cells: clients_accuracy at the last evaluation within the cap (round in "
       f"brackets; * = the run ended below the cap). Generated "
       f"{datetime.date.today().isoformat()} by `python -m benchmarks "
-      f"--rounds={settings.rounds} --eval_every={settings.eval_every}"
-      f"{' --quick' if _QUICK.value else ''}`.\n\n"
+      f"--rounds={settings.rounds} --eval_every={settings.eval_every} "
+      f"--upload_caps_gib={','.join(f'{c:g}' for c in caps)}"
+      f"{' --quick' if _QUICK.value else ''}`. Timings: see `python -m benchmarks.speed`.\n\n"
   )
   path = os.path.join(out, "results.md")
   with open(f"{path}.tmp", "w") as f:

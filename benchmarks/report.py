@@ -57,7 +57,7 @@ def write_runs_csv(runs: dict[str, list[dict]], path: str) -> None:
 def markdown_table(runs: dict[str, list[dict]], caps_gib: list[float], labels: dict[str, str]) -> str:
   header = ["algorithm"] + [f"≤ {c:g} GiB" for c in caps_gib]
   rounds = max(int(rows[-1]["round"]) for rows in runs.values())
-  header += [f"round {rounds}", "total upload (GiB)", "s/round (median)"]
+  header += [f"round {rounds}", "total upload (GiB)"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for algorithm, rows in runs.items():
     cells = [labels.get(algorithm, algorithm)]
@@ -71,8 +71,6 @@ def markdown_table(runs: dict[str, list[dict]], caps_gib: list[float], labels: d
     final = evaluated(rows)[-1]
     cells.append(f"{final[2]:.4f}")
     cells.append(f"{int(rows[-1]['cumulative_upload_bits']) / GIB_BITS:.3f}")
-    seconds = sorted(_float(r["round_seconds"]) for r in rows[1:]) or [math.nan]
-    cells.append(f"{seconds[len(seconds) // 2]:.1f}")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
