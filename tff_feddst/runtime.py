@@ -14,6 +14,7 @@ import gc
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 
@@ -51,34 +52,69 @@ def _reset_tff_context(fresh: bool) -> None:
   gc.collect()
 
 
-def stop_tff_workers(timeout: float = 5.0, restartable: bool = True) -> int:
-  """Stops this process's TFF workers (SIGINT, then SIGKILL); returns how many.
+def _wait_until_exited(procs, timeout: float) -> list[psutil.Process]:
+  """Waits for `procs` to exit without reaping them; returns those alive.
 
-  With `restartable`, TFF can run computations again afterwards (a new worker
-  is started on demand).
+  They are left as zombies for their `subprocess.Popen` owner (TFF's
+  service manager) to reap, so its own clean-up finds them.
+  """
+  deadline = time.monotonic() + timeout
+  alive = list(procs)
+  while alive and time.monotonic() < deadline:
+    still = []
+    for proc in alive:
+      try:
+        if proc.status() != psutil.STATUS_ZOMBIE:
+          still.append(proc)
+      except psutil.NoSuchProcess:
+        pass
+    alive = still
+    if alive:
+      time.sleep(0.02)
+  return alive
+
+
+def stop_tff_workers(timeout: float = 5.0, restartable: bool = True) -> int:
+  """Stops this process's TFF workers (SIGTERM, then SIGKILL); returns how many.
+
+  The workers are stopped before TFF's context is dropped: TFF's own
+  clean-up sends SIGINT and waits, which never returns when the worker
+  inherited an ignored SIGINT (a run started in the background by a
+  non-interactive shell, or under nohup). With `restartable`, TFF can run
+  computations again afterwards (a new worker is started on demand).
   """
   workers = tff_worker_processes()
-  _reset_tff_context(fresh=restartable)
   for proc in workers:
     with contextlib.suppress(psutil.NoSuchProcess):
-      proc.send_signal(signal.SIGINT)
-  _, alive = psutil.wait_procs(workers, timeout=timeout)
+      proc.terminate()
+  alive = _wait_until_exited(workers, timeout)
   for proc in alive:
     with contextlib.suppress(psutil.NoSuchProcess):
       proc.kill()
-  psutil.wait_procs(alive, timeout=timeout)
+  _wait_until_exited(alive, timeout)
+  _reset_tff_context(fresh=restartable)
   return len(workers)
 
 
 _PR_SET_PDEATHSIG = 1
 
 
+try:  # Resolved now: the forked child must not load libraries.
+  _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (AttributeError, OSError):
+  _PRCTL = None
+
+
 def _die_with_parent() -> None:
-  """Runs in the forked child before exec: SIGKILL it when its parent dies."""
-  try:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-  except (AttributeError, OSError):
-    pass
+  """Runs in the forked child before exec.
+
+  The kernel SIGKILLs the worker when its parent dies, and SIGINT gets its
+  default action back (a background shell or nohup may have set it to
+  ignored, and TFF stops its worker with SIGINT).
+  """
+  if _PRCTL is not None:
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class _PopenDyingWithParent(subprocess.Popen):
