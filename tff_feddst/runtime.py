@@ -169,6 +169,10 @@ def install_shutdown_handlers() -> None:
   if _installed:
     return
   tie_workers_to_this_process()
+  # A run started in the background by a non-interactive shell inherits an
+  # ignored SIGINT; Ctrl-C / kill -INT must still end it (cleanly).
+  if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
   atexit.register(stop_tff_workers, restartable=False)
   if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
