@@ -566,13 +566,8 @@ class RoundDriver:
 
   def __init__(self, built, fed_data, keras_fn, settings: SpeedSettings, clients_per_round: int):
     from tff_feddst import costs  # pylint: disable=g-import-not-at-top
-    from tff_feddst import masks as masks_lib  # pylint: disable=g-import-not-at-top
-    from tff_feddst import sparse_model  # pylint: disable=g-import-not-at-top
     from tff_feddst import training  # pylint: disable=g-import-not-at-top
 
-    self._costs = costs
-    self._masks_lib = masks_lib
-    self._sparse_model = sparse_model
     self.built = built
     self.fed_data = fed_data
     self.settings = settings
@@ -594,15 +589,7 @@ class RoundDriver:
 
   def _mask_stats(self, weights):
     """(sparsity, forward FLOPs, masks) of the global model, as the driver logs them."""
-    if self.built.layout is None:
-      return 0.0, self._costs.forward_flops(self.dense_flops), None
-    _, masks = self._sparse_model.kernels_and_masks(weights, self.built.layout)
-    densities = self._costs.densities_from_masks(self.built.layout.layer_names, masks)
-    return (
-        self._masks_lib.sparsity_of(masks),
-        self._costs.forward_flops(self.dense_flops, densities),
-        masks,
-    )
+    return self._training.mask_stats(self.built, weights, self.dense_flops)
 
   # Named steps, so that cProfile can attribute them.
   def _sample_clients(self) -> list[str]:
@@ -699,15 +686,12 @@ def _pure_tf_update(algorithm: str, built, keras_fn, settings: SpeedSettings, in
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
+  from tff_feddst import algorithms  # pylint: disable=g-import-not-at-top
   from tff_feddst import client_work as client_work_lib  # pylint: disable=g-import-not-at-top
-  from tff_feddst import optimizers  # pylint: disable=g-import-not-at-top
   from tff_feddst import sparse_model  # pylint: disable=g-import-not-at-top
 
   config = _algorithm_config(algorithm, settings)
-  # As algorithms.build_algorithm builds the clients' optimizer.
-  optimizer = optimizers.build_sgdw(
-      config.client_lr, config.client_momentum, config.weight_decay
-  )
+  optimizer = algorithms.build_client_optimizer(config)
   if algorithm == "feddst":
     model_fn = sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True)
     update, _ = client_work_lib.build_client_update(

@@ -79,6 +79,13 @@ def _server_optimizer(config: AlgorithmConfig):
   )
 
 
+def build_client_optimizer(config: AlgorithmConfig):
+  """The clients' optimizer, the same for every algorithm."""
+  return optimizers.build_sgdw(
+      config.client_lr, config.client_momentum, config.weight_decay
+  )
+
+
 def build_algorithm(
     config: AlgorithmConfig,
     keras_fn: Callable[[], tf.keras.Model],
@@ -89,9 +96,7 @@ def build_algorithm(
     raise ValueError(
         f"unknown algorithm {config.algorithm!r}; choose one of {', '.join(ALGORITHMS)}"
     )
-  client_optimizer = optimizers.build_sgdw(
-      config.client_lr, config.client_momentum, config.weight_decay
-  )
+  client_optimizer = build_client_optimizer(config)
   if config.algorithm in SPARSE_ALGORITHMS:
     return _build_sparse(config, keras_fn, input_spec, client_optimizer)
   if config.algorithm in STRUCTURED_ALGORITHMS:

@@ -82,6 +82,18 @@ def build_sparse_finalizer(
         measurements,
     )
 
+  return server_step_finalizer(init_tf, next_tf, weights_type, update_type)
+
+
+def server_step_finalizer(
+    init_tf, next_tf, weights_type, update_type
+) -> tff.learning.templates.FinalizerProcess:
+  """A `FinalizerProcess` running `next_tf(state, weights, update)` on the server.
+
+  `init_tf` returns the state; `next_tf` returns (state, ModelWeights,
+  measurements).
+  """
+
   @tff.federated_computation
   def init_fn():
     return tff.federated_eval(init_tf, tff.SERVER)

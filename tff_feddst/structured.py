@@ -58,6 +58,7 @@ from tff_feddst import aggregation
 from tff_feddst import client_work as client_work_lib
 from tff_feddst import costs
 from tff_feddst import feddst
+from tff_feddst import finalizer as finalizer_lib
 from tff_feddst import sparse_model
 
 RELATIVE_TO = ("original_mean", "mean", "max")
@@ -785,22 +786,7 @@ def build_structured_finalizer(
         measurements,
     )
 
-  @tff.federated_computation
-  def init_fn():
-    return tff.federated_eval(init_tf, tff.SERVER)
-
-  @tff.federated_computation(
-      init_fn.type_signature.result,
-      tff.FederatedType(weights_type, tff.SERVER),
-      tff.FederatedType(update_type, tff.SERVER),
-  )
-  def next_fn(state, weights, update):
-    new_state, new_weights, measurements = tff.federated_map(
-        next_tf, (state, weights, update)
-    )
-    return tff.templates.MeasuredProcessOutput(new_state, new_weights, measurements)
-
-  return tff.learning.templates.FinalizerProcess(init_fn, next_fn)
+  return finalizer_lib.server_step_finalizer(init_tf, next_tf, weights_type, update_type)
 
 
 def build_structured_search(

@@ -267,6 +267,19 @@ def _advance_client_round(state):
   return state
 
 
+def mask_stats(built, weights, dense_flops):
+  """(sparsity, forward FLOPs, masks) of a global model, as metrics.csv has them.
+
+  Sparse algorithms: the global mask's sparsity and FLOPs at the layers'
+  densities; dense ones: 0, the dense FLOPs and no masks.
+  """
+  if built.layout is None:
+    return 0.0, costs.forward_flops(dense_flops), None
+  _, masks = sparse_model.kernels_and_masks(weights, built.layout)
+  densities = costs.densities_from_masks(built.layout.layer_names, masks)
+  return masks_lib.sparsity_of(masks), costs.forward_flops(dense_flops, densities), masks
+
+
 FOUND_ARCHITECTURE = "found_architecture.json"
 
 
@@ -348,12 +361,7 @@ class _Phase:
       cost = self.architecture(self.current_widths)
       ledger.size = costs.ModelSize(cost.params, 0)
       return 1.0 - cost.params / self._full_params, cost.forward_flops, None
-    if built.layout is not None:
-      _, masks = sparse_model.kernels_and_masks(weights, built.layout)
-      names = built.layout.layer_names
-      flops = costs.forward_flops(self.dense_flops, costs.densities_from_masks(names, masks))
-      return masks_lib.sparsity_of(masks), flops, masks
-    return 0.0, costs.forward_flops(self.dense_flops), None
+    return mask_stats(built, weights, self.dense_flops)
 
   def found(self, weights):
     """(widths, weights of the smaller network) found by the search."""
