@@ -1,10 +1,10 @@
-"""The paper's networks (FEDDST_SPEC.md section 6) as Keras models.
+"""The paper's networks (docs/algorithms.md section 7.1) as Keras models.
 
 Every network returns logits (train with a from-logits cross-entropy). The
 prunable layers are the Conv2D and Dense layers; `prunable_layers` lists them
 in model order, which is also the order of their kernels in
 `model.trainable_weights`. `build_model(..., widths=...)` builds a network
-with narrower hidden layers (structured pruning, FEDDST_SPEC.md section 9).
+with narrower hidden layers (structured pruning, docs/algorithms.md section 5).
 """
 
 from keras_models.networks import (

@@ -1,4 +1,11 @@
-"""Shared test set-up: quiet TensorFlow, and no TFF worker left behind."""
+"""Shared test set-up: quiet TensorFlow, no TFF worker left behind, and the
+Fashion-MNIST check used by every test that needs the real data set.
+
+Where Fashion-MNIST is missing, those tests are skipped, except under CI
+(environment variable CI=true), where a missing data set is a failure: CI
+installs it (`make data`), so its absence there is a broken set-up, not a
+reason to pass quietly.
+"""
 
 import os
 
@@ -7,6 +14,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 
 from tff_feddst import runtime  # noqa: E402
+from tff_feddst.data import loaders  # noqa: E402
+
+FASHION_MNIST_IDX_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -14,3 +29,49 @@ def _stop_tff_worker_at_end():
   runtime.install_shutdown_handlers()
   yield
   runtime.stop_tff_workers()
+
+
+def fashion_mnist_missing(detail: str, directory: str | None = None):
+  """Skips the calling test, or fails it when CI=true. Never returns."""
+  directory = directory or loaders.DEBIAN_FASHION_MNIST_DIR
+  reason = f"Fashion-MNIST unavailable ({directory}; run `make data`): {detail}"
+  if os.environ.get("CI", "").lower() == "true":
+    pytest.fail(f"CI=true: {reason}", pytrace=False)
+  pytest.skip(reason)
+
+
+def require_fashion_mnist_dir(directory: str | None = None) -> str:
+  """The directory holding Fashion-MNIST's four IDX .gz files.
+
+  `directory` defaults to the Debian package's (loaders.DEBIAN_FASHION_MNIST_DIR);
+  if a file is missing, see `fashion_mnist_missing`.
+  """
+  directory = directory or loaders.DEBIAN_FASHION_MNIST_DIR
+  missing = [
+      f for f in FASHION_MNIST_IDX_FILES
+      if not os.path.exists(os.path.join(directory, f))
+  ]
+  if missing:
+    fashion_mnist_missing(f"missing {', '.join(missing)}", directory)
+  return directory
+
+
+def require_fashion_mnist():
+  """Loads Fashion-MNIST as run.py does (`data.load_arrays`): the Debian
+  directory, then the Keras cache, then a Keras download. Returns the
+  `ArraySplit`; if none works, see `fashion_mnist_missing`."""
+  from tff_feddst import data  # pylint: disable=g-import-not-at-top
+
+  try:
+    return data.load_arrays("fashion_mnist")
+  except data.DataError as e:
+    detail = str(e)
+  fashion_mnist_missing(detail)  # outside `except`: no chained traceback
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_available():
+  """For tests that need Fashion-MNIST: where it does not load, they are
+  skipped (CI=true: they fail). The arrays are not kept; call
+  `require_fashion_mnist()` for them."""
+  require_fashion_mnist()

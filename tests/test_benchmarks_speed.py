@@ -7,16 +7,7 @@ import math
 import pytest
 
 from benchmarks import speed
-from tff_feddst import data
 from tff_feddst import runtime
-
-
-@pytest.fixture(scope="module")
-def fashion_mnist_available():
-  try:
-    data.load_arrays("fashion_mnist")
-  except data.DataError as e:
-    pytest.skip(f"Fashion-MNIST not installed (make data installs it): {e}")
 
 
 # The --quick configuration cut to one algorithm, one (N, K) and 2 rounds.

@@ -15,6 +15,8 @@ import tensorflow as tf
 from tff_feddst import data
 from tff_feddst.data import loaders
 
+from conftest import fashion_mnist_missing
+
 IDX_NAMES = loaders.IDX_FILES
 
 
@@ -199,7 +201,7 @@ def test_unknown_data_set():
 
 def test_fashion_mnist_from_debian_directory(debian_fashion_mnist):
   if debian_fashion_mnist is None:
-    pytest.skip(f"{loaders.DEBIAN_FASHION_MNIST_DIR} is absent")
+    fashion_mnist_missing("the directory is absent")
   split = debian_fashion_mnist
   assert split.x_train.shape == (60000, 28, 28, 1)
   assert split.x_test.shape == (10000, 28, 28, 1)

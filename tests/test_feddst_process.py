@@ -169,15 +169,12 @@ def _client_datasets(fed_data, round_num, epochs=1):
 
 
 @pytest.fixture(scope="module")
-def small_federated_data():
+def small_federated_data(fashion_mnist_available):
   from tff_feddst import data
 
-  try:
-    return data.load_federated_data(
-        "fashion_mnist", "pathological", total_clients=20, seed=3
-    )
-  except data.DataError as e:
-    pytest.skip(f"Fashion-MNIST not installed: {e}")
+  return data.load_federated_data(
+      "fashion_mnist", "pathological", total_clients=20, seed=3
+  )
 
 
 @pytest.fixture(scope="module")

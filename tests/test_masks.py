@@ -1,4 +1,4 @@
-"""Mask arithmetic of FedDST (FEDDST_SPEC.md sections 2 and 3).
+"""Mask arithmetic of FedDST (docs/algorithms.md sections 2 and 3).
 
 Expected values are derived independently of `tff_feddst.masks`: budgets
 from an exact rational re-implementation of RigL's ERK-with-capping rule

@@ -10,7 +10,6 @@ import sys
 import psutil
 import pytest
 
-from tff_feddst import data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,14 +20,6 @@ def _worker_pids():
     if proc.info["name"] == "worker_binary":
       pids.add(proc.pid)
   return pids
-
-
-@pytest.fixture(scope="module")
-def fashion_mnist_available():
-  try:
-    data.load_arrays("fashion_mnist")
-  except data.DataError as e:
-    pytest.skip(f"Fashion-MNIST not installed (make data installs it): {e}")
 
 
 def test_feddst_run_writes_outputs_and_leaves_no_worker(tmp_path, fashion_mnist_available):

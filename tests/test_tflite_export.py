@@ -27,6 +27,8 @@ from tflite_export import evaluate as tfl_eval
 from tflite_export import inspect_model
 from tflite_export import report as report_lib
 
+from conftest import require_fashion_mnist_dir
+
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN, NUM_TEST = 4000, 2000
@@ -53,8 +55,7 @@ def _read_idx(path: str, count: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def fmnist():
   """The first NUM_TRAIN / NUM_TEST Fashion-MNIST images, NHWC in [0, 1]."""
-  if not os.path.exists(os.path.join(FMNIST_DIR, "t10k-images-idx3-ubyte.gz")):
-    pytest.skip(f"Fashion-MNIST IDX files not in {FMNIST_DIR} (make data)")
+  require_fashion_mnist_dir(FMNIST_DIR)
 
   def images(name, count):
     raw = _read_idx(
@@ -402,14 +403,6 @@ def _own_stderr_lines(stderr: str) -> list[str]:
   ]
 
 
-def _needs_data_package():
-  try:
-    # pylint: disable-next=g-import-not-at-top
-    from tff_feddst.data import load_arrays  # noqa: F401
-  except ImportError as e:
-    pytest.skip(f"tff_feddst.data.load_arrays is not available yet: {e}")
-
-
 @pytest.fixture(scope="module")
 def run_dir(plain_model, tmp_path_factory):
   """A run directory as run.py leaves it: final_model.keras and config.json."""
@@ -422,7 +415,6 @@ def run_dir(plain_model, tmp_path_factory):
 
 
 def test_cli_exports_a_saved_model(run_dir, plain_model, tmp_path):
-  _needs_data_package()
   proc = _cli(
       f"--checkpoint={run_dir / 'final_model.keras'}",
       f"--output={tmp_path / 'out'}",
@@ -451,7 +443,6 @@ def test_cli_exports_a_saved_model(run_dir, plain_model, tmp_path):
 
 
 def test_cli_bad_inputs_give_one_line(run_dir, tmp_path):
-  _needs_data_package()
   good = run_dir / "final_model.keras"
   truncated = tmp_path / "truncated.keras"  # As after an interrupted copy.
   truncated.write_bytes(good.read_bytes()[:3000])

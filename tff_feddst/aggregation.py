@@ -3,7 +3,7 @@
 The value aggregated is `OrderedDict(values=[t_1..t_p], masks=[m_1..m_p])`:
 one mask per value, either a 0/1 tensor of the value's shape (a masked
 kernel) or a scalar 1 (an unmasked tensor such as a bias). Element-wise, with
-client weights n_c (FEDDST_SPEC.md section 3, step 5):
+client weights n_c (docs/algorithms.md section 3.2, step 5):
 
     votes  = sum_c n_c m_c
     avg    = sum_c n_c m_c t_c / votes      where votes > 0, else 0

@@ -1,6 +1,6 @@
 """FedDST client work: masked local training and mask readjustment.
 
-Each sampled client (FEDDST_SPEC.md section 3, steps 2-4):
+Each sampled client (docs/algorithms.md section 3.2, steps 2-4):
 - loads the global weights and masks (the masks live in the tfmot wrappers'
   `mask` variables, part of `ModelWeights.non_trainable`), with a fresh
   optimizer state;

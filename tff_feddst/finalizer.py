@@ -1,6 +1,6 @@
 """FedDST server step: re-prune the voted average to the budget.
 
-FEDDST_SPEC.md section 3, step 6. Per layer, the aggregated mask m' (votes
+docs/algorithms.md section 3.2, step 6. Per layer, the aggregated mask m' (votes
 > 0) can hold more ones than the budget; keep the budget_l positions of
 largest |theta'| among m'. That is m^{r+1}, and theta^{r+1} = theta' *
 m^{r+1}. With a server optimizer (FedAvgM on top of FedDST), theta^r -
