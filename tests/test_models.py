@@ -1,4 +1,4 @@
-"""The paper's networks (FEDDST_SPEC.md section 6) and their FLOPs (section 5).
+"""The paper's networks (docs/algorithms.md section 7.1) and their FLOPs (section 6.2).
 
 Parameter counts and FLOPs are worked out by hand in the comments.
 """
@@ -172,7 +172,7 @@ def test_default_model_for_dataset():
 
 
 # ---------------------------------------------------------------------------
-# FLOPs (spec section 5).
+# FLOPs (docs/algorithms.md section 6.2).
 # ---------------------------------------------------------------------------
 
 # CIFAR-10 network, FLOPs = 2 x MACs:
@@ -227,7 +227,7 @@ def test_forward_flops_scales_by_density():
 
 
 def test_cifar10_sparse_flops_at_s08_erk(cifar10_model):
-  # ERK at S = 0.8 (spec section 2), by hand:
+  # ERK at S = 0.8 (docs/algorithms.md section 2), by hand:
   #   sizes 450, 2400, 768000, 10080, 840; n = 781770; kept = 156354.
   #   raw x size = (3+6+5+5) 19, (6+16+5+5) 32, 6520, 204, 94; sum 6869.
   #   eps = 156354 / 6869 = 22.76; logits raw 94/840 = 0.1119 -> 2.55 > 1: dense.
@@ -239,8 +239,8 @@ def test_cifar10_sparse_flops_at_s08_erk(cifar10_model):
   #   FLOPs: 705600*0.96918 = 683853; 2323200*0.30605 = 711016;
   #   1536000*0.19487 = 299322; 20160*0.46454 = 9365; 1680
   #   total 1705241 ~ 1.71 MFLOP.
-  # The spec (and the paper) quote "about 0.8 MFLOP" for this case; that
-  # figure cannot come from the rule of section 5 (dense FLOPs x layer
+  # The paper quotes "about 0.8 MFLOP" for this case; that
+  # figure cannot come from the rule of section 6.2 (dense FLOPs x layer
   # density) with the ERK densities of section 2: ERK keeps the two convs,
   # which hold 66% of the dense FLOPs, at densities 0.97 and 0.31. Even
   # uniform densities give 0.2 * 4.59 = 0.92 MFLOP. So this test checks the
@@ -269,7 +269,7 @@ def test_cifar10_sparse_flops_at_s08_erk(cifar10_model):
 
 
 # ---------------------------------------------------------------------------
-# Widths of the hidden layers (structured pruning, spec section 9).
+# Widths of the hidden layers (structured pruning, docs/algorithms.md section 5).
 # ---------------------------------------------------------------------------
 
 

@@ -16,19 +16,15 @@ import pytest
 import tensorflow as tf
 
 import keras_models
-from tff_feddst import data as data_lib
-from tff_feddst import structured
+from tff_feddst import config as config_lib
 from tff_feddst import training
+from tff_feddst import unit_graph
 
 
 @pytest.fixture(scope="module")
-def structured_run(tmp_path_factory):
-  try:
-    data_lib.load_arrays("fashion_mnist")
-  except data_lib.DataError as e:
-    pytest.skip(f"Fashion-MNIST not installed (make data installs it): {e}")
+def structured_run(tmp_path_factory, fashion_mnist_available):
   out = tmp_path_factory.mktemp("structured") / "run"
-  config = training.ExperimentConfig(
+  config = config_lib.ExperimentConfig(
       algorithm="structured_feddst",
       total_clients=20,
       clients_per_round=3,
@@ -83,7 +79,7 @@ def test_costs_follow_the_architecture_round_by_round(structured_run):
   found = summary["structured"]["found_widths"]
   assert int(rows[2]["round_upload_bits"]) < int(rows[0]["round_upload_bits"]) / 1.5
   assert abs(float(rows[3]["sparsity"]) - 0.5) < 1e-3
-  cost = structured.architecture_cost("mnist_cnn", (28, 28, 1), 10, found)
+  cost = unit_graph.architecture_cost("mnist_cnn", (28, 28, 1), 10, found)
   assert float(rows[1]["forward_flops"]) == cost.forward_flops
   assert float(rows[1]["sparsity"]) == pytest.approx(1 - cost.params / full)
   cumulative = 0
@@ -101,7 +97,7 @@ def test_a_run_resumed_in_phase_two_ends_with_the_same_weights(structured_run, t
   (copy / "summary.json").unlink()
   lines = []
   training.run_experiment(
-      training.ExperimentConfig(**{**config.__dict__, "output_dir": str(copy)}),
+      config_lib.ExperimentConfig(**{**config.__dict__, "output_dir": str(copy)}),
       log=lines.append,
   )
   assert any("resumed" in line and "round 3" in line for line in lines)

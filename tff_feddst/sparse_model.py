@@ -15,10 +15,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 import tensorflow_model_optimization as tfmot
-from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
 
 import keras_models
 from tff_feddst import masks as masks_lib
+from tff_feddst import wrappers
 
 _prune = tfmot.sparsity.keras
 
@@ -55,7 +55,6 @@ class SparseLayout:
   mask_index: tuple[int, ...]  # into ModelWeights.non_trainable
   step_index: tuple[int, ...]  # pruning_step variables, non_trainable
   budgets: tuple[int, ...]
-  num_trainable: int
   trainable_sizes: tuple[int, ...]
 
   @property
@@ -91,14 +90,14 @@ def build_layout(
   n_pos = {id(v): i for i, v in enumerate(non_trainable)}
   names, shapes, k_idx, m_idx, s_idx = [], [], [], [], []
   for layer in wrapped.layers:
-    if not isinstance(layer, pruning_wrapper.PruneLowMagnitude):
+    if not wrappers.is_wrapper(layer):
       continue
-    names.append(layer.layer.name)
-    shapes.append(tuple(int(d) for d in layer.layer.kernel.shape))
-    k_idx.append(t_pos[id(layer.layer.kernel)])
-    (_, mask_var, _), = layer.pruning_vars  # (kernel, mask, threshold)
-    m_idx.append(n_pos[id(mask_var)])
-    s_idx.append(n_pos[id(layer.pruning_step)])
+    inner = wrappers.unwrap(layer)
+    names.append(inner.name)
+    shapes.append(tuple(int(d) for d in inner.kernel.shape))
+    k_idx.append(t_pos[id(inner.kernel)])
+    m_idx.append(n_pos[id(wrappers.mask_variable(layer))])
+    s_idx.append(n_pos[id(wrappers.step_variable(layer))])
   budgets = masks_lib.layer_budgets(shapes, sparsity, distribution)
   return SparseLayout(
       layer_names=tuple(names),
@@ -107,7 +106,6 @@ def build_layout(
       mask_index=tuple(m_idx),
       step_index=tuple(s_idx),
       budgets=tuple(budgets),
-      num_trainable=len(trainable),
       trainable_sizes=tuple(int(np.prod(v.shape)) for v in trainable),
   )
 

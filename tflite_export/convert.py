@@ -54,10 +54,8 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
-from tensorflow_model_optimization.python.core.sparsity.keras import (
-    pruning_wrapper,
-)
 
+from tff_feddst import wrappers as wrappers_lib
 from tflite_export import inspect_model
 
 QUANTIZATION_MODES = ("float32", "float16", "int8")
@@ -75,12 +73,8 @@ def check_quantization(quantization: str) -> str:
   return quantization
 
 
-def _pruning_wrappers(model: tf.keras.Model) -> list:
-  return [
-      layer
-      for layer in model.layers
-      if isinstance(layer, pruning_wrapper.PruneLowMagnitude)
-  ]
+def _wrapper_layers(model: tf.keras.Model) -> list:
+  return [layer for layer in model.layers if wrappers_lib.is_wrapper(layer)]
 
 
 def export_model(model: tf.keras.Model) -> tf.keras.Model:
@@ -90,16 +84,17 @@ def export_model(model: tf.keras.Model) -> tf.keras.Model:
   model the kernels are multiplied by their masks in a copy (the wrapper re-masks only
   on its next call, so the last optimizer step may have left values there).
   """
-  wrappers = _pruning_wrappers(model)
+  wrappers = _wrapper_layers(model)
   if not wrappers:
     return model
   stripped = tfmot.sparsity.keras.strip_pruning(model)
   plain = tf.keras.models.clone_model(stripped)
   plain.set_weights(stripped.get_weights())
   for wrapper in wrappers:
-    target = plain.get_layer(wrapper.layer.name)
-    weight_ids = [id(v) for v in wrapper.layer.weights]
-    for weight, mask, _ in wrapper.pruning_vars:
+    inner = wrappers_lib.unwrap(wrapper)
+    target = plain.get_layer(inner.name)
+    weight_ids = [id(v) for v in inner.weights]
+    for weight, mask in wrappers_lib.masked_weights(wrapper):
       index = weight_ids.index(id(weight))
       target.weights[index].assign(weight * tf.cast(mask, weight.dtype))
   return plain
