@@ -26,6 +26,7 @@ from absl import logging  # noqa: E402
 
 from benchmarks import accuracy  # noqa: E402
 from benchmarks import report  # noqa: E402
+from tff_feddst import files  # noqa: E402
 from tff_feddst import runtime  # noqa: E402
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/benchmark", "Where runs, table and plots go.")
@@ -69,7 +70,7 @@ def main(argv):
   out = _OUTPUT_DIR.value
   os.makedirs(out, exist_ok=True)
   from tff_feddst import data as data_lib  # pylint: disable=g-import-not-at-top
-  from tff_feddst import training  # pylint: disable=g-import-not-at-top
+  from tff_feddst import config as config_lib  # pylint: disable=g-import-not-at-top
 
   if _REPORT_ONLY.value:
     run_dirs = {a: os.path.join(out, a) for a in _ALGORITHMS.value}
@@ -80,7 +81,7 @@ def main(argv):
     try:
       with runtime.managed_runtime():
         run_dirs = accuracy.run_all(_ALGORITHMS.value, settings, out)
-    except (data_lib.DataError, training.ConfigError) as e:
+    except (data_lib.DataError, config_lib.ConfigError) as e:
       sys.exit(f"error: {e}")
     except KeyboardInterrupt:
       sys.exit("interrupted; rerun the same command to continue")
@@ -100,9 +101,7 @@ def main(argv):
       f"{' --quick' if _QUICK.value else ''}`. Timings: see `python -m benchmarks.speed`.\n\n"
   )
   path = os.path.join(out, "results.md")
-  with open(f"{path}.tmp", "w") as f:
-    f.write(header + table)
-  os.replace(f"{path}.tmp", path)
+  files.write_atomic(path, header + table)
   plots = report.plot(runs, caps, LABELS, out)
   print(table)
   print(f"wrote {path}, {os.path.join(out, 'runs.csv')}, {', '.join(plots)}")

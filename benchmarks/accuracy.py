@@ -12,6 +12,7 @@ import os
 from typing import Callable
 
 from tff_feddst import training
+from tff_feddst.config import ExperimentConfig
 
 ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "randommask", "feddst")
 
@@ -30,19 +31,16 @@ class BenchmarkSettings:
   sparsity: float = 0.8
   readjustment_ratio: float = 0.05
   rounds_between_readjustments: int = 10
-  fedavgm_server_momentum: float = 0.9
-  fedprox_mu: float = 0.01
 
 
 QUICK = dict(rounds=3, eval_every=1, total_clients=40, clients_per_round=5, local_epochs=1)
 
 
-def experiment_config(algorithm: str, settings: BenchmarkSettings, run_dir: str) -> training.ExperimentConfig:
-  """The run.py settings of one algorithm in the benchmark."""
+def experiment_config(algorithm: str, settings: BenchmarkSettings, run_dir: str) -> ExperimentConfig:
+  """The resolved run.py settings of one algorithm in the benchmark."""
   if algorithm not in ALGORITHMS:
     raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
-  sparse = algorithm in ("feddst", "randommask")
-  return training.ExperimentConfig(
+  return ExperimentConfig(
       algorithm=algorithm,
       dataset="fashion_mnist",
       data_dir=settings.data_dir,
@@ -51,18 +49,16 @@ def experiment_config(algorithm: str, settings: BenchmarkSettings, run_dir: str)
       clients_per_round=settings.clients_per_round,
       rounds=settings.rounds,
       local_epochs=settings.local_epochs,
-      server_momentum=settings.fedavgm_server_momentum if algorithm == "fedavgm" else 0.0,
-      prox_mu=settings.fedprox_mu if algorithm == "fedprox" else 0.0,
-      sparsity=settings.sparsity if sparse else 0.0,
+      sparsity=settings.sparsity,
       readjustment_ratio=settings.readjustment_ratio,
       rounds_between_readjustments=settings.rounds_between_readjustments,
       eval_every=settings.eval_every,
       seed=settings.seed,
       output_dir=run_dir,
-  )
+  ).resolve()
 
 
-def _finished_with(config: training.ExperimentConfig) -> bool:
+def _finished_with(config: ExperimentConfig) -> bool:
   """True when `config.output_dir` holds a finished run of exactly `config`."""
   summary_path = os.path.join(config.output_dir, "summary.json")
   config_path = os.path.join(config.output_dir, "config.json")
@@ -73,14 +69,7 @@ def _finished_with(config: training.ExperimentConfig) -> bool:
       saved = json.load(f)
   except (OSError, ValueError):
     return False
-  wanted = dataclasses.asdict(config)
-  defaults = {f.name: f.default for f in dataclasses.fields(training.ExperimentConfig)}
-  for key, value in wanted.items():
-    if key == "model":
-      continue
-    if saved.get(key, defaults.get(key)) != value:
-      return False
-  return True
+  return not config.differences_from(saved) and saved.get("rounds") == config.rounds
 
 
 def run_all(

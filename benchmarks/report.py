@@ -11,6 +11,8 @@ import csv
 import math
 import os
 
+from tff_feddst import files
+
 GIB_BITS = 8 * 2**30
 
 
@@ -44,14 +46,12 @@ def accuracy_at_cap(rows, cap_bits: float):
 
 def write_runs_csv(runs: dict[str, list[dict]], path: str) -> None:
   columns = ["algorithm"] + list(next(iter(runs.values()))[0].keys())
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", newline="") as f:
+  with files.atomic_output(path) as temp, open(temp, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns)
     writer.writeheader()
     for algorithm, rows in runs.items():
       for row in rows:
         writer.writerow({"algorithm": algorithm, **row})
-  os.replace(tmp, path)
 
 
 def markdown_table(runs: dict[str, list[dict]], caps_gib: list[float], labels: dict[str, str]) -> str:
@@ -103,8 +103,8 @@ def plot(runs: dict[str, list[dict]], caps_gib: list[float], labels: dict[str, s
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path = os.path.join(out_dir, name)
-    fig.savefig(f"{path}.tmp.png")
+    with files.atomic_output(path) as temp:
+      fig.savefig(temp)
     plt.close(fig)
-    os.replace(f"{path}.tmp.png", path)
     paths.append(path)
   return paths

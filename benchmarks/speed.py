@@ -14,7 +14,7 @@ S = 0.8, alpha 0.05, Delta_R 10, R_end 100):
   so that 4000 clients fit in Fashion-MNIST's 6,000 images per class: the
   round cost should depend on K, not N;
 - local examples processed per second, peak RSS (Python plus its children,
-  i.e. TFF's worker_binary), the cost of one `training.Evaluator.evaluate`;
+  i.e. TFF's worker_binary), the cost of one `phases.Evaluator.evaluate`;
 - a decomposition of a round (see METHOD below) and a cProfile attribution
   of the driver-side Python time.
 
@@ -29,7 +29,7 @@ Outputs in --output_dir, each written atomically:
   speed.csv         one row per (algorithm, N, K, examples per class)
   speed_rounds.csv  one row per round
   speed.md          the tables and the method
-  profile_*.txt     the cProfile listings (with --profile)
+  profile.txt       the cProfile listings (with --profile)
 """
 
 import collections
@@ -58,6 +58,8 @@ from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from tff_feddst import files  # noqa: E402
+from tff_feddst import rounds as rounds_lib  # noqa: E402
 from tff_feddst import runtime  # noqa: E402
 
 # The algorithms whose round can be decomposed (their pure-TF client update
@@ -72,11 +74,16 @@ QUICK = dict(
 )
 
 METHOD = """\
-Rounds are driven as `training.run_experiment` drives them (sampling without
-replacement, `training.client_dataset`, `process.next`, reading the global
-weights back, the communication ledger and mask statistics), with the
-process built by `algorithms.build_algorithm`. A round's seconds run from
-sampling to the end of the bookkeeping; evaluation is timed separately. The
+Rounds are run by `rounds.RoundStep`, the step `training.run_experiment`
+runs (sampling without replacement, the clients' data sets, `process.next`,
+reading the global weights back, the communication ledger and mask
+statistics), on a phase built by `phases.build_phase` from the settings
+`ExperimentConfig.resolve` fills in. The step's sub-steps are timed by
+wrapping them: `sample_clients` (sampling), `client_datasets` (data sets),
+`run_clients` (`process.next` and reading its metrics: next_seconds) and
+the process's `get_model_weights`; bookkeeping is the rest of the step
+(ledger and mask statistics). A round's seconds are those of the whole
+step; evaluation is timed separately. The
 first round of every configuration (tracing, worker start-up) is excluded
 from the median. Peak memory is the largest sum of the RSS of this Python
 process and its child processes (TFF's `worker_binary`), sampled every
@@ -86,7 +93,7 @@ the Python process is not, so its RSS also holds what earlier
 configurations left (start_rss_mib is the RSS when the configuration
 began, with its data loaded).
 
-Decomposition of a round. `algorithms.build_algorithm` is run with
+Decomposition of a round. `phases.build_phase` is run with
 `compose_learning_process` intercepted, so the blocks it composes (the
 distributor, client work, aggregator and finalizer of the real process) are
 captured. From them three TFF computations are composed, each taking the
@@ -99,8 +106,9 @@ updates still have their real shapes, no training is done), compiled first,
 then decomposition_repeats times each; the minimum of each is used. The
 measured rounds (the plain ones for FedDST; its readjustment rounds are
 reported separately) are split, in seconds, into:
-  client training  = the same client update in plain TF outside TFF (TFF's
-                     FedAvg update function / `client_work.build_client_update`,
+  client training  = the same client update in plain TF outside TFF (dense
+                     algorithms: TFF's model-delta update function; sparse
+                     ones: `client_work.build_client_update`;
                      same weights, data sets of a measured round's clients,
                      outputs materialised), timed for the first
                      pure_tf_clients of them one after another (at
@@ -114,8 +122,8 @@ reported separately) are split, in seconds, into:
                      returning the state, reading the global weights back
                      (the empty-data A is reported too: the part of it that
                      does not depend on the data);
-  driver Python    = sampling + data set construction + ledger and mask
-                     statistics (median, timed directly);
+  driver Python    = sampling + data set construction + bookkeeping
+                     (median, timed as above);
   evaluation       = one `Evaluator.evaluate` / eval_every (amortised; the
                      driver evaluates every eval_every rounds).
 The total is their sum (about the median round plus the amortised
@@ -127,9 +135,11 @@ come out small or negative. It is reported as measured, not clipped.
 cProfile (with --profile): one more round plus one evaluation run under
 cProfile in the driver thread and in the thread in which TFF's execution
 context runs its event loop (TFF serialises arguments and deserialises
-results there). Reported are the cumulative seconds of: sampling, data set
-construction, ledger and mask statistics, `process.next` as seen from the
-driver, `get_model_weights`, TFF's `serialize_value` / `deserialize_value`,
+results there). Reported are the cumulative seconds of: sampling
+(`RoundStep.sample_clients`), data set construction (`client_datasets`),
+ledger and mask statistics (the rest of `RoundStep.__call__`),
+`process.next` as seen from the driver (`run_clients`),
+`get_model_weights`, TFF's `serialize_value` / `deserialize_value`,
 TFF's gRPC calls to its worker (create_value / create_call / compute etc.;
 these block until the worker has computed, so they include client
 training), and `Evaluator.evaluate`. The profiler slows Python code, so
@@ -181,17 +191,13 @@ class SpeedSettings:
     ):
       if not values or any(v < 1 for v in values):
         raise ValueError(f"{label} must be a non-empty list of positive integers")
-    for case in cases(self):
-      if case.clients_per_round > case.total_clients:
-        raise ValueError(
-            f"{case.clients_per_round} clients per round exceed {case.total_clients} total clients"
-        )
-    for name in ("local_epochs", "batch_size", "sweep_examples_per_class",
-                 "scaling_examples_per_class", "rounds_between_readjustments",
-                 "eval_every", "pure_tf_clients", "decomposition_repeats",
-                 "evaluation_repeats"):
+    for name in ("pure_tf_clients", "decomposition_repeats", "evaluation_repeats"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    # The run's settings are checked where every run's are (a ConfigError).
+    for algorithm in self.algorithms:
+      for case in cases(self):
+        experiment_config(algorithm, case, self, "unused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,19 +311,6 @@ DECOMPOSITION = (
 )
 
 # ----------------------------------------------------------------- helpers
-
-
-def _seed(*parts: int) -> int:
-  return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", newline="") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _csv_text(columns, rows) -> str:
@@ -520,27 +513,18 @@ def profile_driver_and_tff():
       in_loop(loop_prof.disable)
 
 
-def _cumulative(profile, predicate) -> float:
-  """Largest cumulative time of the functions matching predicate(file, name)."""
+def _cumulative(profile, predicate, combine=max) -> float:
+  """Cumulative seconds of the functions matching predicate(file, name):
+  the largest (`combine=max`) or their sum (`sum`, for non-nested ones)."""
   if profile is None:
     return float("nan")
   stats = pstats.Stats(profile)
-  best = 0.0
-  for (filename, _, name), (_, _, _, cumtime, _) in stats.stats.items():  # pytype: disable=attribute-error
-    if predicate(filename, name):
-      best = max(best, cumtime)
-  return best
-
-
-def _total_cumulative(profile, predicate) -> float:
-  """Sum of cumulative times of the matching (non-nested) functions."""
-  if profile is None:
-    return float("nan")
-  stats = pstats.Stats(profile)
-  return float(sum(
-      cumtime
-      for (filename, _, name), (_, _, _, cumtime, _) in stats.stats.items()  # pytype: disable=attribute-error
-      if predicate(filename, name)
+  return float(combine(
+      [0.0] + [
+          cumtime
+          for (filename, _, name), (_, _, _, cumtime, _) in stats.stats.items()  # pytype: disable=attribute-error
+          if predicate(filename, name)
+      ]
   ))
 
 
@@ -558,204 +542,127 @@ def _median(values) -> float:
   return float(statistics.median(values)) if values else float("nan")
 
 
+
+def _defined_in(path: str) -> str:
+  """The last two parts of a source path (how profile entries are matched)."""
+  return os.path.join(*os.path.normpath(path).split(os.sep)[-2:])
+
+
 # ------------------------------------------------------------- the driver
 
+# The RoundStep methods wrapped with stopwatches, and their timing keys.
+_TIMED_STEPS = (
+    ("sample_clients", "sample_seconds"),
+    ("client_datasets", "datasets_seconds"),
+    ("run_clients", "next_seconds"),
+)
 
-class RoundDriver:
-  """One configuration's rounds, timed piece by piece (run_experiment's loop)."""
 
-  def __init__(self, built, fed_data, keras_fn, settings: SpeedSettings, clients_per_round: int):
-    from tff_feddst import costs  # pylint: disable=g-import-not-at-top
-    from tff_feddst import training  # pylint: disable=g-import-not-at-top
+class _ObservedProcess:
+  """A phase's process as its RoundStep sees it: `get_model_weights` timed,
+  the last metrics of `next` and the last weights read kept; the rest passes
+  through to the process."""
 
-    self.built = built
-    self.fed_data = fed_data
-    self.settings = settings
-    self.clients_per_round = clients_per_round
-    self.population = list(fed_data.nonempty_train_client_ids)
-    self.sampler = np.random.default_rng(_seed(settings.seed, 2))
-    self.ledger = costs.CommunicationLedger(built.model_size, sparse=built.sparse)
-    self.dense_flops = costs.layer_forward_flops(keras_fn())
-    self.dataset_epochs = 1 if built.epochs_in_process else settings.local_epochs
-    self._training = training
-    self.state = None
+  def __init__(self, process, rounds: "TimedRounds"):
+    self._process = process
+    self._rounds = rounds
+
+  def __getattr__(self, name):
+    return getattr(self._process, name)
+
+  def next(self, state, data):
+    output = self._process.next(state, data)
+    self._rounds.metrics = output.metrics
+    return output
+
+  def get_model_weights(self, state):
+    start = time.perf_counter()
+    self._rounds.weights = self._process.get_model_weights(state)
+    self._rounds.seconds["get_weights_seconds"] += time.perf_counter() - start
+    return self._rounds.weights
+
+
+class TimedRounds:
+  """A phase's `rounds.RoundStep` with its sub-steps timed (see METHOD).
+
+  The step's own `__call__` runs every round; its `sample_clients`,
+  `client_datasets` and `run_clients` are wrapped with stopwatches, and the
+  phase's process is replaced by an `_ObservedProcess` (`self.process` is
+  the process itself). Bookkeeping is the rest of the step.
+  """
+
+  def __init__(self, config, phase, fed_data, state):
+    self.phase = phase
+    self.process = phase.built.process  # the process itself, unwrapped
+    self.seconds = collections.defaultdict(float)
+    self.metrics = None
     self.weights = None
-    self.masks = None
-
-  def start(self, state) -> None:
     self.state = state
-    self.weights = self.built.process.get_model_weights(state)
-    _, _, self.masks = self._mask_stats(self.weights)
+    phase.built.process = _ObservedProcess(self.process, self)
+    sampler = np.random.default_rng(rounds_lib.seed(config.seed, 2))
+    self.step = rounds_lib.RoundStep(
+        config, phase, fed_data, sampler, phase.new_ledger(None), state
+    )
+    for method, key in _TIMED_STEPS:
+      setattr(self.step, method, self._stopwatch(key, getattr(self.step, method)))
 
-  def _mask_stats(self, weights):
-    """(sparsity, forward FLOPs, masks) of the global model, as the driver logs them."""
-    return self._training.mask_stats(self.built, weights, self.dense_flops)
+  def _stopwatch(self, key: str, method):
+    def timed(*args, **kwargs):
+      start = time.perf_counter()
+      try:
+        return method(*args, **kwargs)
+      finally:
+        self.seconds[key] += time.perf_counter() - start
 
-  # Named steps, so that cProfile can attribute them.
-  def _sample_clients(self) -> list[str]:
-    chosen = self.sampler.choice(len(self.population), self.clients_per_round, replace=False)
-    return [self.population[i] for i in sorted(chosen)]
+    return timed
 
-  def _build_datasets(self, client_ids, process_round: int) -> list:
-    return [
-        self._training.client_dataset(
-            self.fed_data,
-            cid,
-            self.settings.batch_size,
-            _seed(self.settings.seed, 3, process_round, i),
-            self.dataset_epochs,
-        )
-        for i, cid in enumerate(client_ids)
-    ]
-
-  def _run_next(self, datasets):
-    return self.built.process.next(self.state, datasets)
-
-  def _read_weights(self, state):
-    return self.built.process.get_model_weights(state)
-
-  def _bookkeeping_before(self, client_ids) -> None:
-    active = self.built.layout.num_kept if self.built.sparse else None
-    self.ledger.download(client_ids, active)
-
-  def _bookkeeping_after(self, client_ids, metrics, weights) -> np.ndarray:
-    """Ledger upload and mask statistics; returns the per-layer readjustment counts."""
-    num_readjusted = np.zeros([1], np.int32)
-    if self.built.sparse:
-      stats = metrics["client_work"]["clients"]
-      self.ledger.upload(
-          len(client_ids), int(stats["uploaded_values"]), int(stats["mask_changed"])
-      )
-      num_readjusted = np.asarray(
-          metrics["client_work"]["readjustment"]["num_readjusted"], np.int32
-      )
-    else:
-      self.ledger.upload(len(client_ids))
-    _, _, masks = self._mask_stats(weights)
-    if self.built.sparse and any(
-        not np.array_equal(a, b) for a, b in zip(self.masks, masks)
-    ):
-      self.ledger.global_mask_changed()
-    self.masks = masks
-    return num_readjusted
-
-  def prepare(self, process_round: int):
-    """Samples and builds the data sets; returns (client_ids, datasets, timings)."""
-    t0 = time.perf_counter()
-    client_ids = self._sample_clients()
-    t1 = time.perf_counter()
-    datasets = self._build_datasets(client_ids, process_round)
-    t2 = time.perf_counter()
-    return client_ids, datasets, {"sample_seconds": t1 - t0, "datasets_seconds": t2 - t1}
-
-  def finish(self, client_ids, output) -> dict:
-    """Reads weights back and does the bookkeeping; returns timings."""
-    t0 = time.perf_counter()
-    self.state = output.state
-    self.weights = self._read_weights(self.state)
-    t1 = time.perf_counter()
-    num_readjusted = self._bookkeeping_after(client_ids, output.metrics, self.weights)
-    t2 = time.perf_counter()
-    return {
-        "get_weights_seconds": t1 - t0,
-        "bookkeeping_seconds": t2 - t1,
-        "readjusted": int(num_readjusted.sum() > 0),
-        "num_readjusted": num_readjusted,
-    }
+  def _num_readjusted(self) -> np.ndarray:
+    """The last round's per-layer readjustment counts (dense: [0])."""
+    if self.metrics is None or not self.phase.built.sparse:
+      return np.zeros([1], np.int32)
+    readjustment = self.metrics["client_work"]["readjustment"]
+    return np.asarray(readjustment["num_readjusted"], np.int32)
 
   def round(self, process_round: int) -> dict:
+    """Runs round `process_round`; returns its timings (a speed_rounds.csv row)."""
+    self.seconds.clear()
+    self.metrics = None
     start = time.perf_counter()
-    client_ids, datasets, timing = self.prepare(process_round)
-    t0 = time.perf_counter()
-    self._bookkeeping_before(client_ids)
-    book = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    output = self._run_next(datasets)
-    timing["next_seconds"] = time.perf_counter() - t0
-    timing.update(self.finish(client_ids, output))
-    timing["bookkeeping_seconds"] += book
-    timing["round_seconds"] = time.perf_counter() - start
-    timing["examples"] = sum(self.fed_data.num_train_examples(c) for c in client_ids)
-    timing["process_round"] = process_round
-    timing["client_ids"] = client_ids  # not written out
+    self.state, result = self.step(self.state, process_round)
+    timing = {"round_seconds": time.perf_counter() - start}
+    for key in ("sample_seconds", "datasets_seconds", "next_seconds", "get_weights_seconds"):
+      timing[key] = self.seconds[key]
+    timing["bookkeeping_seconds"] = timing["round_seconds"] - sum(self.seconds.values())
+    fed_data = self.step.fed_data
+    timing.update(
+        process_round=process_round,
+        readjusted=result.readjusted,
+        examples=sum(fed_data.num_train_examples(c) for c in result.client_ids),
+        client_ids=list(result.client_ids),  # not written out
+        num_readjusted=self._num_readjusted(),  # not written out
+    )
     return timing
 
 
-def _pure_tf_update(algorithm: str, built, keras_fn, settings: SpeedSettings, input_spec):
-  """The algorithm's client update as a plain TF function(weights, dataset, num_to_readjust)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-
-  from tff_feddst import algorithms  # pylint: disable=g-import-not-at-top
-  from tff_feddst import client_work as client_work_lib  # pylint: disable=g-import-not-at-top
-  from tff_feddst import sparse_model  # pylint: disable=g-import-not-at-top
-
-  config = _algorithm_config(algorithm, settings)
-  optimizer = algorithms.build_client_optimizer(config)
-  if algorithm == "feddst":
-    model_fn = sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True)
-    update, _ = client_work_lib.build_client_update(
-        model_fn,
-        built.layout,
-        optimizer,
-        config.local_epochs,
-        prox_mu=config.prox_mu,
-        upload_dtype=tf.as_dtype(config.upload_dtype),
-    )
-
-    def run(weights, dataset, num_to_readjust):
-      return update(weights, dataset, tf.constant(num_to_readjust, tf.int32))
-
-    return run
-  from tensorflow_federated.python.learning.templates import model_delta_client_work  # pylint: disable=g-import-not-at-top
-
-  model_fn = sparse_model.make_model_fn(keras_fn, input_spec, wrapped=False)
-  update = model_delta_client_work.build_model_delta_update_with_tff_optimizer(
-      model_fn,
-      weighting=tff.learning.ClientWeighting.NUM_EXAMPLES,
-      loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE,
-  )
-
-  def run(weights, dataset, num_to_readjust):
-    del num_to_readjust
-    return update(optimizer, weights, dataset)
-
-  return run
-
-
-def _algorithm_config(algorithm: str, settings: SpeedSettings):
-  from tff_feddst import algorithms  # pylint: disable=g-import-not-at-top
-
-  return algorithms.AlgorithmConfig(
-      algorithm=algorithm,
-      local_epochs=settings.local_epochs,
-      sparsity=settings.sparsity if algorithm in algorithms.SPARSE_ALGORITHMS else 0.0,
-      readjustment_ratio=settings.readjustment_ratio,
-      rounds_between_readjustments=settings.rounds_between_readjustments,
-      readjustment_end_round=settings.readjustment_end_round,
-      seed=settings.seed,
-  )
-
-
 def first_process_round(algorithm: str, settings: SpeedSettings) -> int:
-  """Round number of the warm-up round (FedDST: the one before a readjustment)."""
+  """Round number of the warm-up round (sparse algorithms: the one before a
+  readjustment)."""
+  from tff_feddst import algorithms  # pylint: disable=g-import-not-at-top
   from tff_feddst import masks as masks_lib  # pylint: disable=g-import-not-at-top
 
-  if algorithm != "feddst":
-    return 1
   start = settings.rounds_between_readjustments
-  if not masks_lib.is_readjustment_round(
+  if algorithms.get(algorithm).sparse and masks_lib.is_readjustment_round(
       start + 1,
       settings.readjustment_ratio,
       settings.rounds_between_readjustments,
       settings.readjustment_end_round,
   ):
-    return 1  # No readjustment scheduled there (alpha 0 or R_end too small).
-  return start
+    return start
+  return 1  # Dense, or no readjustment scheduled there (alpha 0 or R_end too small).
 
 
 def _with_round_counter(state, process_round: int):
-  """The composed state with FedDST's client-work round counter set."""
+  """The composed state with the client work's round counter set."""
   work = state.client_work
   if not (isinstance(work, collections.abc.Mapping) and "round_num" in work):
     raise RuntimeError("the client work state has no round_num to set")
@@ -764,93 +671,112 @@ def _with_round_counter(state, process_round: int):
   )
 
 
-def measure_case(algorithm: str, case: Case, fed_data, settings: SpeedSettings,
-                 memory: MemorySampler, log: Callable[[str], None]):
-  """Measures one (algorithm, data configuration); returns (row, round rows, profile text)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+def experiment_config(algorithm: str, case: Case, settings: SpeedSettings, output_dir: str):
+  """The resolved settings of one measured configuration (nothing is written
+  to `output_dir` through them)."""
+  from tff_feddst.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
 
-  import keras_models  # pylint: disable=g-import-not-at-top
-  from tff_feddst import algorithms  # pylint: disable=g-import-not-at-top
-  from tff_feddst import training  # pylint: disable=g-import-not-at-top
+  return ExperimentConfig(
+      algorithm=algorithm,
+      dataset="fashion_mnist",
+      data_dir=settings.data_dir,
+      partition="pathological",
+      total_clients=case.total_clients,
+      classes_per_client=2,
+      examples_per_class=case.examples_per_class,
+      clients_per_round=case.clients_per_round,
+      # The warm-up, the measured rounds and the profiled one.
+      rounds=first_process_round(algorithm, settings) + settings.rounds,
+      local_epochs=settings.local_epochs,
+      batch_size=settings.batch_size,
+      sparsity=settings.sparsity,
+      readjustment_ratio=settings.readjustment_ratio,
+      rounds_between_readjustments=settings.rounds_between_readjustments,
+      readjustment_end_round=settings.readjustment_end_round,
+      eval_every=settings.eval_every,
+      seed=settings.seed,
+      output_dir=output_dir,
+  ).resolve()
 
+
+# ------------------------------------------------------------ measurement
+
+
+@dataclasses.dataclass
+class Bench:
+  """One (algorithm, data configuration), built and ready to run."""
+
+  tag: str
+  config: object  # the resolved `ExperimentConfig`
+  context: object  # `training.RunContext`
+  phase: object  # `phases.Phase`
+  blocks: tuple  # what `compose_learning_process` composed
+  rounds: TimedRounds
+  first_round: int
+  build_seconds: float
+
+
+def build_bench(algorithm: str, case: Case, context, settings: SpeedSettings, log) -> Bench:
+  """Builds the phase (its blocks captured) and its timed round step."""
+  from tff_feddst import phases  # pylint: disable=g-import-not-at-top
+
+  config = experiment_config(algorithm, case, settings, context.config.output_dir)
   tag = (
       f"{algorithm} N={case.total_clients} K={case.clients_per_round} "
       f"{2 * case.examples_per_class} ex/client E={settings.local_epochs}"
   )
-  memory.reset()
-  start_rss = memory.current_mib()
-  model_name = keras_models.default_model_for_dataset("fashion_mnist")
-  keras_fn = lambda: keras_models.build_model(  # noqa: E731
-      model_name, fed_data.input_shape, fed_data.num_classes
-  )
-  input_spec = collections.OrderedDict(
-      x=tf.TensorSpec([None, *fed_data.input_shape], tf.float32),
-      y=tf.TensorSpec([None], tf.int32),
-  )
-  build_start = time.perf_counter()
+  start = time.perf_counter()
   with capture_composed_blocks() as captured:
-    built = algorithms.build_algorithm(_algorithm_config(algorithm, settings), keras_fn, input_spec)
+    phase = phases.build_phase(1, config, context, lambda line: log(f"[speed] {line}"))
   if not captured:
     raise RuntimeError(f"{algorithm}: the process was not built by compose_learning_process")
-  blocks = captured[-1]
-  state = built.process.initialize()
-  state = built.process.set_model_weights(state, built.initial_weights)
-  start_round = first_process_round(algorithm, settings)
-  if start_round != 1:
-    state = _with_round_counter(state, start_round)
-  build_seconds = time.perf_counter() - build_start
-  log(f"[speed] {tag}: built in {build_seconds:.1f} s")
+  first_round = first_process_round(algorithm, settings)
+  state = phase.initial_state()
+  if first_round != 1:
+    state = _with_round_counter(state, first_round)
+  timed = TimedRounds(config, phase, context.fed_data, state)
+  return Bench(tag, config, context, phase, captured[-1], timed, first_round,
+               time.perf_counter() - start)
 
-  driver = RoundDriver(built, fed_data, keras_fn, settings, case.clients_per_round)
-  driver.start(state)
+
+def run_rounds(bench: Bench, settings: SpeedSettings, log) -> list[dict]:
+  """The timed rounds (the first one excluded from the figures)."""
   rounds = []
   for i in range(settings.rounds):
-    timing = driver.round(start_round + i)
-    timing["round_index"] = i + 1
-    timing["excluded"] = int(i == 0)
+    timing = bench.rounds.round(bench.first_round + i)
+    timing.update(round_index=i + 1, excluded=int(i == 0))
     rounds.append(timing)
     log(
-        f"[speed] {tag}: round {timing['process_round']}"
+        f"[speed] {bench.tag}: round {timing['process_round']}"
         f"{' (readjustment)' if timing['readjusted'] else ''}"
         f"{' (warm-up, excluded)' if i == 0 else ''}: "
         f"{timing['round_seconds']:.2f} s (next {timing['next_seconds']:.2f} s)"
     )
+  return rounds
+
+
+def time_evaluation(bench: Bench, settings: SpeedSettings) -> float:
+  """Median seconds of one evaluation of the global model (after a tracing one)."""
+  trainable = bench.rounds.weights.trainable
+  bench.phase.evaluator.evaluate(trainable)  # traces
+  times = []
+  for _ in range(settings.evaluation_repeats):
+    t0 = time.perf_counter()
+    bench.phase.evaluator.evaluate(trainable)
+    times.append(time.perf_counter() - t0)
+  return _median(times)
+
+
+def _speed_figures(bench: Bench, case: Case, settings: SpeedSettings, rounds) -> dict:
+  """The speed.csv columns read off the timed rounds."""
   measured = rounds[1:]
   seconds = [r["round_seconds"] for r in measured]
   round_median = _median(seconds)
-  readjusted_rounds = [r["process_round"] for r in measured if r["readjusted"]]
   examples_per_round = _median([r["examples"] for r in measured])
-
-  # Evaluation: the global model on every client's local test set.
-  evaluator = training.Evaluator(keras_fn, fed_data)
-  evaluator.evaluate(driver.weights.trainable)  # traces
-  eval_times = []
-  for _ in range(settings.evaluation_repeats):
-    t0 = time.perf_counter()
-    evaluator.evaluate(driver.weights.trainable)
-    eval_times.append(time.perf_counter() - t0)
-  eval_seconds = _median(eval_times)
-  log(f"[speed] {tag}: one evaluation {eval_seconds:.3f} s")
-
-  decomposition = decompose(algorithm, built, blocks, driver, measured, keras_fn,
-                            input_spec, settings, eval_seconds, log, tag)
-  next_round = start_round + settings.rounds
-
-  profile = {}
-  profile_text = ""
-  if settings.profile:
-    profile, profile_text = profile_round(driver, evaluator, next_round, tag)
-    log(
-        f"[speed] {tag}: profiled round {profile['profiled_round_seconds']:.2f} s "
-        f"(serialise {profile['prof_tff_serialize_seconds']:.3f} s, "
-        f"datasets {profile['prof_datasets_seconds']:.3f} s)"
-    )
-
-  peak, peak_workers = memory.peaks_mib()
   readjust_times = [r["round_seconds"] for r in measured if r["readjusted"]]
   plain_times = [r["round_seconds"] for r in measured if not r["readjusted"]]
-  row = {
-      "algorithm": algorithm,
+  return {
+      "algorithm": bench.config.algorithm,
       "section": case.section,
       "total_clients": case.total_clients,
       "clients_per_round": case.clients_per_round,
@@ -860,8 +786,8 @@ def measure_case(algorithm: str, case: Case, fed_data, settings: SpeedSettings,
       "batch_size": settings.batch_size,
       "measured_rounds": len(measured),
       "process_rounds": " ".join(str(r["process_round"]) for r in measured),
-      "readjusted_rounds": " ".join(str(r) for r in readjusted_rounds),
-      "build_seconds": build_seconds,
+      "readjusted_rounds": " ".join(str(r["process_round"]) for r in measured if r["readjusted"]),
+      "build_seconds": bench.build_seconds,
       "first_round_seconds": rounds[0]["round_seconds"],
       "round_seconds_median": round_median,
       "round_seconds_min": min(seconds),
@@ -870,97 +796,154 @@ def measure_case(algorithm: str, case: Case, fed_data, settings: SpeedSettings,
       "readjust_round_seconds_median": _median(readjust_times) if readjust_times else "",
       "plain_round_seconds_median": _median(plain_times) if plain_times else "",
       "examples_per_second": examples_per_round * settings.local_epochs / round_median,
-      "start_rss_mib": start_rss,
-      "peak_rss_mib": peak,
-      "peak_worker_rss_mib": peak_workers,
-      "eval_seconds": eval_seconds,
-      "eval_to_round_ratio": eval_seconds / round_median,
+  }
+
+
+def measure_case(algorithm: str, case: Case, context, settings: SpeedSettings,
+                 memory: MemorySampler, log: Callable[[str], None]):
+  """Measures one (algorithm, data configuration); returns (row, round rows, profile text)."""
+  memory.reset()
+  start_rss = memory.current_mib()
+  bench = build_bench(algorithm, case, context, settings, log)
+  rounds = run_rounds(bench, settings, log)
+  eval_seconds = time_evaluation(bench, settings)
+  log(f"[speed] {bench.tag}: one evaluation {eval_seconds:.3f} s")
+  decomposition = decompose(bench, rounds[1:], settings, eval_seconds, log)
+  profile, profile_text = {}, ""
+  if settings.profile:
+    profile, profile_text = profile_round(bench, bench.first_round + settings.rounds)
+    log(
+        f"[speed] {bench.tag}: profiled round {profile['profiled_round_seconds']:.2f} s "
+        f"(serialise {profile['prof_tff_serialize_seconds']:.3f} s, "
+        f"datasets {profile['prof_datasets_seconds']:.3f} s)"
+    )
+  peak, peak_workers = memory.peaks_mib()
+  row = _speed_figures(bench, case, settings, rounds)
+  row.update(
+      start_rss_mib=start_rss,
+      peak_rss_mib=peak,
+      peak_worker_rss_mib=peak_workers,
+      eval_seconds=eval_seconds,
+      eval_to_round_ratio=eval_seconds / row["round_seconds_median"],
       **decomposition,
       **profile,
-  }
-  round_rows = [
-      {
-          "algorithm": algorithm,
-          "total_clients": case.total_clients,
-          "clients_per_round": case.clients_per_round,
-          "examples_per_class": case.examples_per_class,
-          **r,
-      }
-      for r in rounds
-  ]
-  log(
-      f"[speed] {tag}: {round_median:.2f} s/round (median of {len(measured)}), "
-      f"{row['examples_per_second']:.0f} examples/s, peak RSS {peak:.0f} MiB "
-      f"(worker {peak_workers:.0f} MiB)"
-      + (f", readjusted in round(s) {row['readjusted_rounds']}" if readjusted_rounds else "")
   )
-  return row, round_rows, f"### {tag}\n\n{profile_text}" if profile_text else ""
+  data_columns = {key: getattr(case, key) for key in
+                  ("total_clients", "clients_per_round", "examples_per_class")}
+  round_rows = [{"algorithm": algorithm, **data_columns, **r} for r in rounds]
+  log(
+      f"[speed] {bench.tag}: {row['round_seconds_median']:.2f} s/round (median of "
+      f"{row['measured_rounds']}), {row['examples_per_second']:.0f} examples/s, peak RSS "
+      f"{peak:.0f} MiB (worker {peak_workers:.0f} MiB)"
+      + (f", readjusted in round(s) {row['readjusted_rounds']}" if row["readjusted_rounds"] else "")
+  )
+  return row, round_rows, f"### {bench.tag}\n\n{profile_text}" if profile_text else ""
 
 
-def decompose(algorithm, built, blocks, driver: RoundDriver, measured: list[dict],
-              keras_fn, input_spec, settings: SpeedSettings, eval_seconds: float,
-              log, tag) -> dict:
-  """Splits the measured rounds' time into its parts (see METHOD)."""
+# ---------------------------------------------------------- decomposition
+
+
+def block_seconds(bench: Bench, datasets, repeats: int) -> tuple[float, float, float]:
+  """Minimum seconds of A, B and D (see METHOD) on K empty client data sets.
+
+  The aggregator and finalizer see the K clients' real-shaped updates, but
+  no training is done.
+  """
+  partials = partial_processes(bench.rounds.process, bench.blocks)
+  state = bench.rounds.state
+  empty = [ds.take(0) for ds in datasets]
+  for partial in partials:
+    partial(state, empty)  # compile, load into the worker
+  samples = [[] for _ in partials]
+  for _ in range(repeats):
+    for times, partial in zip(samples, partials):
+      t0 = time.perf_counter()
+      partial(state, empty)
+      times.append(time.perf_counter() - t0)
+  # Minima: the repeats least disturbed by anything else on the machine.
+  a0, b0, d0 = (min(times) for times in samples)
+  return a0, b0, d0
+
+
+def _pure_tf_update(bench: Bench):
+  """The phase's client update as a plain TF function(weights, dataset, num_to_readjust)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  from tff_feddst import algorithms  # pylint: disable=g-import-not-at-top
+  from tff_feddst import client_work as client_work_lib  # pylint: disable=g-import-not-at-top
+  from tff_feddst import sparse_model  # pylint: disable=g-import-not-at-top
+
+  config, built, keras_fn = bench.config, bench.phase.built, bench.phase.keras_fn
+  input_spec = bench.context.input_spec
+  optimizer = algorithms.build_client_optimizer(config)
+  if built.sparse:
+    model_fn = sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True)
+    update, _ = client_work_lib.build_client_update(
+        model_fn, built.layout, optimizer, config.local_epochs,
+        prox_mu=config.prox_mu, upload_dtype=tf.as_dtype(config.upload_dtype),
+    )
+    return lambda weights, dataset, ks: update(weights, dataset, tf.constant(ks, tf.int32))
+  from tensorflow_federated.python.learning.templates import model_delta_client_work  # pylint: disable=g-import-not-at-top
+
+  update = model_delta_client_work.build_model_delta_update_with_tff_optimizer(
+      sparse_model.make_model_fn(keras_fn, input_spec, wrapped=False),
+      weighting=tff.learning.ClientWeighting.NUM_EXAMPLES,
+      loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE,
+  )
+  return lambda weights, dataset, ks: update(optimizer, weights, dataset)
+
+
+def pure_tf_seconds(bench: Bench, datasets, num_readjusted, settings: SpeedSettings):
+  """(median seconds per client, clients timed) of the client update in plain TF.
+
+  Same weights as the current global model, outputs materialised; at least
+  5 timed calls, cycling over the first pure_tf_clients data sets.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+  update = _pure_tf_update(bench)
+  weights = tf.nest.map_structure(tf.convert_to_tensor, bench.rounds.weights)
+  ks = np.asarray(num_readjusted, np.int32)
+
+  def run(dataset):
+    result = update(weights, dataset, ks)
+    tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
+
+  run(datasets[0])  # traces
+  n_pure = min(settings.pure_tf_clients, len(datasets))
+  times = []
+  for i in range(max(n_pure, 5)):
+    t0 = time.perf_counter()
+    run(datasets[i % n_pure])
+    times.append(time.perf_counter() - t0)
+  return _median(times), n_pure
+
+
+def decompose(bench: Bench, measured: list[dict], settings: SpeedSettings,
+              eval_seconds: float, log) -> dict:
+  """Splits the measured rounds' time into its parts (see METHOD)."""
   plain = [r for r in measured if not r["readjusted"]]
   anchor = plain or measured
-  k = driver.clients_per_round
-  n_pure = min(settings.pure_tf_clients, k)
-  next_seconds = _median([r["next_seconds"] for r in anchor])
-  get_weights = _median([r["get_weights_seconds"] for r in anchor])
-  driver_python = _median([
-      r["sample_seconds"] + r["datasets_seconds"] + r["bookkeeping_seconds"]
-      for r in anchor
-  ])
   reference = anchor[-1]
-  datasets = driver._build_datasets(  # pylint: disable=protected-access
+  datasets = bench.rounds.step.client_datasets(
       reference["client_ids"], reference["process_round"]
   )
-
-  # Aggregator and finalizer on the K clients' real-shaped updates, with
-  # empty client data sets so that no training is done.
-  to_client_work, to_aggregator, to_finalizer = partial_processes(built.process, blocks)
-  empty = [ds.take(0) for ds in datasets]
-  partials = (to_client_work, to_aggregator, to_finalizer)
-  for partial in partials:
-    partial(driver.state, empty)  # compile, load into the worker
-  samples = collections.defaultdict(list)
-  for _ in range(settings.decomposition_repeats):
-    for key, partial in zip("ABD", partials):
-      t0 = time.perf_counter()
-      partial(driver.state, empty)
-      samples[key].append(time.perf_counter() - t0)
-  # Minima: the repeats least disturbed by anything else on the machine.
-  a0, b0, d0 = (min(samples[key]) for key in "ABD")
-  aggregation = b0 - a0
-  server_update = d0 - b0
-
-  # The same client update in plain TF, same weights and data, outside TFF.
-  pure_update = _pure_tf_update(algorithm, built, keras_fn, settings, input_spec)
-  weights = tf.nest.map_structure(tf.convert_to_tensor, driver.weights)
-  ks = np.asarray(reference["num_readjusted"], np.int32)
-
-  def materialise(result):
-    return tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
-
-  materialise(pure_update(weights, datasets[0], ks))  # traces
-  pure_times = []
-  # At least 5 timed calls (cycling over the clients when K is small).
-  for i in range(max(n_pure, 5)):
-    ds = datasets[i % n_pure]
-    t0 = time.perf_counter()
-    materialise(pure_update(weights, ds, ks))
-    pure_times.append(time.perf_counter() - t0)
-  per_client = _median(pure_times)
-
-  client_training = per_client * k
+  a0, b0, d0 = block_seconds(bench, datasets, settings.decomposition_repeats)
+  per_client, n_pure = pure_tf_seconds(bench, datasets, reference["num_readjusted"], settings)
+  next_seconds = _median([r["next_seconds"] for r in anchor])
+  get_weights = _median([r["get_weights_seconds"] for r in anchor])
+  k = bench.config.clients_per_round
+  client_training, aggregation, server_update = per_client * k, b0 - a0, d0 - b0
   parts = {
       "client_training": client_training,
       "tff_overhead": next_seconds - client_training - aggregation - server_update + get_weights,
       "aggregation": aggregation,
       "server_update": server_update,
-      "driver_python": driver_python,
+      "driver_python": _median([
+          r["sample_seconds"] + r["datasets_seconds"] + r["bookkeeping_seconds"]
+          for r in anchor
+      ]),
       "evaluation_amortised": eval_seconds / settings.eval_every,
   }
   total = sum(parts.values())
@@ -977,7 +960,7 @@ def decompose(algorithm, built, blocks, driver: RoundDriver, measured: list[dict
     out[f"{key}_seconds"] = value
     out[f"{key}_pct"] = 100.0 * value / total if total > 0 else float("nan")
   log(
-      f"[speed] {tag}: decomposition ({out['decomp_kind']} rounds {out['decomp_rounds']}, "
+      f"[speed] {bench.tag}: decomposition ({out['decomp_kind']} rounds {out['decomp_rounds']}, "
       f"{total:.2f} s; next {next_seconds:.2f} s, pure TF {per_client:.3f} s/client x {k}, "
       f"empty-data client work {a0:.3f} s): "
       + ", ".join(
@@ -988,36 +971,42 @@ def decompose(algorithm, built, blocks, driver: RoundDriver, measured: list[dict
   return out
 
 
-def profile_round(driver: RoundDriver, evaluator, process_round: int, tag: str):
+def profile_round(bench: Bench, process_round: int):
   """One round and one evaluation under cProfile; returns (CSV columns, listing)."""
+  from tff_feddst import phases  # pylint: disable=g-import-not-at-top
+
   start = time.perf_counter()
   with profile_driver_and_tff() as profiles:
-    driver.round(process_round)
-    evaluator.evaluate(driver.weights.trainable)
+    bench.rounds.round(process_round)
+    bench.phase.evaluator.evaluate(bench.rounds.weights.trainable)
   wall = time.perf_counter() - start
   main, loop = profiles["driver"], profiles["tff_loop"]
 
-  def named(fn_name, file_part=None):
-    return lambda f, n: n == fn_name and (file_part is None or file_part in f)
+  def cumulative(fn_name, path):
+    return _cumulative(main, lambda f, n: n == fn_name and f.endswith(_defined_in(path)))
 
-  speed_file = os.path.basename(__file__)
+  step = {
+      name: cumulative(name, rounds_lib.__file__)
+      for name in ("__call__", "sample_clients", "client_datasets", "run_clients")
+  }
+  get_weights = cumulative("get_model_weights", __file__)
+  serialization = lambda name: lambda f, n: n == name and "value_serialization" in f  # noqa: E731
   columns = {
       "profiled_round_seconds": wall,
-      "prof_sampling_seconds": _cumulative(main, named("_sample_clients", speed_file)),
-      "prof_datasets_seconds": _cumulative(main, named("_build_datasets", speed_file)),
-      "prof_bookkeeping_seconds": (
-          _cumulative(main, named("_bookkeeping_before", speed_file))
-          + _cumulative(main, named("_bookkeeping_after", speed_file))
+      "prof_sampling_seconds": step["sample_clients"],
+      "prof_datasets_seconds": step["client_datasets"],
+      "prof_bookkeeping_seconds": step["__call__"] - get_weights - sum(
+          step[name] for name in ("sample_clients", "client_datasets", "run_clients")
       ),
-      "prof_next_seconds": _cumulative(main, named("_run_next", speed_file)),
-      "prof_get_weights_seconds": _cumulative(main, named("_read_weights", speed_file)),
-      "prof_tff_serialize_seconds": _cumulative(loop, named("serialize_value", "value_serialization")),
-      "prof_tff_deserialize_seconds": _cumulative(loop, named("deserialize_value", "value_serialization")),
-      "prof_tff_worker_calls_seconds": _total_cumulative(
+      "prof_next_seconds": step["run_clients"],
+      "prof_get_weights_seconds": get_weights,
+      "prof_tff_serialize_seconds": _cumulative(loop, serialization("serialize_value")),
+      "prof_tff_deserialize_seconds": _cumulative(loop, serialization("deserialize_value")),
+      "prof_tff_worker_calls_seconds": _cumulative(
           loop, lambda f, n: "remote_executor_grpc_stub" in f and not n.startswith("_")
-          and n != "__init__"
+          and n != "__init__", combine=sum,
       ),
-      "prof_evaluate_seconds": _cumulative(main, named("evaluate", "training.py")),
+      "prof_evaluate_seconds": cumulative("evaluate", phases.__file__),
   }
   text = (
       f"profiled round {process_round} + one evaluation: {wall:.2f} s wall\n\n"
@@ -1042,12 +1031,11 @@ def _fmt(value, spec=".2f") -> str:
   return format(value, spec)
 
 
-def markdown(rows, settings: SpeedSettings, started: str, wall: float) -> str:
-  """The report: speed table, decomposition, profile and method."""
+def _header(settings: SpeedSettings, started: str, wall: float) -> list[str]:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
-  lines = [
+  return [
       "# Simulation speed on TFF (Fashion-MNIST, pathological split)",
       "",
       f"Started {started}; {wall:.0f} s in all. Machine: {os.cpu_count()} CPU cores, "
@@ -1062,6 +1050,11 @@ def markdown(rows, settings: SpeedSettings, started: str, wall: float) -> str:
       f"R_end = {settings.readjustment_end_round}. The K sweep uses "
       f"{settings.sweep_examples_per_class} examples per class (2 classes per "
       f"client), the N sweep {settings.scaling_examples_per_class}.",
+  ]
+
+
+def _speed_table(rows) -> list[str]:
+  lines = [
       "",
       "## Seconds per round",
       "",
@@ -1082,21 +1075,30 @@ def markdown(rows, settings: SpeedSettings, started: str, wall: float) -> str:
         f"{_fmt(r['start_rss_mib'], '.0f')}) "
         f"| {_fmt(r['eval_seconds'], '.3f')} | {_fmt(r['eval_to_round_ratio'], '.3f')} |"
     )
+  return lines
+
+
+def _scaling_lines(rows) -> list[str]:
   scaling = [r for r in rows if r["section"] == "total_clients"]
-  if scaling:
-    lines += ["", "Round cost against total clients (same K and per-client data):", ""]
-    for algorithm in dict.fromkeys(r["algorithm"] for r in scaling):
-      mine = [r for r in scaling if r["algorithm"] == algorithm]
-      base = mine[0]["round_seconds_median"]
-      lines.append(
-          f"- {algorithm}: "
-          + ", ".join(
-              f"N = {r['total_clients']}: {r['round_seconds_median']:.2f} s "
-              f"({r['round_seconds_median'] / base:.2f} x)"
-              for r in mine
-          )
-      )
-  lines += [
+  if not scaling:
+    return []
+  lines = ["", "Round cost against total clients (same K and per-client data):", ""]
+  for algorithm in dict.fromkeys(r["algorithm"] for r in scaling):
+    mine = [r for r in scaling if r["algorithm"] == algorithm]
+    base = mine[0]["round_seconds_median"]
+    lines.append(
+        f"- {algorithm}: "
+        + ", ".join(
+            f"N = {r['total_clients']}: {r['round_seconds_median']:.2f} s "
+            f"({r['round_seconds_median'] / base:.2f} x)"
+            for r in mine
+        )
+    )
+  return lines
+
+
+def _decomposition_table(rows, settings: SpeedSettings) -> list[str]:
+  lines = [
       "",
       "## Where a round goes",
       "",
@@ -1119,46 +1121,67 @@ def markdown(rows, settings: SpeedSettings, started: str, wall: float) -> str:
         f"| {r['decomp_total_seconds']:.2f} | {cells} | {r['pure_tf_seconds_per_client']:.3f} "
         f"| {r['empty_data_client_work_seconds']:.3f} |"
     )
-  if settings.profile:
-    prof_cols = (
-        ("prof_sampling_seconds", "sampling"),
-        ("prof_datasets_seconds", "data sets"),
-        ("prof_bookkeeping_seconds", "ledger + masks"),
-        ("prof_next_seconds", "process.next"),
-        ("prof_get_weights_seconds", "get_model_weights"),
-        ("prof_tff_serialize_seconds", "TFF serialise"),
-        ("prof_tff_deserialize_seconds", "TFF deserialise"),
-        ("prof_tff_worker_calls_seconds", "TFF worker calls"),
-        ("prof_evaluate_seconds", "evaluation"),
+  return lines
+
+
+PROFILE_COLUMNS = (
+    ("prof_sampling_seconds", "sampling"),
+    ("prof_datasets_seconds", "data sets"),
+    ("prof_bookkeeping_seconds", "ledger + masks"),
+    ("prof_next_seconds", "process.next"),
+    ("prof_get_weights_seconds", "get_model_weights"),
+    ("prof_tff_serialize_seconds", "TFF serialise"),
+    ("prof_tff_deserialize_seconds", "TFF deserialise"),
+    ("prof_tff_worker_calls_seconds", "TFF worker calls"),
+    ("prof_evaluate_seconds", "evaluation"),
+)
+
+
+def _profile_table(rows) -> list[str]:
+  lines = [
+      "",
+      "## Driver-side Python (cProfile, one round + one evaluation)",
+      "",
+      "Cumulative seconds under the profiler (TFF serialise / deserialise are "
+      "inside process.next and get_model_weights).",
+      "",
+      "| algorithm | N | K | profiled s | " + " | ".join(l for _, l in PROFILE_COLUMNS) + " |",
+      "|---|---:|---:|---:|" + "---:|" * len(PROFILE_COLUMNS),
+  ]
+  for r in rows:
+    lines.append(
+        f"| {r['algorithm']} | {r['total_clients']} | {r['clients_per_round']} "
+        f"| {r['profiled_round_seconds']:.2f} | "
+        + " | ".join(_fmt(r[c], ".3f") for c, _ in PROFILE_COLUMNS)
+        + " |"
     )
-    lines += [
-        "",
-        "## Driver-side Python (cProfile, one round + one evaluation)",
-        "",
-        "Cumulative seconds under the profiler (TFF serialise / deserialise are "
-        "inside process.next and get_model_weights).",
-        "",
-        "| algorithm | N | K | profiled s | " + " | ".join(l for _, l in prof_cols) + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(prof_cols),
-    ]
-    for r in rows:
-      lines.append(
-          f"| {r['algorithm']} | {r['total_clients']} | {r['clients_per_round']} "
-          f"| {r['profiled_round_seconds']:.2f} | "
-          + " | ".join(_fmt(r[c], ".3f") for c, _ in prof_cols)
-          + " |"
-      )
-  lines += ["", "## Method", "", METHOD]
+  return lines
+
+
+def markdown(rows, settings: SpeedSettings, started: str, wall: float) -> str:
+  """The report: speed table, decomposition, profile and method."""
+  lines = (
+      _header(settings, started, wall)
+      + _speed_table(rows)
+      + _scaling_lines(rows)
+      + _decomposition_table(rows, settings)
+      + (_profile_table(rows) if settings.profile else [])
+      + ["", "## Method", "", METHOD]
+  )
   return "\n".join(lines) + "\n"
 
 
 def write_outputs(output_dir: str, rows, round_rows, profiles, settings, started, wall) -> None:
   os.makedirs(output_dir, exist_ok=True)
-  _write_atomic(os.path.join(output_dir, "speed.csv"), _csv_text(CSV_COLUMNS, rows))
-  _write_atomic(os.path.join(output_dir, "speed_rounds.csv"), _csv_text(ROUND_COLUMNS, round_rows))
-  _write_atomic(os.path.join(output_dir, "speed.md"), markdown(rows, settings, started, wall))
+  outputs = {
+      "speed.csv": _csv_text(CSV_COLUMNS, rows),
+      "speed_rounds.csv": _csv_text(ROUND_COLUMNS, round_rows),
+      "speed.md": markdown(rows, settings, started, wall),
+  }
   if profiles:
-    _write_atomic(os.path.join(output_dir, "profile.txt"), "\n\n".join(profiles))
+    outputs["profile.txt"] = "\n\n".join(profiles)
+  for name, text in outputs.items():
+    files.write_atomic(os.path.join(output_dir, name), text)
 
 
 # ------------------------------------------------------------- entry points
@@ -1190,7 +1213,7 @@ def run_speed(settings: SpeedSettings, output_dir: str,
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from tff_feddst import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tff_feddst import training  # pylint: disable=g-import-not-at-top
 
   log = log or (lambda line: print(line, flush=True))
   settings.validate()
@@ -1200,18 +1223,13 @@ def run_speed(settings: SpeedSettings, output_dir: str,
   rows, round_rows, profiles = [], [], []
   with MemorySampler() as memory:
     for case in cases(settings):
-      fed_data = data_lib.load_federated_data(
-          "fashion_mnist",
-          "pathological",
-          data_dir=settings.data_dir,
-          total_clients=case.total_clients,
-          classes_per_client=2,
-          examples_per_class=case.examples_per_class,
-          seed=settings.seed,
+      # The data (one load per configuration, shared by the algorithms).
+      context = training.load_context(
+          experiment_config(settings.algorithms[0], case, settings, output_dir), log
       )
       for algorithm in settings.algorithms:
         row, rounds, profile_text = measure_case(
-            algorithm, case, fed_data, settings, memory, log
+            algorithm, case, context, settings, memory, log
         )
         rows.append(row)
         round_rows += rounds
@@ -1224,7 +1242,7 @@ def run_speed(settings: SpeedSettings, output_dir: str,
         runtime.stop_tff_workers(restartable=True)
         tf.keras.backend.clear_session()
         gc.collect()
-      del fed_data
+      del context
       gc.collect()
   log(f"[speed] done in {time.perf_counter() - t_start:.0f} s; outputs in {output_dir}")
   return rows

@@ -58,6 +58,15 @@ def test_feddst_measured_rounds_include_a_readjustment():
   )
 
 
+def test_settings_resolve_through_the_registry():
+  settings = speed.SpeedSettings()
+  case = speed.cases(settings)[0]
+  dense = speed.experiment_config("fedavg", case, settings, "unused")
+  sparse = speed.experiment_config("feddst", case, settings, "unused")
+  assert dense.sparsity == 0.0 and sparse.sparsity == settings.sparsity
+  assert speed.first_process_round("fedavg", settings) == 1
+
+
 def test_quick_speed_run_writes_positive_finite_figures(tmp_path, fashion_mnist_available):
   lines = []
   rows = speed.run_speed(TINY, str(tmp_path), log=lines.append)

@@ -30,19 +30,16 @@ import tensorflow_federated as tff
 from tff_feddst import aggregation
 from tff_feddst import algorithms
 from tff_feddst import checkpoint
-from tff_feddst import data as data_lib
+from tff_feddst import config as config_lib
+from tff_feddst import outputs
+from tff_feddst import rounds
 from tff_feddst import training
+
+from conftest import require_fashion_mnist_dir
+from test_outputs import read_scalars
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMING_COLUMNS = ("round_seconds",)
-
-
-@pytest.fixture(scope="module")
-def fashion_mnist_available():
-  try:
-    data_lib.load_arrays("fashion_mnist")
-  except data_lib.DataError as e:
-    pytest.skip(f"Fashion-MNIST not installed (make data installs it): {e}")
 
 
 # ------------------------------------------------ the server rejects updates
@@ -164,7 +161,7 @@ def test_a_nan_client_is_rejected_and_changes_nothing(algorithm):
   config = algorithms.AlgorithmConfig(
       algorithm=algorithm, local_epochs=1, sparsity=0.5 if algorithm != "fedavg" else 0.0
   )
-  built = algorithms.build_algorithm(config, _tiny_keras, spec)
+  built = algorithms.get(algorithm).build(config, _tiny_keras, spec)
   state = built.process.initialize()
   state = built.process.set_model_weights(state, built.initial_weights)
   with_nan = built.process.next(state, _tiny_datasets(poisoned=1))
@@ -199,7 +196,7 @@ def _tiny_config(out_dir, **overrides):
       output_dir=str(out_dir),
   )
   values.update(overrides)
-  return training.ExperimentConfig(**values)
+  return config_lib.ExperimentConfig(**values)
 
 
 def _rows(out_dir):
@@ -208,7 +205,7 @@ def _rows(out_dir):
 
 
 def _failures(seed, round_num, clients, rate):
-  rng = np.random.default_rng(training._seed(seed, 5, round_num))  # pylint: disable=protected-access
+  rng = np.random.default_rng(rounds.seed(seed, 5, round_num))
   return rng.random(clients) < rate
 
 
@@ -254,8 +251,8 @@ def test_failed_clients_upload_nothing_and_an_empty_round_is_skipped(
   )
   import keras_models  # pylint: disable=g-import-not-at-top
 
-  built = algorithms.build_algorithm(
-      config.algorithm_config(),
+  built = algorithms.get(config.algorithm).build(
+      config.resolve().algorithm_config(),
       lambda: keras_models.build_model("mnist_cnn", (28, 28, 1), 10),
       spec,
   )
@@ -358,6 +355,8 @@ def test_sigkill_at_a_random_round_then_resume_is_identical(tmp_path, uninterrup
   _assert_gone(children)
   resumed_from = checkpoint.RunCheckpoints(str(out / "checkpoints")).latest_round()
   assert resumed_from is not None and kill_after - 1 <= resumed_from <= kill_after
+  # The killed run's lock file is left behind; the rerun takes it over.
+  assert (out / outputs.LOCK_FILE).read_text().strip() == str(proc.pid)
 
   proc = _start(out)
   stdout, stderr = proc.communicate(timeout=900)
@@ -367,6 +366,13 @@ def test_sigkill_at_a_random_round_then_resume_is_identical(tmp_path, uninterrup
   rows = _rows(out)
   assert [int(r["round"]) for r in rows] == list(range(1, 7))  # no duplicates
   assert _comparable(rows) == _comparable(_rows(uninterrupted))
+  assert not (out / outputs.LOCK_FILE).exists()
+  # TensorBoard has every round; the rounds run twice hold the same values.
+  scalars = read_scalars(out / outputs.TENSORBOARD_DIR)
+  for column in ("cumulative_upload_bits", "train_loss", "sparsity"):
+    assert sorted({step for step, _ in scalars[column]}) == list(range(1, 7))
+    for step, value in scalars[column]:
+      assert value == pytest.approx(float(rows[step - 1][column]), rel=1e-6)
   for a, b in zip(_final_weights(out), _final_weights(uninterrupted)):
     np.testing.assert_array_equal(a, b)
 
@@ -473,9 +479,7 @@ def test_damaged_or_mismatched_resume_is_one_line(finished_run, tmp_path, damage
 
 
 def test_truncated_data_file_is_one_line(tmp_path, fashion_mnist_available):
-  source = pathlib.Path("/usr/share/datasets/fashion-mnist")
-  if not source.exists():
-    pytest.skip("Fashion-MNIST is not in /usr/share/datasets")
+  source = pathlib.Path(require_fashion_mnist_dir("/usr/share/datasets/fashion-mnist"))
   data_dir = tmp_path / "data"
   shutil.copytree(source, data_dir)
   images = next(data_dir.glob("train-images*"))

@@ -1,17 +1,29 @@
-"""Every algorithm as a choice of TFF building blocks.
+"""The algorithm registry: every algorithm as a choice of TFF building blocks.
+
+One `Algorithm` entry per `--algorithm`: the builder of its TFF
+`LearningProcess`, whether it trains a sparse network, its defaults for
+server momentum and the FedProx term, its phases and its own setting checks.
+Nothing outside this module branches on an algorithm's name.
 
 - fedavg / fedavgm: `tff.learning.algorithms.build_weighted_fed_avg` with the
-  clients' momentum-SGD-with-weight-decay optimizer (and server momentum).
-- fedprox: `tff.learning.algorithms.build_weighted_fed_prox`.
-  The dense algorithms aggregate through `aggregation.ValidatingMeanFactory`
-  (TFF's weighted mean after the server's check of every update).
+  clients' momentum-SGD-with-weight-decay optimizer (fedavgm: server
+  momentum 0.9 by default).
+- fedprox: `tff.learning.algorithms.build_weighted_fed_prox` (mu 0.01 by
+  default). The dense algorithms aggregate through
+  `aggregation.ValidatingMeanFactory` (TFF's weighted mean after the
+  server's check of every update).
 - feddst: `feddst.build_feddst` (sparse client work with readjustment, sparse
-  voting aggregation, server re-prune).
-- randommask: the same process with readjustment ratio 0.
+  voting aggregation, server re-prune); randommask: the same with
+  readjustment ratio 0.
+- structured / structured_feddst: two phases, the structured search
+  (`structured.build_structured_search`) and then fedavg / feddst on the
+  smaller network it found.
+The algorithms are defined in docs/algorithms.md.
 """
 
 import dataclasses
-from typing import Callable
+import types
+from typing import Callable, Mapping
 
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -22,18 +34,10 @@ from tff_feddst import feddst
 from tff_feddst import optimizers
 from tff_feddst import sparse_model
 
-ALGORITHMS = (
-    "fedavg", "fedavgm", "fedprox", "feddst", "randommask", "structured", "structured_feddst",
-)
-SPARSE_ALGORITHMS = ("feddst", "randommask")
-# Two phases: a structured search (paper 2), then FedAvg or FedDST on the
-# smaller network it found (the driver switches phases).
-STRUCTURED_ALGORITHMS = {"structured": "fedavg", "structured_feddst": "feddst"}
-
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
-  """Hyperparameters of one algorithm (a subset of the run's flags)."""
+  """Hyperparameters of one algorithm (a subset of the run's settings)."""
 
   algorithm: str = "feddst"
   local_epochs: int = 10
@@ -65,12 +69,52 @@ class BuiltAlgorithm:
   model_size: costs.ModelSize
   # True when the process iterates E epochs itself (one-epoch datasets).
   epochs_in_process: bool
-  # The structured search's layout (phase 1 of `structured*` algorithms).
+  # Bits per uploaded value (16 where the client work uploads float16).
+  upload_value_bits: int = 32
+  # The structured search's layout (`structured.StructuredLayout`).
   structured: object | None = None
 
   @property
   def sparse(self) -> bool:
     return self.layout is not None
+
+
+Builder = Callable[[AlgorithmConfig, Callable[[], tf.keras.Model], object], BuiltAlgorithm]
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  """One registry entry.
+
+  `sparse`: trains under masks at `--sparsity` (dense algorithms run at
+  sparsity 0). `float16_upload`: accepts `--upload_dtype=float16`.
+  `defaults`: its values for settings left unset (`server_momentum`,
+  `prox_mu`). `retrain_with`: a two-phase algorithm (structured search,
+  then this algorithm on the network found).
+  """
+
+  name: str
+  summary: str
+  build: Builder
+  sparse: bool = False
+  float16_upload: bool = False
+  defaults: Mapping[str, float] = dataclasses.field(
+      default_factory=lambda: types.MappingProxyType({})
+  )
+  retrain_with: str | None = None
+  # Makes the driver's `phases.Phase` for this process (None: the plain one).
+  make_phase: Callable | None = None
+
+  @property
+  def phases(self) -> tuple["Algorithm", ...]:
+    """The processes a run trains one after the other."""
+    if self.retrain_with is None:
+      return (self,)
+    return (STRUCTURED_SEARCH, REGISTRY[self.retrain_with])
+
+  @property
+  def two_phase(self) -> bool:
+    return self.retrain_with is not None
 
 
 def _server_optimizer(config: AlgorithmConfig):
@@ -86,96 +130,141 @@ def build_client_optimizer(config: AlgorithmConfig):
   )
 
 
-def build_algorithm(
-    config: AlgorithmConfig,
-    keras_fn: Callable[[], tf.keras.Model],
-    input_spec,
-) -> BuiltAlgorithm:
-  """Builds the TFF learning process named by `config.algorithm`."""
-  if config.algorithm not in ALGORITHMS:
-    raise ValueError(
-        f"unknown algorithm {config.algorithm!r}; choose one of {', '.join(ALGORITHMS)}"
-    )
-  client_optimizer = build_client_optimizer(config)
-  if config.algorithm in SPARSE_ALGORITHMS:
-    return _build_sparse(config, keras_fn, input_spec, client_optimizer)
-  if config.algorithm in STRUCTURED_ALGORITHMS:
-    return _build_structured_search(config, keras_fn, input_spec, client_optimizer)
-
-  model_fn = sparse_model.make_model_fn(keras_fn, input_spec, wrapped=False)
-  if config.algorithm == "fedprox":
-    process = tff.learning.algorithms.build_weighted_fed_prox(
-        model_fn,
-        proximal_strength=config.prox_mu,
-        client_optimizer_fn=client_optimizer,
-        server_optimizer_fn=_server_optimizer(config),
-        model_aggregator=aggregation.ValidatingMeanFactory(),
-    )
-  else:
-    process = tff.learning.algorithms.build_weighted_fed_avg(
-        model_fn,
-        client_optimizer_fn=client_optimizer,
-        server_optimizer_fn=_server_optimizer(config),
-        model_aggregator=aggregation.ValidatingMeanFactory(),
-    )
-  initial = sparse_model.initial_model_weights(keras_fn, config.seed, None)
-  model = keras_fn()
+def dense_model_size(model: tf.keras.Model) -> costs.ModelSize:
+  """n = kernel weights, b = the other parameters (biases) of a Keras model."""
   num_kernel = sum(
       int(layer.kernel.shape.num_elements())
       for layer in model.layers
       if hasattr(layer, "kernel")
   )
-  size = costs.ModelSize(num_kernel, model.count_params() - num_kernel)
-  return BuiltAlgorithm(process, initial, None, size, epochs_in_process=False)
+  return costs.ModelSize(num_kernel, model.count_params() - num_kernel)
 
 
-def _build_sparse(config, keras_fn, input_spec, client_optimizer) -> BuiltAlgorithm:
-  model_fn = sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True)
-  layout = sparse_model.build_layout(
-      sparse_model.wrap_prunable(keras_fn()),
-      config.sparsity,
-      config.sparsity_distribution,
-  )
-  initial = sparse_model.initial_model_weights(keras_fn, config.seed, layout)
-  alpha = 0.0 if config.algorithm == "randommask" else config.readjustment_ratio
-  server_optimizer = None
-  if config.server_lr != 1.0 or config.server_momentum:
-    server_optimizer = _server_optimizer(config)
-  process = feddst.build_feddst(
-      model_fn,
-      layout,
-      initial,
-      client_optimizer,
-      local_epochs=config.local_epochs,
-      readjustment_ratio=alpha,
-      rounds_between_readjustments=config.rounds_between_readjustments,
-      readjustment_end_round=config.readjustment_end_round,
-      min_votes=config.min_votes,
-      prox_mu=config.prox_mu,
-      server_optimizer=server_optimizer,
-      upload_dtype=tf.as_dtype(config.upload_dtype),
-  )
-  size = costs.ModelSize(layout.num_prunable, layout.num_unmasked)
-  return BuiltAlgorithm(process, initial, layout, size, epochs_in_process=True)
+def _build_dense(tff_builder, **extra):
+  """A builder over a `tff.learning.algorithms` factory."""
+
+  def build(config, keras_fn, input_spec) -> BuiltAlgorithm:
+    kwargs = {k: getattr(config, v) for k, v in extra.items()}
+    process = tff_builder(
+        sparse_model.make_model_fn(keras_fn, input_spec, wrapped=False),
+        client_optimizer_fn=build_client_optimizer(config),
+        server_optimizer_fn=_server_optimizer(config),
+        model_aggregator=aggregation.ValidatingMeanFactory(),
+        **kwargs,
+    )
+    initial = sparse_model.initial_model_weights(keras_fn, config.seed, None)
+    return BuiltAlgorithm(
+        process, initial, None, dense_model_size(keras_fn()), epochs_in_process=False
+    )
+
+  return build
 
 
-def _build_structured_search(config, keras_fn, input_spec, client_optimizer) -> BuiltAlgorithm:
+def _build_sparse(readjusts: bool) -> Builder:
+  """FedDST (`readjusts`) or RandomMask (readjustment ratio 0)."""
+
+  def build(config, keras_fn, input_spec) -> BuiltAlgorithm:
+    layout = sparse_model.build_layout(
+        sparse_model.wrap_prunable(keras_fn()),
+        config.sparsity,
+        config.sparsity_distribution,
+    )
+    initial = sparse_model.initial_model_weights(keras_fn, config.seed, layout)
+    server_optimizer = None
+    if config.server_lr != 1.0 or config.server_momentum:
+      server_optimizer = _server_optimizer(config)
+    process = feddst.build_feddst(
+        sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True),
+        layout,
+        initial,
+        build_client_optimizer(config),
+        local_epochs=config.local_epochs,
+        readjustment_ratio=config.readjustment_ratio if readjusts else 0.0,
+        rounds_between_readjustments=config.rounds_between_readjustments,
+        readjustment_end_round=config.readjustment_end_round,
+        min_votes=config.min_votes,
+        prox_mu=config.prox_mu,
+        server_optimizer=server_optimizer,
+        upload_dtype=tf.as_dtype(config.upload_dtype),
+    )
+    size = costs.ModelSize(layout.num_prunable, layout.num_unmasked)
+    value_bits = 16 if config.upload_dtype == "float16" else 32
+    return BuiltAlgorithm(
+        process, initial, layout, size, epochs_in_process=True,
+        upload_value_bits=value_bits,
+    )
+
+  return build
+
+
+def _build_structured_search(config, keras_fn, input_spec) -> BuiltAlgorithm:
   from tff_feddst import structured  # pylint: disable=g-import-not-at-top
 
-  layout = structured.build_structured_layout(sparse_model.wrap_prunable(keras_fn()))
-  initial = structured.initial_search_weights(keras_fn, config.seed, layout)
-  process = structured.build_structured_search(
-      sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True),
-      layout,
-      initial,
-      client_optimizer,
-      local_epochs=config.local_epochs,
-      boundary=config.structured_boundary,
-      relative_to=config.structured_relative_to,
-      prox_mu=config.prox_mu,
-  )
-  model = keras_fn()
-  size = costs.ModelSize(model.count_params(), 0)
-  return BuiltAlgorithm(
-      process, initial, None, size, epochs_in_process=True, structured=layout
-  )
+  return structured.build_search_algorithm(config, keras_fn, input_spec)
+
+
+def _search_phase(*args, **kwargs):
+  from tff_feddst import structured  # pylint: disable=g-import-not-at-top
+
+  return structured.SearchPhase(*args, **kwargs)
+
+
+STRUCTURED_SEARCH = Algorithm(
+    "structured_search",
+    "phase 1 of structured*: FedAvg with server-side removal of weak units",
+    _build_structured_search,
+    make_phase=_search_phase,
+)
+
+_ENTRIES = (
+    Algorithm(
+        "fedavg", "FedAvg",
+        _build_dense(tff.learning.algorithms.build_weighted_fed_avg),
+    ),
+    Algorithm(
+        "fedavgm", "FedAvg with server momentum (0.9 unless --server_momentum)",
+        _build_dense(tff.learning.algorithms.build_weighted_fed_avg),
+        defaults=types.MappingProxyType({"server_momentum": 0.9}),
+    ),
+    Algorithm(
+        "fedprox", "FedProx (mu 0.01 unless --prox_mu)",
+        _build_dense(
+            tff.learning.algorithms.build_weighted_fed_prox,
+            proximal_strength="prox_mu",
+        ),
+        defaults=types.MappingProxyType({"prox_mu": 0.01}),
+    ),
+    Algorithm(
+        "feddst", "FedDST: sparse training with mask readjustment",
+        _build_sparse(readjusts=True), sparse=True, float16_upload=True,
+    ),
+    Algorithm(
+        "randommask", "FedDST with readjustment ratio 0 (a fixed random mask)",
+        _build_sparse(readjusts=False), sparse=True, float16_upload=True,
+    ),
+    Algorithm(
+        "structured",
+        "structured search, then FedAvg on the smaller network",
+        _build_structured_search, retrain_with="fedavg",
+    ),
+    Algorithm(
+        "structured_feddst",
+        "structured search, then FedDST on the smaller network",
+        _build_structured_search, sparse=True, float16_upload=True,
+        retrain_with="feddst",
+    ),
+)
+
+REGISTRY: Mapping[str, Algorithm] = types.MappingProxyType(
+    {entry.name: entry for entry in _ENTRIES}
+)
+ALGORITHMS = tuple(REGISTRY)
+
+
+def get(name: str) -> Algorithm:
+  """The registry entry `name` (ValueError naming the choices otherwise)."""
+  if name not in REGISTRY:
+    raise ValueError(
+        f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}"
+    )
+  return REGISTRY[name]

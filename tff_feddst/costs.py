@@ -1,4 +1,4 @@
-"""Communication and compute cost accounting (FEDDST_SPEC.md sections 4, 5).
+"""Communication and compute cost accounting (docs/algorithms.md section 6).
 
 Bits are counted from what each message holds, not only from the formula:
 - a sparse model message holds the values at the active mask positions, the
@@ -38,6 +38,16 @@ def sparse_message_bits(
   if with_mask:
     bits += MASK_BITS_PER_WEIGHT * size.num_prunable
   return bits
+
+
+def format_bits(bits: float) -> str:
+  """Bits as bytes with a decimal unit, e.g. "1.2 MB"."""
+  value = bits / 8
+  for unit in ("B", "KB", "MB", "GB"):
+    if value < 1000:
+      return f"{value:.1f} {unit}"
+    value /= 1000
+  return f"{value:.1f} TB"
 
 
 def dense_message_bits(size: ModelSize, value_bits: int = 32) -> int:

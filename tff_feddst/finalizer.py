@@ -6,7 +6,8 @@ largest |theta'| among m'. That is m^{r+1}, and theta^{r+1} = theta' *
 m^{r+1}. With a server optimizer (FedAvgM on top of FedDST), theta^r -
 theta^{r+1} is a pseudo-gradient for server SGD with momentum, after which
 the result is masked again. A round in which no client contributed (every
-update rejected or dropped) keeps the previous weights.
+update rejected) is not this block's concern: the driver keeps the previous
+state whole then (`rounds.RoundStep.run_clients`), for every algorithm.
 """
 
 import collections
@@ -54,18 +55,10 @@ def build_sparse_finalizer(
       new_values = list(new_values)
       for slot, i in enumerate(layout.kernel_index):
         new_values[i] = new_values[i] * new_masks[slot]
-    # Unmasked tensors carry a scalar "had contributions" flag as mask.
-    contributed = tf.reduce_all(
-        [voted[i] > 0 for i in range(len(values)) if i not in layout.mask_slot()]
-    )
     non_trainable = list(weights.non_trainable)
     old_masks = [non_trainable[i] for i in layout.mask_index]
     for slot, i in enumerate(layout.mask_index):
-      non_trainable[i] = tf.where(contributed, new_masks[slot], old_masks[slot])
-    trainable = [tf.where(contributed, n, o) for n, o in zip(new_values, old)]
-    new_state = tf.nest.map_structure(
-        lambda n, o: tf.where(contributed, n, o), new_state, state
-    )
+      non_trainable[i] = new_masks[slot]
     mask_changed = tf.reduce_any(
         [
             tf.reduce_any(tf.not_equal(non_trainable[i], m))
@@ -73,12 +66,11 @@ def build_sparse_finalizer(
         ]
     )
     measurements = collections.OrderedDict(
-        skipped=tf.cast(tf.logical_not(contributed), tf.int32),
         mask_changed=tf.cast(mask_changed, tf.int32),
     )
     return (
         new_state,
-        tff.learning.models.ModelWeights(trainable, non_trainable),
+        tff.learning.models.ModelWeights(new_values, non_trainable),
         measurements,
     )
 

@@ -2,7 +2,7 @@
 
 Nothing here knows about TFF or Keras layers: budgets are computed from
 kernel shapes, masks are float tensors of zeros and ones with the kernel's
-shape. See FEDDST_SPEC.md sections 2 and 3.
+shape. See docs/algorithms.md sections 2 and 3.
 
 Conventions
 - A kernel shape is (k_h, k_w, n_in, n_out) for a convolution and
@@ -93,6 +93,14 @@ def random_masks(
     flat[rng.permutation(size)[:budget]] = 1.0
     masks.append(flat.reshape(shape))
   return masks
+
+
+def largest_magnitude_mask(weights: np.ndarray, k: int) -> np.ndarray:
+  """A float32 mask keeping the k entries of largest |w| (ties: lowest index)."""
+  flat = np.abs(np.asarray(weights)).ravel()
+  mask = np.zeros(flat.shape, np.float32)
+  mask[np.argsort(-flat, kind="stable")[:k]] = 1.0
+  return mask.reshape(np.shape(weights))
 
 
 def sparsity_of(masks: Sequence[np.ndarray]) -> float:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from tflite_export.files import ModelSource, read_bytes
+from tff_feddst.files import ModelSource, read_bytes
 
 InterpreterFactory = Callable[..., Any]
 

@@ -16,7 +16,7 @@ try:
 except ImportError:  # A device-side environment with the standalone runtime.
   from ai_edge_litert import schema_py_generated as schema
 
-from tflite_export.files import ModelSource, read_bytes
+from tff_feddst.files import ModelSource, read_bytes
 
 # Ops whose kernels read a sparse tensor directly; any other consumer of a
 # sparse tensor gets wrong values (seen: DEQUANTIZE of float16 weights).

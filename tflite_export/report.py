@@ -6,9 +6,9 @@ and int8 also both float32 variants), evaluates every file with the TFLite
 interpreter and writes, into `output_dir`:
   model.tflite        the sparse export in the chosen quantisation;
   tflite_report.json  the figures below (see `export_and_report`).
-Both files are written to temp files in `output_dir` first and then renamed
-(os.replace), model first and report last: after a failure neither is
-half-written, and the report's model_sha256 names the model it describes.
+Both files are written atomically (`tff_feddst.files.write_atomic`), model
+first and report last: after a failure neither is half-written, and the
+report's model_sha256 names the model it describes.
 """
 
 import hashlib
@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_models import networks
-from tflite_export import files
+from tff_feddst import files
 from tflite_export import inspect_model
 from tflite_export.convert import check_quantization, convert, export_model
 from tflite_export.evaluate import accuracy_of
@@ -73,18 +73,10 @@ def _variants(quantization: str) -> list[tuple[str, bool, str]]:
 
 def _write_outputs(output_dir: str, model_content: bytes, report: dict) -> None:
   os.makedirs(output_dir, exist_ok=True)
-  temps = []
-  try:
-    temps.append(files.write_temp(output_dir, MODEL_FILE, model_content))
-    temps.append(
-        files.write_temp(output_dir, REPORT_FILE, files.json_bytes(report))
-    )
-    os.replace(temps[0], os.path.join(output_dir, MODEL_FILE))
-    os.replace(temps[1], os.path.join(output_dir, REPORT_FILE))
-  finally:
-    for temp in temps:
-      if os.path.exists(temp):
-        os.unlink(temp)
+  files.write_atomic(os.path.join(output_dir, MODEL_FILE), model_content)
+  files.write_atomic(
+      os.path.join(output_dir, REPORT_FILE), files.json_text(report, strict=True)
+  )
 
 
 def export_and_report(

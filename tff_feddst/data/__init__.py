@@ -6,7 +6,13 @@
 (TFF `ClientData` for train and test). Every data problem is a `DataError`.
 """
 
-from tff_feddst.data.common import DATASETS, PARTITIONS, ArraySplit, DataError
+from tff_feddst.data.common import (
+    DATASETS,
+    NATURAL_DATASETS,
+    PARTITIONS,
+    ArraySplit,
+    DataError,
+)
 from tff_feddst.data.federated import (
     FederatedData,
     default_client_ids,
@@ -25,6 +31,7 @@ from tff_feddst.data.partitions import (
 
 __all__ = [
     "DATASETS",
+    "NATURAL_DATASETS",
     "PARTITIONS",
     "ArraySplit",
     "DataError",

@@ -14,6 +14,8 @@ DATASETS = (
     "femnist",
 )
 PARTITIONS = ("pathological", "dirichlet", "iid", "natural")
+# Data sets with a natural (per-writer) partition.
+NATURAL_DATASETS = ("emnist", "femnist")
 
 
 class DataError(Exception):

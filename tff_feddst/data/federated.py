@@ -15,7 +15,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_feddst.data import partitions as partitions_lib
-from tff_feddst.data.common import DATASETS, PARTITIONS, ArraySplit, DataError
+from tff_feddst.data.common import DATASETS, NATURAL_DATASETS, PARTITIONS, ArraySplit, DataError
 from tff_feddst.data.loaders import load_arrays
 
 
@@ -206,9 +206,9 @@ def load_federated_data(
         f"unknown partition {partition!r}; choose one of"
         f" {', '.join(PARTITIONS)}"
     )
-  if partition == "natural" and dataset not in ("emnist", "femnist"):
+  if partition == "natural" and dataset not in NATURAL_DATASETS:
     raise DataError(
-        f"the natural (per-writer) partition exists for emnist and femnist"
+        f"the natural (per-writer) partition exists for {' and '.join(NATURAL_DATASETS)}"
         f" only, not {dataset}"
     )
   arrays = load_arrays(dataset, data_dir)

@@ -1,0 +1,138 @@
+"""Settings and the algorithm registry: one place resolves and checks them."""
+
+import csv
+import dataclasses
+import json
+import pathlib
+import re
+
+import pytest
+
+from tff_feddst import algorithms
+from tff_feddst import config as config_lib
+from tff_feddst import training
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _resolve(**values):
+  return config_lib.ExperimentConfig(**values).resolve()
+
+
+def test_algorithm_defaults_come_from_the_registry():
+  assert _resolve(algorithm="fedavgm").server_momentum == 0.9
+  assert _resolve(algorithm="fedavg").server_momentum == 0.0
+  assert _resolve(algorithm="fedprox").prox_mu == 0.01
+  assert _resolve(algorithm="feddst").prox_mu == 0.0
+  # An explicit value wins over the algorithm's default.
+  assert _resolve(algorithm="fedavgm", server_momentum=0.5).server_momentum == 0.5
+  assert _resolve(algorithm="fedprox", prox_mu=0.0).prox_mu == 0.0
+  # Dense algorithms train at sparsity 0 whatever --sparsity says.
+  assert _resolve(algorithm="fedavg", sparsity=0.9).sparsity == 0.0
+  assert _resolve(algorithm="feddst", sparsity=0.9).sparsity == 0.9
+  assert _resolve(algorithm="structured_feddst", sparsity=0.9).sparsity == 0.9
+
+
+def test_readjustment_end_round_is_half_the_rounds_of_the_readjusting_process():
+  assert _resolve(rounds=50).readjustment_end_round == 25
+  assert _resolve(rounds=51).readjustment_end_round == 25
+  # Two phases: half of the rounds after the search.
+  assert _resolve(
+      algorithm="structured_feddst", rounds=50, structured_search_rounds=20
+  ).readjustment_end_round == 15
+  assert _resolve(rounds=50, readjustment_end_round=7).readjustment_end_round == 7
+
+
+def test_resolve_is_idempotent_and_fills_the_model():
+  once = _resolve(algorithm="fedprox", dataset="cifar10")
+  assert once.model == "cifar10_cnn"
+  assert once.resolve() == once
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(sparsity=1.0), "--sparsity=1.0 must be in [0, 1)"),
+        (dict(rounds=0), "--rounds=0 must be >= 1"),
+        (dict(server_momentum=1.5), "--server_momentum=1.5 must be in [0, 1]"),
+        (dict(algorithm="nope"), "--algorithm=nope is not one of"),
+        (dict(clients_per_round=50, total_clients=40), "--clients_per_round=50 must not exceed --total_clients=40"),
+        (dict(partition="natural"), "--partition=natural needs --dataset=emnist or femnist"),
+        (
+            dict(algorithm="fedavg", upload_dtype="float16"),
+            "--upload_dtype=float16 is implemented for feddst, randommask, structured_feddst only",
+        ),
+        (
+            dict(algorithm="structured", rounds=10, structured_search_rounds=10),
+            "--structured_search_rounds=10 must be below --rounds=10",
+        ),
+        (dict(output_dir=""), "--output_dir must not be empty"),
+    ],
+)
+def test_bad_settings_are_one_line(values, message):
+  with pytest.raises(config_lib.ConfigError) as raised:
+    _resolve(**values)
+  assert message in str(raised.value)
+  assert "\n" not in str(raised.value)
+
+
+def test_differences_name_every_setting_that_changes_the_experiment():
+  saved = dataclasses.asdict(_resolve(rounds=20, output_dir="a"))
+  # Output directory, rounds (with R_end fixed), evaluation period: the same run.
+  same = _resolve(rounds=30, readjustment_end_round=10, output_dir="b", eval_every=3)
+  assert same.differences_from(saved) == []
+  other = _resolve(rounds=20, sparsity=0.5, seed=3)
+  assert other.differences_from(saved) == ["--sparsity=0.5 (was 0.8)", "--seed=3 (was 0)"]
+  grown = _resolve(rounds=40)
+  assert grown.differences_from(saved) == [
+      "readjustment end round 20 (was 10; set --readjustment_end_round to keep it)"
+  ]
+
+
+def test_every_flag_of_run_py_is_a_setting():
+  import run  # pylint: disable=g-import-not-at-top
+
+  fields = {f.name for f in dataclasses.fields(config_lib.ExperimentConfig)}
+  assert set(run.HELP) == fields
+
+
+def test_no_module_branches_on_an_algorithm_name():
+  """Only the registry compares algorithm names (`== "feddst"`, `in (...)`)."""
+  names = "|".join(re.escape(n) for n in algorithms.REGISTRY)
+  comparison = re.compile(
+      rf"""(==|!=)\s*["']({names})["']|["']({names})["']\s*(==|!=)|\bin\s*\([^)]*["']({names})["']"""
+  )
+  sources = [ROOT / "run.py", *ROOT.glob("tff_feddst/**/*.py"), *ROOT.glob("benchmarks/*.py"),
+             *ROOT.glob("tflite_export/*.py")]
+  found = []
+  for path in sources:
+    if path.name == "algorithms.py":
+      continue
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+      if comparison.search(line):
+        found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+  assert not found, found
+
+
+def test_structured_feddst_float16_charges_16_bits_only_in_phase_two(tmp_path, fashion_mnist_available):
+  config = config_lib.ExperimentConfig(
+      algorithm="structured_feddst", upload_dtype="float16", total_clients=20,
+      clients_per_round=3, local_epochs=1, rounds=3, structured_search_rounds=1,
+      sparsity=0.5, eval_every=3, output_dir=str(tmp_path / "run"),
+  )
+  summary = training.run_experiment(config, log=lambda line: None)
+  with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  search = summary["structured"]["phases"]["search"]
+  # Phase 1 clients send the dense float32 weights of the full network.
+  full = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert full["upload_dtype"] == "float16"
+  phase_one_params = 261840  # the MNIST network before any removal
+  assert int(rows[0]["round_upload_bits"]) == 3 * 32 * phase_one_params
+  assert search["last_round"] == 1
+  # Phase 2: 16 bits per kept weight and bias, plus the mask of clients that changed it.
+  kept = sum(summary["layer_budgets"].values())
+  for row in rows[1:]:
+    expected = 3 * 16 * (kept + summary["num_unmasked"])
+    expected += int(row["clients_mask_uploaded"]) * summary["num_prunable"]
+    assert int(row["round_upload_bits"]) == expected

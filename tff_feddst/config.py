@@ -1,0 +1,207 @@
+"""The settings of a run: one dataclass that validates and resolves itself.
+
+`ExperimentConfig` holds every flag of `run.py`; `resolve()` is the one
+place where settings are checked and where defaults that depend on the
+algorithm (server momentum, FedProx mu, sparsity of dense algorithms, the
+readjustment end round) are filled in from the registry
+(`algorithms.REGISTRY`). `run.py`, the benchmarks and the resume check all
+go through it, and `config.json` stores the resolved settings.
+"""
+
+import dataclasses
+import typing
+
+import keras_models
+from tff_feddst import algorithms
+from tff_feddst import data as data_lib
+from tff_feddst import masks as masks_lib
+from tff_feddst import unit_graph
+
+
+class ConfigError(ValueError):
+  """A setting that is out of range or does not fit the data (one line)."""
+
+
+QUANTIZATION_MODES = ("float32", "float16", "int8")
+
+# The values a string setting may take.
+CHOICES = {
+    "algorithm": algorithms.ALGORITHMS,
+    "dataset": data_lib.DATASETS,
+    "model": keras_models.MODEL_NAMES,
+    "partition": data_lib.PARTITIONS,
+    "sparsity_distribution": masks_lib.DISTRIBUTIONS,
+    "upload_dtype": ("float32", "float16"),
+    "tflite_quantization": QUANTIZATION_MODES,
+    "structured_relative_to": unit_graph.RELATIVE_TO,
+}
+
+# (setting, test, what it must be) for every numeric setting.
+_RANGES = (
+    ("classes_per_client", lambda v: v >= 1, ">= 1"),
+    ("examples_per_class", lambda v: v >= 1, ">= 1"),
+    ("dirichlet_beta", lambda v: v > 0, "> 0"),
+    ("total_clients", lambda v: v >= 1, ">= 1"),
+    ("clients_per_round", lambda v: v >= 1, ">= 1"),
+    ("rounds", lambda v: v >= 1, ">= 1"),
+    ("local_epochs", lambda v: v >= 1, ">= 1"),
+    ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("client_lr", lambda v: v > 0, "> 0"),
+    ("client_momentum", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("server_lr", lambda v: v > 0, "> 0"),
+    ("server_momentum", lambda v: v is None or 0 <= v <= 1, "in [0, 1]"),
+    ("prox_mu", lambda v: v is None or v >= 0, ">= 0"),
+    ("sparsity", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("readjustment_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("rounds_between_readjustments", lambda v: v >= 1, ">= 1"),
+    ("readjustment_end_round", lambda v: v is None or v >= 0, ">= 0"),
+    ("min_votes", lambda v: v >= 1, ">= 1"),
+    ("eval_every", lambda v: v >= 1, ">= 1"),
+    ("seed", lambda v: v >= 0, ">= 0"),
+    ("checkpoint_every", lambda v: v >= 1, ">= 1"),
+    ("client_failure_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("structured_search_rounds", lambda v: v >= 1, ">= 1"),
+    ("structured_boundary", lambda v: v >= 0, ">= 0"),
+)
+
+# Settings that may differ when a run is resumed: they do not change what
+# is trained (`rounds` may grow as long as R_end stays the same).
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "data_dir", "rounds", "eval_every", "checkpoint_every",
+    "export_tflite", "tflite_quantization",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig(algorithms.AlgorithmConfig):
+  """Every setting of a run (the flags of run.py).
+
+  `server_momentum`, `prox_mu` and `readjustment_end_round` left at None
+  take the algorithm's default in `resolve()`.
+  """
+
+  server_momentum: float | None = None
+  prox_mu: float | None = None
+  readjustment_end_round: int | None = None
+  dataset: str = "fashion_mnist"
+  data_dir: str | None = None
+  model: str | None = None
+  partition: str = "pathological"
+  classes_per_client: int = 2
+  examples_per_class: int = 20
+  dirichlet_beta: float = 0.1
+  total_clients: int = 400
+  clients_per_round: int = 20
+  rounds: int = 200
+  batch_size: int = 32
+  eval_every: int = 10
+  output_dir: str = "runs/default"
+  export_tflite: bool = False
+  tflite_quantization: str = "float32"
+  checkpoint_every: int = 10
+  client_failure_rate: float = 0.0
+  # structured*: rounds of the search (phase 1); the rest retrain.
+  structured_search_rounds: int = 20
+  # structured*: phase 2 starts from fresh seeded weights.
+  structured_reinit: bool = False
+
+  @property
+  def spec(self) -> algorithms.Algorithm:
+    return algorithms.get(self.algorithm)
+
+  @property
+  def model_name(self) -> str:
+    return self.model or keras_models.default_model_for_dataset(self.dataset)
+
+  def phase_rounds(self) -> tuple[int, ...]:
+    """The last round of each phase."""
+    if self.spec.two_phase:
+      return (self.structured_search_rounds, self.rounds)
+    return (self.rounds,)
+
+  def resolve(self) -> "ExperimentConfig":
+    """These settings checked, with the algorithm's defaults filled in.
+
+    Raises ConfigError naming the first setting that is out of range.
+    """
+    self._check()
+    spec = self.spec
+    values = {"model": self.model_name}
+    for key in ("server_momentum", "prox_mu"):
+      if getattr(self, key) is None:
+        values[key] = spec.defaults.get(key, 0.0)
+    if not spec.sparse:
+      values["sparsity"] = 0.0
+    if self.readjustment_end_round is None:
+      retrain_rounds = self.rounds - (self.phase_rounds()[0] if spec.two_phase else 0)
+      values["readjustment_end_round"] = retrain_rounds // 2
+    return dataclasses.replace(self, **values)
+
+  def _check(self) -> None:
+    for key, choices in CHOICES.items():
+      value = getattr(self, key)
+      if value is not None and value not in choices:
+        raise ConfigError(f"--{key}={value} is not one of {', '.join(choices)}")
+    for key, test, requirement in _RANGES:
+      value = getattr(self, key)
+      if not test(value):
+        raise ConfigError(f"--{key}={value} must be {requirement}")
+    if not self.output_dir:
+      raise ConfigError("--output_dir must not be empty")
+    if self.clients_per_round > self.total_clients:
+      raise ConfigError(
+          f"--clients_per_round={self.clients_per_round} must not exceed "
+          f"--total_clients={self.total_clients}"
+      )
+    if self.partition == "natural" and self.dataset not in data_lib.NATURAL_DATASETS:
+      raise ConfigError(
+          f"--partition=natural needs --dataset={' or '.join(data_lib.NATURAL_DATASETS)}"
+      )
+    if self.upload_dtype != "float32" and not self.spec.float16_upload:
+      allowed = [a.name for a in algorithms.REGISTRY.values() if a.float16_upload]
+      raise ConfigError(
+          f"--upload_dtype={self.upload_dtype} is implemented for {', '.join(allowed)} only"
+      )
+    if self.spec.two_phase and self.structured_search_rounds >= self.rounds:
+      raise ConfigError(
+          f"--structured_search_rounds={self.structured_search_rounds} must be "
+          f"below --rounds={self.rounds} (phase 2 needs at least one round)"
+      )
+
+  def algorithm_config(self, algorithm: str | None = None) -> algorithms.AlgorithmConfig:
+    """The resolved hyperparameters of (a phase's) algorithm."""
+    values = {
+        f.name: getattr(self, f.name)
+        for f in dataclasses.fields(algorithms.AlgorithmConfig)
+    }
+    if algorithm is not None:
+      values["algorithm"] = algorithm
+    return algorithms.AlgorithmConfig(**values)
+
+  def differences_from(self, saved: dict) -> list[str]:
+    """The settings (resolved) in which this run is another experiment than `saved`."""
+    differing = []
+    for key, value in dataclasses.asdict(self).items():
+      if key in RESUMABLE_CHANGES:
+        continue
+      if key.startswith("structured_") and not self.spec.two_phase:
+        continue
+      was = saved.get(key)
+      if was == value:
+        continue
+      if key == "readjustment_end_round":
+        differing.append(
+            f"readjustment end round {value} (was {was}; set "
+            "--readjustment_end_round to keep it)"
+        )
+      else:
+        differing.append(f"--{key}={value} (was {was})")
+    return differing
+
+
+def field_type(name: str) -> type:
+  """The Python type of setting `name` (Optional unwrapped)."""
+  hint = typing.get_type_hints(ExperimentConfig)[name]
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  return args[0] if args else hint

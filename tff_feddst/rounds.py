@@ -1,0 +1,237 @@
+"""One communication round as an object: `RoundStep(state, round_num)`.
+
+A step samples K clients without replacement, builds their shuffled local
+data sets, draws which of them fail (they download but upload nothing),
+runs the learning process's `next` on the survivors, accepts the new state
+or skips the round (no survivor, or every update rejected by the server),
+charges the ledger and computes the global model's statistics. It returns
+the new state and a typed `RoundResult`. `training.run_experiment` and
+`benchmarks.speed` drive the same step.
+"""
+
+import collections
+import dataclasses
+import time
+
+import numpy as np
+
+METRIC_COLUMNS = (
+    "round",
+    "clients_accuracy",
+    "test_accuracy",
+    "train_loss",
+    "train_accuracy",
+    "sparsity",
+    "forward_flops",
+    "round_upload_bits",
+    "round_download_bits",
+    "cumulative_upload_bits",
+    "cumulative_download_bits",
+    "clients_mask_uploaded",
+    "readjusted",
+    "failed_clients",
+    "rejected_clients",
+    "round_skipped",
+    "round_seconds",
+)
+
+
+def seed(*parts: int) -> int:
+  """A seed derived from `parts` (independent streams for every purpose)."""
+  return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def client_dataset(fed_data, client_id, batch_size, shuffle_seed, epochs):
+  """A client's shuffled, batched data; `epochs` repeats with reshuffling."""
+  ds = fed_data.train_client_data.create_tf_dataset_for_client(client_id)
+  n = fed_data.num_train_examples(client_id)
+  ds = ds.shuffle(max(n, 1), seed=shuffle_seed, reshuffle_each_iteration=True)
+  ds = ds.batch(batch_size)
+  return ds.repeat(epochs) if epochs > 1 else ds
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+  """What one round did, as `metrics.csv` records it."""
+
+  round_num: int
+  client_ids: tuple[str, ...]
+  train_loss: float
+  train_accuracy: float
+  sparsity: float
+  forward_flops: float
+  upload_bits: int
+  download_bits: int
+  cumulative_upload_bits: int
+  cumulative_download_bits: int
+  masks_uploaded: int
+  readjusted: int
+  failed: int
+  rejected: int
+  skipped: bool
+  seconds: float
+
+  def row(self, evaluation: dict) -> dict:
+    """The metrics.csv row (`evaluation` empty in rounds without one)."""
+    values = (
+        self.round_num,
+        evaluation.get("clients_accuracy", ""),
+        evaluation.get("test_accuracy", ""),
+        self.train_loss,
+        self.train_accuracy,
+        self.sparsity,
+        self.forward_flops,
+        self.upload_bits,
+        self.download_bits,
+        self.cumulative_upload_bits,
+        self.cumulative_download_bits,
+        self.masks_uploaded,
+        self.readjusted,
+        self.failed,
+        self.rejected,
+        int(self.skipped),
+        self.seconds,
+    )
+    return collections.OrderedDict(zip(METRIC_COLUMNS, values))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClientsOutcome:
+  """What `process.next` reported of the clients (or a round not run)."""
+
+  train_loss: float = float("nan")
+  train_accuracy: float = float("nan")
+  uploaded_values: int | None = None
+  masks_uploaded: int = 0
+  readjusted: int = 0
+  rejected: int = 0
+
+
+def _advance_client_round(state):
+  """A skipped round still counts in the readjustment schedule."""
+  client_work = state.client_work
+  if isinstance(client_work, dict) and "round_num" in client_work:
+    client_work = collections.OrderedDict(client_work)
+    current = np.asarray(client_work["round_num"])
+    client_work["round_num"] = (current + 1).astype(current.dtype)
+    return state._replace(client_work=client_work)
+  return state
+
+
+def _read_metrics(metrics, sparse: bool) -> _ClientsOutcome:
+  train = metrics["client_work"]["train"]
+  aggregator = metrics["aggregator"]
+  rejected = aggregator["voting"]["rejected"] if "voting" in aggregator else aggregator["rejected"]
+  outcome = dict(
+      train_loss=float(train["loss"]),
+      train_accuracy=float(train["accuracy"]),
+      rejected=int(rejected),
+  )
+  if sparse:
+    clients = metrics["client_work"]["clients"]
+    outcome.update(
+        uploaded_values=int(clients["uploaded_values"]),
+        masks_uploaded=int(clients["mask_changed"]),
+        readjusted=int(
+            np.sum(metrics["client_work"]["readjustment"]["num_readjusted"]) > 0
+        ),
+    )
+  return _ClientsOutcome(**outcome)
+
+
+class RoundStep:
+  """The rounds of one phase: `state, result = step(state, round_num)`.
+
+  Holds the phase, the run's data, the client sampler (a numpy Generator
+  whose state is checkpointed), the ledger, and the global mask of the
+  last round (a changed mask is sent again to every client).
+  """
+
+  def __init__(self, config, phase, fed_data, sampler, ledger, state):
+    self.config = config
+    self.phase = phase
+    self.fed_data = fed_data
+    self.population = list(fed_data.nonempty_train_client_ids)
+    self.sampler = sampler
+    self.ledger = ledger
+    weights = phase.built.process.get_model_weights(state)
+    self.sparsity, self.flops, self._masks = phase.stats(weights, ledger)
+
+  def sample_clients(self) -> list[str]:
+    chosen = self.sampler.choice(
+        len(self.population), self.config.clients_per_round, replace=False
+    )
+    return [self.population[i] for i in sorted(chosen)]
+
+  def client_datasets(self, client_ids, round_num: int) -> list:
+    epochs = 1 if self.phase.built.epochs_in_process else self.config.local_epochs
+    return [
+        client_dataset(
+            self.fed_data, cid, self.config.batch_size,
+            seed(self.config.seed, 3, round_num, i), epochs,
+        )
+        for i, cid in enumerate(client_ids)
+    ]
+
+  def draw_failures(self, round_num: int, num_clients: int) -> np.ndarray:
+    """Clients that fail after downloading (stragglers, lost connections)."""
+    rate = self.config.client_failure_rate
+    if rate <= 0:
+      return np.zeros(num_clients, bool)
+    rng = np.random.default_rng(seed(self.config.seed, 5, round_num))
+    return rng.random(num_clients) < rate
+
+  def run_clients(self, state, datasets):
+    """(state, outcome, skipped): `process.next`, accepted or not."""
+    built = self.phase.built
+    if not datasets:
+      return _advance_client_round(state), _ClientsOutcome(), True
+    output = built.process.next(state, datasets)
+    outcome = _read_metrics(output.metrics, built.sparse)
+    # A round in which the server rejected every update keeps the previous
+    # state whole (no server momentum step on an empty round).
+    if outcome.rejected == len(datasets):
+      return _advance_client_round(state), outcome, True
+    return output.state, outcome, False
+
+  def __call__(self, state, round_num: int):
+    start = time.time()
+    built, ledger = self.phase.built, self.ledger
+    client_ids = self.sample_clients()
+    datasets = self.client_datasets(client_ids, round_num)
+    failed = self.draw_failures(round_num, len(client_ids))
+    download_bits = ledger.download(
+        client_ids, built.layout.num_kept if built.sparse else None
+    )
+    survivors = [d for d, f in zip(datasets, failed) if not f]
+    state, outcome, skipped = self.run_clients(state, survivors)
+    upload_bits = 0
+    if survivors:
+      upload_bits = ledger.upload(
+          len(survivors), outcome.uploaded_values, outcome.masks_uploaded
+      )
+    weights = built.process.get_model_weights(state)
+    self.sparsity, self.flops, masks = self.phase.stats(weights, ledger)
+    if built.sparse and any(
+        not np.array_equal(a, b) for a, b in zip(self._masks, masks)
+    ):
+      ledger.global_mask_changed()
+    self._masks = masks
+    return state, RoundResult(
+        round_num=round_num,
+        client_ids=tuple(client_ids),
+        train_loss=outcome.train_loss,
+        train_accuracy=outcome.train_accuracy,
+        sparsity=self.sparsity,
+        forward_flops=self.flops,
+        upload_bits=upload_bits,
+        download_bits=download_bits,
+        cumulative_upload_bits=ledger.cumulative_upload_bits,
+        cumulative_download_bits=ledger.cumulative_download_bits,
+        masks_uploaded=outcome.masks_uploaded,
+        readjusted=outcome.readjusted,
+        failed=int(failed.sum()),
+        rejected=outcome.rejected,
+        skipped=skipped,
+        seconds=round(time.time() - start, 4),
+    )
