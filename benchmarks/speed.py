@@ -879,7 +879,7 @@ def _pure_tf_update(bench: Bench):
   optimizer = algorithms.build_client_optimizer(config)
   if built.sparse:
     model_fn = sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True)
-    update, _ = client_work_lib.build_client_update(
+    update = client_work_lib.build_client_update(
         model_fn, built.layout, optimizer, config.local_epochs,
         prox_mu=config.prox_mu, upload_dtype=tf.as_dtype(config.upload_dtype),
     )

@@ -51,6 +51,97 @@ def _check_value_type(value_type):
       raise TypeError(f"mask shape {m.shape} does not match value {v.shape}")
 
 
+def _build_contribution(value_type, weight_type, budgets):
+  """Per client: the validated update's weighted values, votes and counts."""
+
+  @tff.tensorflow.computation(value_type, weight_type)
+  def contribution(update, weight):
+    w = tf.cast(weight, tf.float32)
+    checks = [tf.math.is_finite(w), w > 0]
+    for i, (v, m) in enumerate(zip(update["values"], update["masks"])):
+      checks.append(tf.reduce_all(tf.math.is_finite(v)))
+      checks.append(tf.reduce_all(tf.math.is_finite(m)))
+      if i in budgets:
+        kept = tf.reduce_sum(tf.cast(tf.not_equal(m, 0.0), tf.int64))
+        checks.append(kept <= budgets[i])
+    valid = tf.reduce_all(checks)
+    w = tf.where(valid, w, 0.0)
+    weighted, votes, counts = [], [], []
+    for v, m in zip(update["values"], update["masks"]):
+      v = tf.where(valid, v, tf.zeros_like(v))
+      m = tf.where(valid, m, tf.zeros_like(m))
+      weighted.append(w * m * v)
+      votes.append(w * m)
+      counts.append(tf.cast(w > 0, tf.float32) * m)
+    return collections.OrderedDict(
+        weighted=weighted,
+        votes=votes,
+        counts=counts,
+        total=w,
+        rejected=tf.cast(tf.logical_not(valid), tf.int32),
+    )
+
+  return contribution
+
+
+def _build_finish(sums_type, masked, min_votes):
+  """From the summed contributions: the averaged update and voting stats."""
+
+  @tff.tensorflow.computation(sums_type)
+  def finish(sums):
+    values, masks = [], []
+    voted = tf.constant(0, tf.int64)
+    dropped = tf.constant(0, tf.int64)
+    for i, is_masked in enumerate(masked):
+      total, votes = sums["weighted"][i], sums["votes"][i]
+      keep = votes > 0
+      if is_masked:
+        enough = sums["counts"][i] >= float(min_votes)
+        dropped += tf.reduce_sum(
+            tf.cast(tf.logical_and(keep, tf.logical_not(enough)), tf.int64)
+        )
+        keep = tf.logical_and(keep, enough)
+        voted += tf.reduce_sum(tf.cast(keep, tf.int64))
+      safe_votes = tf.where(keep, votes, tf.ones_like(votes))
+      values.append(tf.where(keep, total / safe_votes, tf.zeros_like(total)))
+      share = votes / tf.maximum(sums["total"], 1e-30)
+      masks.append(tf.where(keep, tf.maximum(share, 1e-12), 0.0))
+    stats = collections.OrderedDict(
+        voted_positions=voted,
+        dropped_by_min_votes=dropped,
+        rejected=sums["rejected"],
+    )
+    return collections.OrderedDict(values=values, masks=masks), stats
+
+  return finish
+
+
+def _voting_process(inner, contribution, finish, value_type, weight_type):
+  """contribution on clients, the inner sum, finish on the server."""
+
+  @tff.federated_computation
+  def init_fn():
+    return inner.initialize()
+
+  @tff.federated_computation(
+      init_fn.type_signature.result,
+      tff.FederatedType(value_type, tff.CLIENTS),
+      tff.FederatedType(weight_type, tff.CLIENTS),
+  )
+  def next_fn(state, value, weight):
+    contributions = tff.federated_map(contribution, (value, weight))
+    summed = inner.next(state, contributions)
+    result, stats = tff.federated_map(finish, summed.result)
+    measurements = tff.federated_zip(
+        collections.OrderedDict(voting=stats, sum=summed.measurements)
+    )
+    return tff.templates.MeasuredProcessOutput(
+        summed.state, result, measurements
+    )
+
+  return tff.templates.AggregationProcess(init_fn, next_fn)
+
+
 class SparseVotingFactory(tff.aggregators.WeightedAggregationFactory):
   """Weighted average in which each client votes only for the weights it kept."""
 
@@ -78,86 +169,11 @@ class SparseVotingFactory(tff.aggregators.WeightedAggregationFactory):
     for i in self._budgets:
       if not 0 <= i < len(masked) or not masked[i]:
         raise ValueError(f"budget given for value {i}, which has no mask")
-    min_votes = self._min_votes
-    budgets = self._budgets
-
-    @tff.tensorflow.computation(value_type, weight_type)
-    def contribution(update, weight):
-      w = tf.cast(weight, tf.float32)
-      checks = [tf.math.is_finite(w), w > 0]
-      for i, (v, m) in enumerate(zip(update["values"], update["masks"])):
-        checks.append(tf.reduce_all(tf.math.is_finite(v)))
-        checks.append(tf.reduce_all(tf.math.is_finite(m)))
-        if i in budgets:
-          kept = tf.reduce_sum(tf.cast(tf.not_equal(m, 0.0), tf.int64))
-          checks.append(kept <= budgets[i])
-      valid = tf.reduce_all(checks)
-      w = tf.where(valid, w, 0.0)
-      weighted, votes, counts = [], [], []
-      for v, m in zip(update["values"], update["masks"]):
-        v = tf.where(valid, v, tf.zeros_like(v))
-        m = tf.where(valid, m, tf.zeros_like(m))
-        weighted.append(w * m * v)
-        votes.append(w * m)
-        counts.append(tf.cast(w > 0, tf.float32) * m)
-      return collections.OrderedDict(
-          weighted=weighted,
-          votes=votes,
-          counts=counts,
-          total=w,
-          rejected=tf.cast(tf.logical_not(valid), tf.int32),
-      )
-
+    contribution = _build_contribution(value_type, weight_type, self._budgets)
     sums_type = contribution.type_signature.result
     inner = self._sum_factory.create(sums_type)
-
-    @tff.tensorflow.computation(sums_type)
-    def finish(sums):
-      values, masks = [], []
-      voted = tf.constant(0, tf.int64)
-      dropped = tf.constant(0, tf.int64)
-      for i, is_masked in enumerate(masked):
-        total, votes = sums["weighted"][i], sums["votes"][i]
-        keep = votes > 0
-        if is_masked:
-          enough = sums["counts"][i] >= float(min_votes)
-          dropped += tf.reduce_sum(
-              tf.cast(tf.logical_and(keep, tf.logical_not(enough)), tf.int64)
-          )
-          keep = tf.logical_and(keep, enough)
-          voted += tf.reduce_sum(tf.cast(keep, tf.int64))
-        safe_votes = tf.where(keep, votes, tf.ones_like(votes))
-        values.append(tf.where(keep, total / safe_votes, tf.zeros_like(total)))
-        share = votes / tf.maximum(sums["total"], 1e-30)
-        masks.append(tf.where(keep, tf.maximum(share, 1e-12), 0.0))
-      stats = collections.OrderedDict(
-          voted_positions=voted,
-          dropped_by_min_votes=dropped,
-          rejected=sums["rejected"],
-      )
-      return collections.OrderedDict(values=values, masks=masks), stats
-
-    @tff.federated_computation
-    def init_fn():
-      return inner.initialize()
-
-    @tff.federated_computation(
-        init_fn.type_signature.result,
-        tff.FederatedType(value_type, tff.CLIENTS),
-        tff.FederatedType(weight_type, tff.CLIENTS),
-    )
-    def next_fn(state, value, weight):
-      contributions = tff.federated_map(contribution, (value, weight))
-      summed = inner.next(state, contributions)
-      result, stats = tff.federated_map(finish, summed.result)
-      measurements = tff.federated_zip(
-          collections.OrderedDict(voting=stats, sum=summed.measurements)
-      )
-      return tff.templates.MeasuredProcessOutput(
-          summed.state, result, measurements
-      )
-
-    return tff.templates.AggregationProcess(init_fn, next_fn)
+    finish = _build_finish(sums_type, masked, self._min_votes)
+    return _voting_process(inner, contribution, finish, value_type, weight_type)
 
 
 class ValidatingMeanFactory(tff.aggregators.WeightedAggregationFactory):

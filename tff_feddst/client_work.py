@@ -35,6 +35,103 @@ def _client_stats(mask_changed, active, examples):
   )
 
 
+def _train_locally(
+    model, optimizer, trainable, mask_vars, slot_of, global_params, dataset,
+    local_epochs, prox_mu,
+):
+  """E epochs of masked local training (FedProx term if prox_mu); examples seen."""
+
+  def mask_gradients(grads):
+    return [
+        g * mask_vars[slot_of[i]] if i in slot_of else g
+        for i, g in enumerate(grads)
+    ]
+
+  def train_step(state, batch):
+    num_examples, opt_state = state
+    with tf.GradientTape() as tape:
+      output = model.forward_pass(batch, training=True)
+    grads = tape.gradient(output.loss, trainable)
+    if prox_mu:
+      grads = [
+          g + prox_mu * (w - w0)
+          for g, w, w0 in zip(grads, trainable, global_params)
+      ]
+    opt_state, new_values = optimizer.next(
+        opt_state, tuple(trainable), tuple(mask_gradients(grads))
+    )
+    for var, value in zip(trainable, new_values):
+      var.assign(value)
+    num_examples += tf.shape(output.predictions, out_type=tf.int64)[0]
+    return num_examples, opt_state
+
+  specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
+  initial_state = (tf.constant(0, tf.int64), optimizer.initialize(specs))
+  num_examples, _ = dataset.repeat(local_epochs).reduce(
+      initial_state, train_step
+  )
+  return num_examples
+
+
+def _readjust_masks(
+    model, loss_fn, trainable, mask_vars, kernel_index, dataset, num_examples,
+    local_epochs, num_to_readjust,
+):
+  """Prunes and regrows num_to_readjust[l] weights of each masked kernel."""
+  # Mean gradient of the task loss over the local data at the final
+  # weights (dense: inactive positions get a gradient too).
+  def accumulate(sums, batch):
+    with tf.GradientTape() as tape:
+      logits = model.predict_on_batch(batch["x"], training=False)
+      loss = loss_fn(batch["y"], logits)
+    grads = tape.gradient(loss, [trainable[i] for i in kernel_index])
+    return tuple(s + g for s, g in zip(sums, grads))
+
+  zeros = tuple(tf.zeros_like(trainable[i]) for i in kernel_index)
+  grad_sums = dataset.reduce(zeros, accumulate)
+  denominator = tf.cast(tf.maximum(num_examples // local_epochs, 1), tf.float32)
+  for slot, i in enumerate(kernel_index):
+    new_mask, new_kernel = masks_lib.readjust(
+        trainable[i],
+        mask_vars[slot],
+        grad_sums[slot] / denominator,
+        num_to_readjust[slot],
+    )
+    mask_vars[slot].assign(new_mask)
+    trainable[i].assign(new_kernel)
+
+
+def _client_outputs(
+    model, trainable, mask_vars, initial_masks, slot_of, num_examples,
+    upload_dtype,
+):
+  """The client's (ClientResult, unfinalized metrics, stats)."""
+  values = [v.read_value() for v in trainable]
+  if upload_dtype != tf.float32:
+    values = [tf.cast(tf.cast(v, upload_dtype), tf.float32) for v in values]
+  masks = [
+      mask_vars[slot_of[i]].read_value() if i in slot_of else tf.ones([])
+      for i in range(len(values))
+  ]
+  mask_changed = tf.reduce_any(
+      [tf.reduce_any(tf.not_equal(m, m0)) for m, m0 in zip(mask_vars, initial_masks)]
+  )
+  active = tf.add_n([tf.reduce_sum(tf.cast(m > 0, tf.int64)) for m in mask_vars])
+  # The server rejects a non-finite update (aggregation.SparseVotingFactory);
+  # its loss is kept out of the round's training metrics here.
+  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values])
+  if not finite:
+    model.reset_metrics()
+  weight = tf.cast(num_examples, tf.float32)
+  update = collections.OrderedDict(values=values, masks=masks)
+  stats = _client_stats(mask_changed, active, num_examples)
+  return (
+      tff.learning.templates.ClientResult(update=update, update_weight=weight),
+      model.report_local_unfinalized_metrics(),
+      stats,
+  )
+
+
 def build_client_update(
     model_fn,
     layout: SparseLayout,
@@ -59,104 +156,29 @@ def build_client_update(
     mask_vars = [weights.non_trainable[i] for i in layout.mask_index]
     initial_masks = [initial_weights.non_trainable[i] for i in layout.mask_index]
     global_params = list(initial_weights.trainable)
-
-    def mask_gradients(grads):
-      return [
-          g * mask_vars[slot_of[i]] if i in slot_of else g
-          for i, g in enumerate(grads)
-      ]
-
-    def train_step(state, batch):
-      num_examples, opt_state = state
-      with tf.GradientTape() as tape:
-        output = model.forward_pass(batch, training=True)
-      grads = tape.gradient(output.loss, trainable)
-      if prox_mu:
-        grads = [
-            g + prox_mu * (w - w0)
-            for g, w, w0 in zip(grads, trainable, global_params)
-        ]
-      opt_state, new_values = optimizer.next(
-          opt_state, tuple(trainable), tuple(mask_gradients(grads))
-      )
-      for var, value in zip(trainable, new_values):
-        var.assign(value)
-      num_examples += tf.shape(output.predictions, out_type=tf.int64)[0]
-      return num_examples, opt_state
-
-    specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
-    initial_state = (tf.constant(0, tf.int64), optimizer.initialize(specs))
-    num_examples, _ = dataset.repeat(local_epochs).reduce(
-        initial_state, train_step
+    num_examples = _train_locally(
+        model, optimizer, trainable, mask_vars, slot_of, global_params,
+        dataset, local_epochs, prox_mu,
     )
     # Steps already keep masked weights at zero; this makes it explicit.
     for slot, i in enumerate(kernel_index):
       trainable[i].assign(trainable[i] * mask_vars[slot])
 
     if tf.reduce_sum(num_to_readjust) > 0:
-      # Mean gradient of the task loss over the local data at the final
-      # weights (dense: inactive positions get a gradient too).
-      def accumulate(sums, batch):
-        with tf.GradientTape() as tape:
-          logits = model.predict_on_batch(batch["x"], training=False)
-          loss = loss_fn(batch["y"], logits)
-        grads = tape.gradient(loss, [trainable[i] for i in kernel_index])
-        return tuple(s + g for s, g in zip(sums, grads))
-
-      zeros = tuple(tf.zeros_like(trainable[i]) for i in kernel_index)
-      grad_sums = dataset.reduce(zeros, accumulate)
-      denominator = tf.cast(tf.maximum(num_examples // local_epochs, 1), tf.float32)
-      for slot, i in enumerate(kernel_index):
-        new_mask, new_kernel = masks_lib.readjust(
-            trainable[i],
-            mask_vars[slot],
-            grad_sums[slot] / denominator,
-            num_to_readjust[slot],
-        )
-        mask_vars[slot].assign(new_mask)
-        trainable[i].assign(new_kernel)
-
-    values = [v.read_value() for v in trainable]
-    if upload_dtype != tf.float32:
-      values = [tf.cast(tf.cast(v, upload_dtype), tf.float32) for v in values]
-    masks = [
-        mask_vars[slot_of[i]].read_value() if i in slot_of else tf.ones([])
-        for i in range(len(values))
-    ]
-    mask_changed = tf.reduce_any(
-        [tf.reduce_any(tf.not_equal(m, m0)) for m, m0 in zip(mask_vars, initial_masks)]
-    )
-    active = tf.add_n([tf.reduce_sum(tf.cast(m > 0, tf.int64)) for m in mask_vars])
-    # The server rejects a non-finite update (aggregation.SparseVotingFactory);
-    # its loss is kept out of the round's training metrics here.
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values])
-    if not finite:
-      model.reset_metrics()
-    weight = tf.cast(num_examples, tf.float32)
-    update = collections.OrderedDict(values=values, masks=masks)
-    stats = _client_stats(mask_changed, active, num_examples)
-    return (
-        tff.learning.templates.ClientResult(update=update, update_weight=weight),
-        model.report_local_unfinalized_metrics(),
-        stats,
+      _readjust_masks(
+          model, loss_fn, trainable, mask_vars, kernel_index, dataset,
+          num_examples, local_epochs, num_to_readjust,
+      )
+    return _client_outputs(
+        model, trainable, mask_vars, initial_masks, slot_of, num_examples,
+        upload_dtype,
     )
 
-  return client_update, model
+  return client_update
 
 
-def build_feddst_client_work(
-    model_fn,
-    layout: SparseLayout,
-    optimizer: tff.learning.optimizers.Optimizer,
-    *,
-    local_epochs: int,
-    readjustment_ratio: float,
-    rounds_between_readjustments: int,
-    readjustment_end_round: int,
-    prox_mu: float = 0.0,
-    upload_dtype: tf.DType = tf.float32,
-) -> tff.learning.templates.ClientWorkProcess:
-  """The FedDST `ClientWorkProcess` (alpha = 0 gives RandomMask)."""
+def _model_types(model_fn):
+  """(metrics aggregation fn, model weights type, client data type)."""
   with tf.Graph().as_default():
     model = model_fn()
     metrics_aggregation_fn = tff.learning.metrics.sum_then_finalize(
@@ -164,9 +186,16 @@ def build_feddst_client_work(
     )
     weights_type = tff.learning.models.weights_type_from_model(model)
     element_type = tff.types.tensorflow_to_type(model.input_spec)
-  data_type = tff.SequenceType(element_type)
-  num_layers = len(layout.budgets)
-  k_type = tff.TensorType(np.int32, [num_layers])
+  return metrics_aggregation_fn, weights_type, tff.SequenceType(element_type)
+
+
+def _build_schedule(
+    layout: SparseLayout,
+    readjustment_ratio: float,
+    rounds_between_readjustments: int,
+    readjustment_end_round: int,
+):
+  """The server state's computations: (init_tf, plan_round, advance)."""
 
   @tff.tensorflow.computation
   def init_tf():
@@ -193,9 +222,33 @@ def build_feddst_client_work(
   def advance(state):
     return collections.OrderedDict(round_num=state["round_num"] + 1)
 
+  return init_tf, plan_round, advance
+
+
+def build_feddst_client_work(
+    model_fn,
+    layout: SparseLayout,
+    optimizer: tff.learning.optimizers.Optimizer,
+    *,
+    local_epochs: int,
+    readjustment_ratio: float,
+    rounds_between_readjustments: int,
+    readjustment_end_round: int,
+    prox_mu: float = 0.0,
+    upload_dtype: tf.DType = tf.float32,
+) -> tff.learning.templates.ClientWorkProcess:
+  """The FedDST `ClientWorkProcess` (alpha = 0 gives RandomMask)."""
+  metrics_aggregation_fn, weights_type, data_type = _model_types(model_fn)
+  num_layers = len(layout.budgets)
+  k_type = tff.TensorType(np.int32, [num_layers])
+  init_tf, plan_round, advance = _build_schedule(
+      layout, readjustment_ratio, rounds_between_readjustments,
+      readjustment_end_round,
+  )
+
   @tff.tensorflow.computation(weights_type, data_type, k_type)
   def client_update_tf(initial_weights, dataset, num_to_readjust):
-    client_update, _ = build_client_update(
+    client_update = build_client_update(
         model_fn, layout, optimizer, local_epochs, prox_mu, upload_dtype
     )
     return client_update(initial_weights, dataset, num_to_readjust)

@@ -79,31 +79,8 @@ def _write_outputs(output_dir: str, model_content: bytes, report: dict) -> None:
   )
 
 
-def export_and_report(
-    keras_model: tf.keras.Model,
-    *,
-    output_dir: str,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    client_test_indices: Optional[Sequence[np.ndarray]] = None,
-    representative_data: Optional[np.ndarray] = None,
-    quantization: str = "float32",
-    latency_examples: int = 200,
-    batch_size: int = 256,
-    num_threads: Optional[int] = 1,
-) -> dict:
-  """Writes model.tflite and tflite_report.json to `output_dir`.
-
-  Returns the report, the dict written to tflite_report.json. Its keys: quantization, model_file, model_sha256; keras (accuracy,
-  clients_accuracy); weight_sparsity (global zeros / all over Conv2D and
-  Dense kernels) and layer_sparsity; size_ratio_sparse_dense (sparse /
-  dense file size, chosen quantisation); exports: for "sparse", "dense" (and
-  "sparse_float32", "dense_float32" when quantising) the file's size_bytes,
-  num_sparse_tensors, operators, accuracy, clients_accuracy (mean over
-  clients of their accuracy; only with client_test_indices), batched
-  throughput and batch-1 latency median/p90/mean in ms per example.
-  """
-  check_quantization(quantization)
+def _checked_test_split(x_test, y_test) -> tuple[np.ndarray, np.ndarray]:
+  """The test split as float32 images and flat labels, checked non-empty."""
   x_test = np.asarray(x_test, dtype=np.float32)
   y_test = np.asarray(y_test).reshape(-1)
   if len(x_test) == 0 or len(x_test) != len(y_test):
@@ -111,14 +88,30 @@ def export_and_report(
         f"need a non-empty test split with one label per image; got "
         f"{len(x_test)} images and {len(y_test)} labels"
     )
-  plain = export_model(keras_model)
+  return x_test, y_test
+
+
+def _check_input_shape(plain: tf.keras.Model, x_test: np.ndarray) -> None:
   expected = tuple(plain.input_shape[1:])
   if tuple(x_test.shape[1:]) != expected:
     raise ValueError(
         f"test images of shape {tuple(x_test.shape[1:])}; the model "
         f"expects {expected}"
     )
-  sparsity, layer_sparsity = weight_sparsity(plain)
+
+
+def _export_variants(
+    plain: tf.keras.Model,
+    quantization: str,
+    representative_data: Optional[np.ndarray],
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    client_test_indices: Optional[Sequence[np.ndarray]],
+    batch_size: int,
+    latency_examples: int,
+    num_threads: Optional[int],
+) -> tuple[dict, dict]:
+  """Converts and evaluates every variant: ({key: figures}, {key: bytes})."""
   exports, contents = {}, {}
   for key, sparse, mode in _variants(quantization):
     content = convert(
@@ -145,6 +138,49 @@ def export_and_report(
             num_threads=num_threads,
         ),
     }
+  return exports, contents
+
+
+def export_and_report(
+    keras_model: tf.keras.Model,
+    *,
+    output_dir: str,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    client_test_indices: Optional[Sequence[np.ndarray]] = None,
+    representative_data: Optional[np.ndarray] = None,
+    quantization: str = "float32",
+    latency_examples: int = 200,
+    batch_size: int = 256,
+    num_threads: Optional[int] = 1,
+) -> dict:
+  """Writes model.tflite and tflite_report.json to `output_dir`.
+
+  Returns the report, the dict written to tflite_report.json. Its keys: quantization, model_file, model_sha256; keras (accuracy,
+  clients_accuracy); weight_sparsity (global zeros / all over Conv2D and
+  Dense kernels) and layer_sparsity; size_ratio_sparse_dense (sparse /
+  dense file size, chosen quantisation); exports: for "sparse", "dense" (and
+  "sparse_float32", "dense_float32" when quantising) the file's size_bytes,
+  num_sparse_tensors, operators, accuracy, clients_accuracy (mean over
+  clients of their accuracy; only with client_test_indices), batched
+  throughput and batch-1 latency median/p90/mean in ms per example.
+  """
+  check_quantization(quantization)
+  x_test, y_test = _checked_test_split(x_test, y_test)
+  plain = export_model(keras_model)
+  _check_input_shape(plain, x_test)
+  sparsity, layer_sparsity = weight_sparsity(plain)
+  exports, contents = _export_variants(
+      plain,
+      quantization,
+      representative_data,
+      x_test,
+      y_test,
+      client_test_indices,
+      batch_size,
+      latency_examples,
+      num_threads,
+  )
   report = {
       "quantization": quantization,
       "model_file": MODEL_FILE,
