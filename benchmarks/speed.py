@@ -173,6 +173,8 @@ class SpeedSettings:
   profile: bool = True
   seed: int = 0
   data_dir: str | None = None
+  # None: the algorithm's default (cohort where it has a cohort engine).
+  client_execution: str | None = None
 
   def validate(self) -> None:
     """Raises ValueError (one line) for settings that cannot be measured."""
@@ -696,6 +698,7 @@ def experiment_config(algorithm: str, case: Case, settings: SpeedSettings, outpu
       eval_every=settings.eval_every,
       seed=settings.seed,
       output_dir=output_dir,
+      client_execution=settings.client_execution,
   ).resolve()
 
 
@@ -1291,6 +1294,9 @@ def define_flags() -> None:
       "decomposition_repeats", 5,
       "Timings of the aggregator and finalizer (on empty client data) per configuration.")
   flags.DEFINE_integer("seed", 0, "Seed of the partition and the client sampling.")
+  flags.DEFINE_enum(
+      "client_execution", None, ["cohort", "per_client"],
+      "How clients are trained (default: each algorithm's default, run.py's --client_execution).")
 
   flags.register_validator("output_dir", bool, "--output_dir must not be empty")
   flags.register_validator("rounds", lambda v: v >= 2, "--rounds must be >= 2 (the first round is excluded)")
@@ -1329,6 +1335,7 @@ def settings_from_flags() -> SpeedSettings:
       pure_tf_clients=FLAGS.pure_tf_clients,
       decomposition_repeats=FLAGS.decomposition_repeats,
       seed=FLAGS.seed,
+      client_execution=FLAGS.client_execution,
   )
   if FLAGS.quick:
     for name, value in QUICK.items():

@@ -51,34 +51,67 @@ def _check_value_type(value_type):
       raise TypeError(f"mask shape {m.shape} does not match value {v.shape}")
 
 
+def contributions(values, masks, weights, budgets):
+  """The validated, weighted contributions of G clients, summed over them.
+
+  values[i]: [G, ...] (client g's i-th tensor); masks[i]: [G, ...] for a
+  masked tensor or [G] (a scalar per client) for an unmasked one;
+  weights: [G]. A client whose update is not finite, whose weight is not
+  positive and finite, or whose mask keeps more than `budgets[i]`
+  positions of a masked tensor i gets weight 0 and no votes. Returns
+  OrderedDict(weighted, votes, counts, total, rejected): sums over the
+  clients of w m v, w m, [w > 0] m, w and the number rejected. The
+  per-client aggregator calls it with G = 1, the cohort client work with
+  its cohort.
+  """
+  w = tf.cast(weights, tf.float32)
+
+  def per_client(t):
+    return tf.reshape(t, [tf.shape(t)[0], -1])
+
+  checks = [tf.math.is_finite(w), w > 0]
+  for i, (v, m) in enumerate(zip(values, masks)):
+    checks.append(tf.reduce_all(tf.math.is_finite(per_client(v)), axis=1))
+    checks.append(tf.reduce_all(tf.math.is_finite(per_client(m)), axis=1))
+    if i in budgets:
+      kept = tf.reduce_sum(tf.cast(tf.not_equal(per_client(m), 0.0), tf.int64), axis=1)
+      checks.append(kept <= budgets[i])
+  valid = tf.reduce_all(tf.stack(checks), axis=0)
+  w = tf.where(valid, w, 0.0)
+
+  def by_client(t, like):
+    """[G] -> [G, 1, ..., 1] of `like`'s rank."""
+    return tf.reshape(t, tf.concat([tf.shape(t), tf.ones([tf.rank(like) - 1], tf.int32)], 0))
+
+  weighted, votes, counts = [], [], []
+  for v, m in zip(values, masks):
+    v = tf.where(by_client(valid, v), v, tf.zeros_like(v))
+    m = tf.where(by_client(valid, m), m, tf.zeros_like(m))
+    wm = by_client(w, m) * m
+    wm_v = wm if m.shape.rank == v.shape.rank else by_client(wm, v)
+    weighted.append(tf.reduce_sum(wm_v * v, axis=0))
+    votes.append(tf.reduce_sum(wm, axis=0))
+    counts.append(tf.reduce_sum(by_client(tf.cast(w > 0, tf.float32), m) * m, axis=0))
+  return collections.OrderedDict(
+      weighted=weighted,
+      votes=votes,
+      counts=counts,
+      total=tf.reduce_sum(w),
+      rejected=tf.reduce_sum(tf.cast(tf.logical_not(valid), tf.int32)),
+  )
+
+
 def _build_contribution(value_type, weight_type, budgets):
   """Per client: the validated update's weighted values, votes and counts."""
 
   @tff.tensorflow.computation(value_type, weight_type)
   def contribution(update, weight):
-    w = tf.cast(weight, tf.float32)
-    checks = [tf.math.is_finite(w), w > 0]
-    for i, (v, m) in enumerate(zip(update["values"], update["masks"])):
-      checks.append(tf.reduce_all(tf.math.is_finite(v)))
-      checks.append(tf.reduce_all(tf.math.is_finite(m)))
-      if i in budgets:
-        kept = tf.reduce_sum(tf.cast(tf.not_equal(m, 0.0), tf.int64))
-        checks.append(kept <= budgets[i])
-    valid = tf.reduce_all(checks)
-    w = tf.where(valid, w, 0.0)
-    weighted, votes, counts = [], [], []
-    for v, m in zip(update["values"], update["masks"]):
-      v = tf.where(valid, v, tf.zeros_like(v))
-      m = tf.where(valid, m, tf.zeros_like(m))
-      weighted.append(w * m * v)
-      votes.append(w * m)
-      counts.append(tf.cast(w > 0, tf.float32) * m)
-    return collections.OrderedDict(
-        weighted=weighted,
-        votes=votes,
-        counts=counts,
-        total=w,
-        rejected=tf.cast(tf.logical_not(valid), tf.int32),
+    one = lambda t: tf.expand_dims(t, 0)  # noqa: E731  (a cohort of one)
+    return contributions(
+        [one(v) for v in update["values"]],
+        [one(m) for m in update["masks"]],
+        one(weight),
+        budgets,
     )
 
   return contribution
@@ -117,7 +150,7 @@ def _build_finish(sums_type, masked, min_votes):
 
 
 def _voting_process(inner, contribution, finish, value_type, weight_type):
-  """contribution on clients, the inner sum, finish on the server."""
+  """contribution on clients (None: already made), the inner sum, finish on the server."""
 
   @tff.federated_computation
   def init_fn():
@@ -129,8 +162,11 @@ def _voting_process(inner, contribution, finish, value_type, weight_type):
       tff.FederatedType(weight_type, tff.CLIENTS),
   )
   def next_fn(state, value, weight):
-    contributions = tff.federated_map(contribution, (value, weight))
-    summed = inner.next(state, contributions)
+    if contribution is None:
+      del weight  # the cohort's contributions are weighted already
+      summed = inner.next(state, value)
+    else:
+      summed = inner.next(state, tff.federated_map(contribution, (value, weight)))
     result, stats = tff.federated_map(finish, summed.result)
     measurements = tff.federated_zip(
         collections.OrderedDict(voting=stats, sum=summed.measurements)
@@ -150,27 +186,38 @@ class SparseVotingFactory(tff.aggregators.WeightedAggregationFactory):
       min_votes: int = 1,
       sum_factory=None,
       budgets: dict[int, int] | None = None,
+      presummed: bool = False,
   ):
     """Args:
       min_votes: masked positions kept by fewer clients get no votes.
       sum_factory: the inner unweighted sum (default `SumFactory`).
       budgets: {index of a masked value: most positions its mask may keep};
         an update exceeding any is rejected.
+      presummed: each TFF client is a cohort of clients that sends the sum
+        of its clients' validated contributions (`contributions`, computed
+        by the cohort client work with the same budgets) instead of one
+        update: the value type is that of `contributions`' result and the
+        weight is not used. The result is the same voting average.
     """
     if min_votes < 1:
       raise ValueError(f"min_votes must be >= 1, got {min_votes}")
     self._min_votes = int(min_votes)
     self._sum_factory = sum_factory or tff.aggregators.SumFactory()
     self._budgets = dict(budgets or {})
+    self._presummed = presummed
 
   def create(self, value_type, weight_type) -> tff.templates.AggregationProcess:
-    _check_value_type(value_type)
-    masked = [tuple(m.shape) != () for m in value_type.masks]
-    for i in self._budgets:
-      if not 0 <= i < len(masked) or not masked[i]:
-        raise ValueError(f"budget given for value {i}, which has no mask")
-    contribution = _build_contribution(value_type, weight_type, self._budgets)
-    sums_type = contribution.type_signature.result
+    if self._presummed:
+      masked = [tuple(v.shape) != () for v in value_type.votes]
+      contribution, sums_type = None, value_type
+    else:
+      _check_value_type(value_type)
+      masked = [tuple(m.shape) != () for m in value_type.masks]
+      for i in self._budgets:
+        if not 0 <= i < len(masked) or not masked[i]:
+          raise ValueError(f"budget given for value {i}, which has no mask")
+      contribution = _build_contribution(value_type, weight_type, self._budgets)
+      sums_type = contribution.type_signature.result
     inner = self._sum_factory.create(sums_type)
     finish = _build_finish(sums_type, masked, self._min_votes)
     return _voting_process(inner, contribution, finish, value_type, weight_type)

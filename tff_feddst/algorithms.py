@@ -57,6 +57,8 @@ class AlgorithmConfig:
   seed: int = 0
   structured_boundary: float = 0.95
   structured_relative_to: str = "original_mean"
+  # "cohort": each TFF client trains a cohort of clients as one computation.
+  client_execution: str = "per_client"
 
 
 @dataclasses.dataclass
@@ -73,6 +75,8 @@ class BuiltAlgorithm:
   upload_value_bits: int = 32
   # The structured search's layout (`structured.StructuredLayout`).
   structured: object | None = None
+  # Set when the process trains cohorts (`cohort_work.CohortSettings`).
+  cohort: object | None = None
 
   @property
   def sparse(self) -> bool:
@@ -102,6 +106,8 @@ class Algorithm:
       default_factory=lambda: types.MappingProxyType({})
   )
   retrain_with: str | None = None
+  # Has a cohort client work (`--client_execution=cohort`).
+  cohort: bool = False
   # Makes the driver's `phases.Phase` for this process (None: the plain one).
   make_phase: Callable | None = None
 
@@ -127,6 +133,18 @@ def build_client_optimizer(config: AlgorithmConfig):
   """The clients' optimizer, the same for every algorithm."""
   return optimizers.build_sgdw(
       config.client_lr, config.client_momentum, config.weight_decay
+  )
+
+
+def cohort_settings(config: AlgorithmConfig, keras_fn, input_spec):
+  """The cohort engine's settings, or None for per-client execution."""
+  if config.client_execution != "cohort":
+    return None
+  from tff_feddst import cohort_work  # pylint: disable=g-import-not-at-top
+
+  return cohort_work.CohortSettings(
+      keras_fn, config.client_lr, config.client_momentum, config.weight_decay,
+      tuple(input_spec["x"].shape[1:]),
   )
 
 
@@ -173,6 +191,7 @@ def _build_sparse(readjusts: bool) -> Builder:
     server_optimizer = None
     if config.server_lr != 1.0 or config.server_momentum:
       server_optimizer = _server_optimizer(config)
+    cohort = cohort_settings(config, keras_fn, input_spec)
     process = feddst.build_feddst(
         sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True),
         layout,
@@ -186,12 +205,13 @@ def _build_sparse(readjusts: bool) -> Builder:
         prox_mu=config.prox_mu,
         server_optimizer=server_optimizer,
         upload_dtype=tf.as_dtype(config.upload_dtype),
+        cohort=cohort,
     )
     size = costs.ModelSize(layout.num_prunable, layout.num_unmasked)
     value_bits = 16 if config.upload_dtype == "float16" else 32
     return BuiltAlgorithm(
         process, initial, layout, size, epochs_in_process=True,
-        upload_value_bits=value_bits,
+        upload_value_bits=value_bits, cohort=cohort,
     )
 
   return build
@@ -213,6 +233,7 @@ STRUCTURED_SEARCH = Algorithm(
     "structured_search",
     "phase 1 of structured*: FedAvg with server-side removal of weak units",
     _build_structured_search,
+    cohort=True,
     make_phase=_search_phase,
 )
 
@@ -236,11 +257,11 @@ _ENTRIES = (
     ),
     Algorithm(
         "feddst", "FedDST: sparse training with mask readjustment",
-        _build_sparse(readjusts=True), sparse=True, float16_upload=True,
+        _build_sparse(readjusts=True), sparse=True, float16_upload=True, cohort=True,
     ),
     Algorithm(
         "randommask", "FedDST with readjustment ratio 0 (a fixed random mask)",
-        _build_sparse(readjusts=False), sparse=True, float16_upload=True,
+        _build_sparse(readjusts=False), sparse=True, float16_upload=True, cohort=True,
     ),
     Algorithm(
         "structured",
@@ -268,3 +289,8 @@ def get(name: str) -> Algorithm:
         f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}"
     )
   return REGISTRY[name]
+
+
+def get_phase(name: str) -> Algorithm:
+  """A registry entry, or the structured search (a phase of two-phase entries)."""
+  return STRUCTURED_SEARCH if name == STRUCTURED_SEARCH.name else get(name)

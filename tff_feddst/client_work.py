@@ -177,7 +177,7 @@ def build_client_update(
   return client_update
 
 
-def _model_types(model_fn):
+def model_types(model_fn):
   """(metrics aggregation fn, model weights type, client data type)."""
   with tf.Graph().as_default():
     model = model_fn()
@@ -189,7 +189,7 @@ def _model_types(model_fn):
   return metrics_aggregation_fn, weights_type, tff.SequenceType(element_type)
 
 
-def _build_schedule(
+def build_schedule(
     layout: SparseLayout,
     readjustment_ratio: float,
     rounds_between_readjustments: int,
@@ -238,10 +238,10 @@ def build_feddst_client_work(
     upload_dtype: tf.DType = tf.float32,
 ) -> tff.learning.templates.ClientWorkProcess:
   """The FedDST `ClientWorkProcess` (alpha = 0 gives RandomMask)."""
-  metrics_aggregation_fn, weights_type, data_type = _model_types(model_fn)
+  metrics_aggregation_fn, weights_type, data_type = model_types(model_fn)
   num_layers = len(layout.budgets)
   k_type = tff.TensorType(np.int32, [num_layers])
-  init_tf, plan_round, advance = _build_schedule(
+  init_tf, plan_round, advance = build_schedule(
       layout, readjustment_ratio, rounds_between_readjustments,
       readjustment_end_round,
   )

@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 
 QUANTIZATION_MODES = ("float32", "float16", "int8")
+CLIENT_EXECUTION = ("cohort", "per_client")
 
 # The values a string setting may take.
 CHOICES = {
@@ -34,6 +35,7 @@ CHOICES = {
     "upload_dtype": ("float32", "float16"),
     "tflite_quantization": QUANTIZATION_MODES,
     "structured_relative_to": unit_graph.RELATIVE_TO,
+    "client_execution": CLIENT_EXECUTION,
 }
 
 # (setting, test, what it must be) for every numeric setting.
@@ -63,13 +65,14 @@ _RANGES = (
     ("client_failure_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("structured_search_rounds", lambda v: v >= 1, ">= 1"),
     ("structured_boundary", lambda v: v >= 0, ">= 0"),
+    ("cohort_size", lambda v: v >= 0, ">= 0 (0: all of a round's clients)"),
 )
 
 # Settings that may differ when a run is resumed: they do not change what
 # is trained (`rounds` may grow as long as R_end stays the same).
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "data_dir", "rounds", "eval_every", "checkpoint_every",
-    "export_tflite", "tflite_quantization",
+    "export_tflite", "tflite_quantization", "client_execution", "cohort_size",
 })
 
 
@@ -77,10 +80,12 @@ RESUMABLE_CHANGES = frozenset({
 class ExperimentConfig(algorithms.AlgorithmConfig):
   """Every setting of a run (the flags of run.py).
 
-  `server_momentum`, `prox_mu` and `readjustment_end_round` left at None
-  take the algorithm's default in `resolve()`.
+  `server_momentum`, `prox_mu`, `readjustment_end_round` and
+  `client_execution` left at None take the algorithm's default in
+  `resolve()`.
   """
 
+  client_execution: str | None = None
   server_momentum: float | None = None
   prox_mu: float | None = None
   readjustment_end_round: int | None = None
@@ -105,6 +110,8 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
   structured_search_rounds: int = 20
   # structured*: phase 2 starts from fresh seeded weights.
   structured_reinit: bool = False
+  # Clients per cohort with --client_execution=cohort (0: one cohort a round).
+  cohort_size: int = 0
 
   @property
   def spec(self) -> algorithms.Algorithm:
@@ -133,6 +140,9 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
         values[key] = spec.defaults.get(key, 0.0)
     if not spec.sparse:
       values["sparsity"] = 0.0
+    if self.client_execution is None:
+      has_cohorts = any(phase.cohort for phase in spec.phases)
+      values["client_execution"] = "cohort" if has_cohorts else "per_client"
     if self.readjustment_end_round is None:
       retrain_rounds = self.rounds - (self.phase_rounds()[0] if spec.two_phase else 0)
       values["readjustment_end_round"] = retrain_rounds // 2
@@ -163,6 +173,11 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
       raise ConfigError(
           f"--upload_dtype={self.upload_dtype} is implemented for {', '.join(allowed)} only"
       )
+    if self.client_execution == "cohort" and not any(p.cohort for p in self.spec.phases):
+      allowed = [a.name for a in algorithms.REGISTRY.values() if any(p.cohort for p in a.phases)]
+      raise ConfigError(
+          f"--client_execution=cohort is implemented for {', '.join(allowed)} only"
+      )
     if self.spec.two_phase and self.structured_search_rounds >= self.rounds:
       raise ConfigError(
           f"--structured_search_rounds={self.structured_search_rounds} must be "
@@ -177,6 +192,8 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
     }
     if algorithm is not None:
       values["algorithm"] = algorithm
+    if not algorithms.get_phase(values["algorithm"]).cohort:
+      values["client_execution"] = "per_client"
     return algorithms.AlgorithmConfig(**values)
 
   def differences_from(self, saved: dict) -> list[str]:

@@ -18,6 +18,7 @@ import tensorflow_federated as tff
 
 from tff_feddst import aggregation
 from tff_feddst import client_work as client_work_lib
+from tff_feddst import cohort_work
 from tff_feddst import finalizer as finalizer_lib
 from tff_feddst.sparse_model import SparseLayout
 
@@ -50,6 +51,7 @@ def build_feddst(
     server_optimizer: tff.learning.optimizers.Optimizer | None = None,
     upload_dtype: tf.DType = tf.float32,
     aggregation_factory: tff.aggregators.WeightedAggregationFactory | None = None,
+    cohort: "cohort_work.CohortSettings | None" = None,
 ) -> tff.learning.templates.LearningProcess:
   """Builds the FedDST learning process.
 
@@ -69,30 +71,35 @@ def build_feddst(
       otherwise e.g. `build_sgdm(server_lr, server_momentum)`.
     upload_dtype: tf.float16 rounds uploaded values to half precision.
     aggregation_factory: replaces the sparse voting average.
+    cohort: train each TFF client's cohort of clients as one computation
+      (`cohort_work`); None trains every client on its own.
   """
   if local_epochs < 1:
     raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
   if rounds_between_readjustments < 1:
     raise ValueError("rounds_between_readjustments must be >= 1")
-  client_work = client_work_lib.build_feddst_client_work(
-      model_fn,
-      layout,
-      client_optimizer,
+  schedule = dict(
       local_epochs=local_epochs,
       readjustment_ratio=readjustment_ratio,
       rounds_between_readjustments=rounds_between_readjustments,
       readjustment_end_round=readjustment_end_round,
-      prox_mu=prox_mu,
       upload_dtype=upload_dtype,
   )
+  budgets = dict(zip(layout.kernel_index, layout.budgets))
+  if cohort is None:
+    client_work = client_work_lib.build_feddst_client_work(
+        model_fn, layout, client_optimizer, prox_mu=prox_mu, **schedule
+    )
+    factory = aggregation_factory or aggregation.SparseVotingFactory(min_votes, budgets=budgets)
+  else:
+    client_work = cohort_work.build_cohort_client_work(
+        model_fn, cohort.keras_fn, layout, cohort.hyperparameters(prox_mu),
+        image_shape=cohort.image_shape, budgets=budgets, **schedule,
+    )
+    factory = aggregation.SparseVotingFactory(min_votes, budgets=budgets, presummed=True)
   weights_type = client_work.next.type_signature.parameter[1].member
   result_type = client_work.next.type_signature.result.result.member
-  update_type = result_type.update
-  weight_type = result_type.update_weight
-  factory = aggregation_factory or aggregation.SparseVotingFactory(
-      min_votes, budgets=dict(zip(layout.kernel_index, layout.budgets))
-  )
-  aggregator = factory.create(update_type, weight_type)
+  aggregator = factory.create(result_type.update, result_type.update_weight)
   update_out_type = aggregator.next.type_signature.result.result.member
   finalizer = finalizer_lib.build_sparse_finalizer(
       weights_type, update_out_type, layout, server_optimizer

@@ -181,16 +181,35 @@ class RoundStep:
     rng = np.random.default_rng(seed(self.config.seed, 5, round_num))
     return rng.random(num_clients) < rate
 
-  def run_clients(self, state, datasets):
-    """(state, outcome, skipped): `process.next`, accepted or not."""
+  def client_inputs(self, survivors) -> list:
+    """The TFF client values of the round: a data set per client, or
+    per cohort of clients when the process trains cohorts."""
+    datasets = [dataset for _, dataset in survivors]
+    settings = self.phase.built.cohort
+    if settings is None or not datasets:
+      return datasets
+    from tff_feddst import cohort_work  # pylint: disable=g-import-not-at-top
+
+    batch = self.config.batch_size
+    per_epoch = [
+        -(-self.fed_data.num_train_examples(cid) // batch) for cid, _ in survivors
+    ]
+    return cohort_work.pack_cohorts(
+        datasets, self.config.local_epochs, per_epoch, batch,
+        self.config.cohort_size or len(datasets),
+    )
+
+  def run_clients(self, state, survivors):
+    """(state, outcome, skipped): `process.next` on the surviving
+    (client id, data set) pairs, accepted or not."""
     built = self.phase.built
-    if not datasets:
+    if not survivors:
       return _advance_client_round(state), _ClientsOutcome(), True
-    output = built.process.next(state, datasets)
+    output = built.process.next(state, self.client_inputs(survivors))
     outcome = _read_metrics(output.metrics, built.sparse)
     # A round in which the server rejected every update keeps the previous
     # state whole (no server momentum step on an empty round).
-    if outcome.rejected == len(datasets):
+    if outcome.rejected == len(survivors):
       return _advance_client_round(state), outcome, True
     return output.state, outcome, False
 
@@ -203,7 +222,7 @@ class RoundStep:
     download_bits = ledger.download(
         client_ids, built.layout.num_kept if built.sparse else None
     )
-    survivors = [d for d, f in zip(datasets, failed) if not f]
+    survivors = [(c, d) for c, d, f in zip(client_ids, datasets, failed) if not f]
     state, outcome, skipped = self.run_clients(state, survivors)
     upload_bits = 0
     if survivors:

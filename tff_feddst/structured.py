@@ -36,6 +36,7 @@ import tensorflow_federated as tff
 import keras_models
 from tff_feddst import aggregation
 from tff_feddst import client_work as client_work_lib
+from tff_feddst import cohort_work
 from tff_feddst import costs
 from tff_feddst import feddst
 from tff_feddst import files
@@ -219,6 +220,7 @@ def build_structured_search(
     boundary: float,
     relative_to: str = "original_mean",
     prox_mu: float = 0.0,
+    cohort: "cohort_work.CohortSettings | None" = None,
 ) -> tff.learning.templates.LearningProcess:
   """Phase 1 of paper 2: FedAvg with server-side removal of weak units.
 
@@ -238,6 +240,8 @@ def build_structured_search(
       original units, removed ones counting 0; "mean" the mean over its
       alive units; "max" the maximum over its alive units.
     prox_mu: FedProx strength (0 disables).
+    cohort: train each TFF client's cohort of clients as one computation
+      (`cohort_work`); None trains every client on its own.
   """
   if local_epochs < 1:
     raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
@@ -247,19 +251,24 @@ def build_structured_search(
         "layout must be a StructuredLayout (structured.build_structured_layout)"
     )
   _check_structured_weights(layout, initial_weights)
-  client_work = client_work_lib.build_feddst_client_work(
-      model_fn,
-      layout.sparse,
-      client_optimizer,
+  schedule = dict(
       local_epochs=local_epochs,
       readjustment_ratio=0.0,
       rounds_between_readjustments=1,
       readjustment_end_round=0,
-      prox_mu=prox_mu,
   )
+  if cohort is None:
+    client_work = client_work_lib.build_feddst_client_work(
+        model_fn, layout.sparse, client_optimizer, prox_mu=prox_mu, **schedule
+    )
+  else:
+    client_work = cohort_work.build_cohort_client_work(
+        model_fn, cohort.keras_fn, layout.sparse, cohort.hyperparameters(prox_mu),
+        image_shape=cohort.image_shape, **schedule,
+    )
   weights_type = client_work.next.type_signature.parameter[1].member
   result_type = client_work.next.type_signature.result.result.member
-  aggregator = aggregation.SparseVotingFactory().create(
+  aggregator = aggregation.SparseVotingFactory(presummed=cohort is not None).create(
       result_type.update, result_type.update_weight
   )
   update_out_type = aggregator.next.type_signature.result.result.member
@@ -289,6 +298,7 @@ def build_search_algorithm(config, keras_fn, input_spec):
 
   layout = build_structured_layout(sparse_model.wrap_prunable(keras_fn()))
   initial = initial_search_weights(keras_fn, config.seed, layout)
+  cohort = algorithms.cohort_settings(config, keras_fn, input_spec)
   process = build_structured_search(
       sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True),
       layout,
@@ -298,10 +308,12 @@ def build_search_algorithm(config, keras_fn, input_spec):
       boundary=config.structured_boundary,
       relative_to=config.structured_relative_to,
       prox_mu=config.prox_mu,
+      cohort=cohort,
   )
   size = costs.ModelSize(int(keras_fn().count_params()), 0)
   return algorithms.BuiltAlgorithm(
-      process, initial, None, size, epochs_in_process=True, structured=layout
+      process, initial, None, size, epochs_in_process=True, structured=layout,
+      cohort=cohort,
   )
 
 

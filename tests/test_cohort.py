@@ -1,0 +1,180 @@
+"""The cohort engine equals training the clients one by one.
+
+`cohort.CohortNetwork` runs G clients' networks as grouped convolutions and
+batched matmuls; `cohort_work` trains a cohort in one TF computation and
+sends its summed voting contributions. The per-client client work is the
+reference: the same weights, masks, metrics and statistics must come out.
+"""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_models
+from tff_feddst import cohort
+from tff_feddst import cohort_work
+from tff_feddst import feddst
+from tff_feddst import optimizers
+from tff_feddst import sparse_model
+from tff_feddst import structured
+
+
+@pytest.mark.parametrize(
+    "name, shape, classes, widths",
+    [
+        ("mnist_cnn", (28, 28, 1), 10, {"conv1": 3, "conv2": 4, "dense1": 6}),
+        ("cifar10_cnn", (32, 32, 3), 10, {"conv1": 2, "conv2": 3, "dense1": 5, "dense2": 4}),
+        ("cifar100_cnn", (32, 32, 3), 100, {"conv1": 2, "conv2": 3, "dense1": 5}),
+        ("leaf_cnn", (28, 28, 1), 62, {"conv1": 3, "conv2": 4, "dense1": 8}),
+    ],
+)
+def test_cohort_logits_equal_each_clients_keras_logits(name, shape, classes, widths):
+  models = []
+  for g in range(3):
+    tf.keras.utils.set_random_seed(g)
+    models.append(keras_models.build_model(name, shape, classes, widths=widths))
+  params = [
+      tf.stack([m.trainable_weights[i] for m in models])
+      for i in range(len(models[0].trainable_weights))
+  ]
+  x = np.random.default_rng(0).random((3, 5, *shape), np.float32)
+  got = cohort.CohortNetwork(sparse_model.wrap_prunable(models[0])).logits(params, x)
+  for g, model in enumerate(models):
+    np.testing.assert_allclose(got[g], model(x[g]), rtol=1e-5, atol=1e-5)
+
+
+def test_pack_pads_short_clients_and_marks_the_first_epoch():
+  def batch(n, start):
+    return {"x": np.full((n, 1), start, np.float32), "y": np.arange(start, start + n, dtype=np.int32)}
+
+  packed = cohort.pack(
+      [
+          [[batch(2, 0), batch(1, 2)], [batch(2, 10), batch(1, 12)]],  # 3 examples, 2 epochs
+          [[batch(2, 20)], [batch(2, 30)]],  # 2 examples: one batch per epoch
+      ],
+      batch_size=2,
+  )
+  assert packed.x.shape == (4, 2, 2, 1)
+  np.testing.assert_array_equal(packed.valid[:, 0], [[1, 1], [1, 0], [1, 1], [1, 0]])
+  np.testing.assert_array_equal(packed.valid[:, 1], [[1, 1], [1, 1], [0, 0], [0, 0]])
+  np.testing.assert_array_equal(packed.first[:, 0], [[1, 1], [1, 0], [0, 0], [0, 0]])
+  np.testing.assert_array_equal(packed.first[:, 1], [[1, 1], [0, 0], [0, 0], [0, 0]])
+  np.testing.assert_array_equal(packed.y[:, 1, 0], [20, 30, 0, 0])
+  np.testing.assert_array_equal(packed.num_examples, [6, 4])
+
+
+def test_batched_readjust_equals_the_per_client_rule():
+  from tff_feddst import masks as masks_lib  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(1)
+  weights = rng.normal(size=(4, 6, 5)).astype(np.float32)
+  weights[:, 0, :2] = 0.25  # ties in magnitude
+  mask = (rng.random((4, 6, 5)) < 0.5).astype(np.float32)
+  gradient = rng.normal(size=(4, 6, 5)).astype(np.float32)
+  gradient[:, 1, :3] = 1.5  # ties in gradient
+  weights *= mask
+  new_mask, new_weights = cohort.readjust(weights, mask, gradient, 3)
+  for g in range(4):
+    want_mask, want_weights = masks_lib.readjust(weights[g], mask[g], gradient[g], 3)
+    np.testing.assert_array_equal(new_mask[g], want_mask)
+    np.testing.assert_array_equal(new_weights[g], want_weights)
+
+
+WIDTHS = {"conv1": 3, "conv2": 4, "dense1": 8}
+SPEC = collections.OrderedDict(
+    x=tf.TensorSpec([None, 28, 28, 1], tf.float32), y=tf.TensorSpec([None], tf.int32)
+)
+SIZES = (9, 4, 14, 3, 9)  # unequal clients: different batch counts and sizes
+EPOCHS, BATCH = 2, 4
+
+
+def _keras():
+  return keras_models.build_model("mnist_cnn", (28, 28, 1), 10, widths=WIDTHS)
+
+
+def _datasets(round_num, poisoned=None):
+  rng = np.random.default_rng(round_num)
+  datasets = []
+  for c, n in enumerate(SIZES):
+    x = rng.random((n, 28, 28, 1), np.float32)
+    if c == poisoned:
+      x[0, 0, 0, 0] = np.nan
+    y = rng.integers(0, 10, n).astype(np.int32)
+    ds = tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y))
+    datasets.append(ds.shuffle(n, seed=10 * round_num + c, reshuffle_each_iteration=True).batch(BATCH))
+  return datasets
+
+
+def _cohorts(datasets, cohort_size=3):
+  per_epoch = [-(-n // BATCH) for n in SIZES]
+  return cohort_work.pack_cohorts(datasets, EPOCHS, per_epoch, BATCH, cohort_size)
+
+
+def _settings():
+  return cohort_work.CohortSettings(_keras, 0.05, 0.9, 0.001, (28, 28, 1))
+
+
+def _assert_same_round(ref, coh, out_ref, out_coh, layout_masks):
+  w_ref, w_coh = ref.get_model_weights(out_ref.state), coh.get_model_weights(out_coh.state)
+  for a, b in zip(w_ref.trainable, w_coh.trainable):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for i in layout_masks:
+    np.testing.assert_array_equal(w_ref.non_trainable[i], w_coh.non_trainable[i])
+  m_ref, m_coh = out_ref.metrics["client_work"], out_coh.metrics["client_work"]
+  assert dict(m_ref["clients"]) == dict(m_coh["clients"])
+  for key in ("loss", "accuracy"):
+    assert float(m_coh["train"][key]) == pytest.approx(float(m_ref["train"][key]), rel=1e-5)
+  assert out_ref.metrics["aggregator"]["voting"] == out_coh.metrics["aggregator"]["voting"]
+
+
+@pytest.mark.parametrize("upload_dtype", [tf.float32, tf.float16])
+def test_cohort_feddst_equals_per_client_feddst(upload_dtype):
+  layout = sparse_model.build_layout(sparse_model.wrap_prunable(_keras()), 0.6, "erk")
+  initial = sparse_model.initial_model_weights(_keras, 0, layout)
+  common = dict(
+      local_epochs=EPOCHS, readjustment_ratio=0.3, rounds_between_readjustments=1,
+      readjustment_end_round=5, prox_mu=0.01, upload_dtype=upload_dtype,
+  )
+  model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=True)
+  optimizer = optimizers.build_sgdw(0.05, 0.9, 0.001)
+  ref = feddst.build_feddst(model_fn, layout, initial, optimizer, **common)
+  coh = feddst.build_feddst(model_fn, layout, initial, optimizer, cohort=_settings(), **common)
+  s_ref, s_coh = ref.initialize(), coh.initialize()
+  for round_num in (1, 2):  # both readjust
+    out_ref = ref.next(s_ref, _datasets(round_num))
+    out_coh = coh.next(s_coh, _cohorts(_datasets(round_num)))
+    assert int(out_coh.metrics["client_work"]["clients"]["mask_changed"]) > 0
+    _assert_same_round(ref, coh, out_ref, out_coh, layout.mask_index)
+    s_ref, s_coh = out_ref.state, out_coh.state
+
+
+def test_a_nan_client_in_a_cohort_is_rejected_like_a_single_client():
+  layout = sparse_model.build_layout(sparse_model.wrap_prunable(_keras()), 0.5, "erk")
+  initial = sparse_model.initial_model_weights(_keras, 1, layout)
+  common = dict(local_epochs=EPOCHS, readjustment_ratio=0.0)
+  model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=True)
+  optimizer = optimizers.build_sgdw(0.05, 0.9, 0.001)
+  ref = feddst.build_feddst(model_fn, layout, initial, optimizer, **common)
+  coh = feddst.build_feddst(model_fn, layout, initial, optimizer, cohort=_settings(), **common)
+  out_ref = ref.next(ref.initialize(), _datasets(1, poisoned=2))
+  out_coh = coh.next(coh.initialize(), _cohorts(_datasets(1, poisoned=2), cohort_size=5))
+  assert out_coh.metrics["aggregator"]["voting"]["rejected"] == 1
+  _assert_same_round(ref, coh, out_ref, out_coh, layout.mask_index)
+
+
+def test_cohort_structured_search_equals_per_client():
+  layout = structured.build_structured_layout(sparse_model.wrap_prunable(_keras()))
+  initial = structured.initial_search_weights(_keras, 0, layout)
+  model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=True)
+  optimizer = optimizers.build_sgdw(0.05, 0.9, 0.001)
+  common = dict(local_epochs=EPOCHS, boundary=0.9)
+  ref = structured.build_structured_search(model_fn, layout, initial, optimizer, **common)
+  coh = structured.build_structured_search(
+      model_fn, layout, initial, optimizer, cohort=_settings(), **common
+  )
+  out_ref = ref.next(ref.initialize(), _datasets(3))
+  out_coh = coh.next(coh.initialize(), _cohorts(_datasets(3)))
+  assert out_ref.metrics["finalizer"] == out_coh.metrics["finalizer"]
+  _assert_same_round(ref, coh, out_ref, out_coh, layout.sparse.mask_index)

@@ -1,0 +1,321 @@
+"""A cohort of clients trained as one TensorFlow computation.
+
+G clients with the same network train at once: every parameter carries a
+leading client axis [G, ...]; a convolution runs as one grouped convolution
+(the clients' activations concatenated along channels, the filters grouped
+so that client g sees only its own channels), a dense layer as a batched
+matmul (`einsum('gbi,gio->gbo')`), and the loss is the sum over clients of
+each client's mean loss, so that each client's gradient is its own. This is
+the same arithmetic as training the clients one after the other
+(`client_work.build_client_update`, the reference), in fewer, larger ops.
+
+Data: `pack` stacks the clients' batches step by step into arrays
+x [T, G, B, ...], y [T, G, B] and valid [T, G, B] (1 for a real example).
+A client whose data ran out (fewer or smaller batches: Dirichlet and natural
+partitions) has padded entries; where a client has no example in a step it
+takes no step at all (no momentum, no weight decay movement).
+
+Everything here is pure TensorFlow over tensors (no TFF): the TFF client
+work wraps it.
+"""
+
+import collections
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tff_feddst import wrappers
+
+_layers = tf.keras.layers
+
+
+# ------------------------------------------------------------- the network
+
+
+@dataclasses.dataclass(frozen=True)
+class _Op:
+  """One layer of the network, as the cohort computation runs it."""
+
+  kind: str  # "conv", "dense", "pool", "activation", "flatten"
+  layer: tf.keras.layers.Layer
+  param_index: tuple[int, ...] = ()  # kernel (and bias) in the parameter list
+  fn: object = None  # an activation's function
+
+
+def _ops(model: tf.keras.Model) -> list[_Op]:
+  position = {id(v): i for i, v in enumerate(model.trainable_weights)}
+
+  def index_of(*variables):
+    return tuple(position[id(v)] for v in variables if v is not None)
+
+  ops = []
+  for wrapper in model.layers:
+    layer = wrappers.unwrap(wrapper)
+    if type(layer) is _layers.Conv2D:  # pylint: disable=unidiomatic-typecheck
+      if layer.data_format != "channels_last" or layer.groups != 1:
+        raise ValueError(f"cohort: conv layer {layer.name!r} must be channels_last, groups=1")
+      ops.append(_Op("conv", layer, index_of(layer.kernel, layer.bias)))
+    elif type(layer) is _layers.Dense:  # pylint: disable=unidiomatic-typecheck
+      ops.append(_Op("dense", layer, index_of(layer.kernel, layer.bias)))
+    elif isinstance(layer, (_layers.MaxPooling2D, _layers.AveragePooling2D)):
+      ops.append(_Op("pool", layer))
+    elif isinstance(layer, _layers.ReLU):
+      if layer.max_value is not None or float(layer.negative_slope) or float(layer.threshold):
+        raise ValueError(f"cohort: only the plain ReLU is supported ({layer.name!r})")
+      ops.append(_Op("activation", layer, fn=tf.nn.relu))
+    elif isinstance(layer, _layers.Activation):
+      ops.append(_Op("activation", layer, fn=layer.activation))
+    elif isinstance(layer, _layers.Flatten):
+      ops.append(_Op("flatten", layer))
+    elif not isinstance(layer, _layers.InputLayer):
+      raise ValueError(
+          f"cohort: layer {layer.name!r} ({type(layer).__name__}) is not supported"
+      )
+  return ops
+
+
+class CohortNetwork:
+  """A Sequential Keras network (plain or wrapped) run for G clients at once.
+
+  `logits(params, x)`: params in the model's `trainable_weights` order, each
+  with a leading client axis; x [G, B, H, W, C]; returns [G, B, classes].
+  """
+
+  def __init__(self, model: tf.keras.Model):
+    self._ops = _ops(model)
+    self.num_params = len(model.trainable_weights)
+
+  def logits(self, params: Sequence[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+    g = tf.shape(x)[0]
+    # Images: [B, H, W, G * C], client g's channels at [g * C, (g + 1) * C).
+    h = _to_grouped(x)
+    grouped = True
+    for op in self._ops:
+      if op.kind == "flatten":
+        h, grouped = _grouped_to_rows(h, g), False
+      elif op.kind == "conv":
+        h = _conv(op.layer, h, *[params[i] for i in op.param_index])
+      elif op.kind == "dense":
+        if grouped:
+          h, grouped = _grouped_to_rows(h, g), False
+        h = _dense(op.layer, h, *[params[i] for i in op.param_index])
+      elif op.kind == "pool":
+        pool = tf.nn.max_pool2d if isinstance(op.layer, _layers.MaxPooling2D) else tf.nn.avg_pool2d
+        h = pool(h, op.layer.pool_size, op.layer.strides, op.layer.padding.upper())
+      else:
+        h = op.fn(h)
+    return h
+
+
+def _to_grouped(x):
+  shape = tf.shape(x)
+  h = tf.transpose(x, [1, 2, 3, 0, 4])  # [B, H, W, G, C]
+  return tf.reshape(h, [shape[1], shape[2], shape[3], shape[0] * shape[4]])
+
+
+def _grouped_to_rows(h, g):
+  """[B, H, W, G * C] -> [G, B, H * W * C] (Keras' NHWC flatten per client)."""
+  shape = tf.shape(h)
+  h = tf.reshape(h, [shape[0], shape[1], shape[2], g, shape[3] // g])
+  h = tf.transpose(h, [3, 0, 1, 2, 4])
+  return tf.reshape(h, [g, shape[0], -1])
+
+
+def _conv(layer, h, kernel, bias=None):
+  """Grouped convolution: kernel [G, kh, kw, C_in, C_out] -> one conv2d."""
+  shape = tf.shape(kernel)
+  filters = tf.transpose(kernel, [1, 2, 3, 0, 4])
+  filters = tf.reshape(filters, [shape[1], shape[2], shape[3], shape[0] * shape[4]])
+  out = tf.nn.conv2d(
+      h, filters, strides=layer.strides, padding=layer.padding.upper(),
+      dilations=layer.dilation_rate,
+  )
+  if bias is not None:
+    out = out + tf.reshape(bias, [-1])
+  return layer.activation(out)
+
+
+def _dense(layer, h, kernel, bias=None):
+  out = tf.einsum("gbi,gio->gbo", h, kernel)
+  if bias is not None:
+    out = out + bias[:, tf.newaxis, :]
+  return layer.activation(out)
+
+
+# ------------------------------------------------------------- the data
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+  """A cohort's batches, step by step (numpy arrays)."""
+
+  x: np.ndarray  # [T, G, B, ...]
+  y: np.ndarray  # [T, G, B]
+  valid: np.ndarray  # [T, G, B] float32, 1 for a real example
+  first: np.ndarray  # [T, G, B] float32, 1 for a real example of the first epoch
+
+  @property
+  def num_examples(self) -> np.ndarray:
+    """Examples per client over all steps, [G]."""
+    return self.valid.sum(axis=(0, 2)).astype(np.int64)
+
+  def dataset(self) -> tf.data.Dataset:
+    """One element per step: OrderedDict(x, y, valid, first) of [G, B, ...]."""
+    return tf.data.Dataset.from_tensor_slices(
+        collections.OrderedDict(x=self.x, y=self.y, valid=self.valid, first=self.first)
+    )
+
+
+def pack(client_epochs: Sequence[Sequence[Sequence[dict]]], batch_size: int) -> Packed:
+  """Stacks the clients' batches step by step.
+
+  `client_epochs[g]` is client g's list of epochs, each a list of batches
+  ({"x", "y"} arrays, as its data set yields them). Client g's t-th batch
+  (counting through its epochs) fills step t; the rest of the step, and the
+  steps after its last batch, are padding (valid = 0).
+  """
+  client_batches = [[b for epoch in epochs for b in epoch] for epochs in client_epochs]
+  first_steps = [len(epochs[0]) if epochs else 0 for epochs in client_epochs]
+  num_steps = max((len(b) for b in client_batches), default=0)
+  example = next(batch for batches in client_batches for batch in batches)
+  g = len(client_batches)
+  x_shape = np.shape(example["x"])[1:]
+  x = np.zeros((num_steps, g, batch_size, *x_shape), np.asarray(example["x"]).dtype)
+  y = np.zeros((num_steps, g, batch_size), np.asarray(example["y"]).dtype)
+  valid = np.zeros((num_steps, g, batch_size), np.float32)
+  for c, batches in enumerate(client_batches):
+    for t, batch in enumerate(batches):
+      n = len(batch["y"])
+      x[t, c, :n] = batch["x"]
+      y[t, c, :n] = batch["y"]
+      valid[t, c, :n] = 1.0
+  first = valid.copy()
+  for c, steps in enumerate(first_steps):
+    first[steps:, c] = 0.0
+  return Packed(x, y, valid, first)
+
+
+# ------------------------------------------------------------- training
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+  """The clients' optimizer: momentum SGD with PyTorch-style weight decay."""
+
+  learning_rate: float
+  momentum: float
+  weight_decay: float
+  prox_mu: float = 0.0
+
+
+def _per_client_loss(logits, y, valid):
+  """(mean loss per client [G], examples [G], correct [G]) of one step."""
+  losses = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+  count = tf.reduce_sum(valid, axis=1)
+  mean = tf.reduce_sum(losses * valid, axis=1) / tf.maximum(count, 1.0)
+  hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32)
+  return mean, count, tf.reduce_sum(hits * valid, axis=1)
+
+
+def _where_client(active, new, old):
+  """Per client (leading axis): `new` where active, else `old`."""
+  shape = tf.concat([tf.shape(active), tf.ones([tf.rank(new) - 1], tf.int32)], 0)
+  return tf.where(tf.reshape(active, shape), new, old)
+
+
+def _sgdw_step(hp, active, params, velocity, grads, masks, anchor):
+  """One optimizer step of every active client (others keep everything)."""
+  new_params, new_velocity = [], []
+  for w, v, grad, mask, w0 in zip(params, velocity, grads, masks, anchor):
+    if hp.prox_mu:
+      grad = grad + hp.prox_mu * (w - w0)
+    if mask is not None:
+      grad = grad * mask
+    grad = grad + hp.weight_decay * w
+    v_next = hp.momentum * v + grad if hp.momentum else grad
+    new_velocity.append(_where_client(active, v_next, v))
+    new_params.append(_where_client(active, w - hp.learning_rate * v_next, w))
+  return tuple(new_params), tuple(new_velocity)
+
+
+def train(network: CohortNetwork, hp: Hyperparameters, params, masks, steps):
+  """Local training of a cohort (call inside a `tf.function`).
+
+  params: [G, ...] tensors in the network's parameter order; masks: one per
+  parameter, a [G, ...] 0/1 tensor for a masked kernel, None otherwise;
+  steps: a `tf.data.Dataset` of `Packed` steps. Gradients (and the FedProx
+  term, towards the initial params) are multiplied by the mask, so masked
+  weights stay zero and their momentum never moves. Returns (params,
+  totals) with totals = (examples, loss_sum, correct), each [G]: loss_sum
+  adds each step's mean loss times its examples (Keras' `loss` metric).
+  """
+  anchor = list(params)
+  g = tf.shape(params[0])[0]
+
+  def step(state, batch):
+    params, velocity, totals = state
+    with tf.GradientTape() as tape:
+      tape.watch(params)
+      mean, count, correct = _per_client_loss(
+          network.logits(params, batch["x"]), batch["y"], batch["valid"]
+      )
+      objective = tf.reduce_sum(mean)
+    grads = tape.gradient(objective, params)
+    params, velocity = _sgdw_step(hp, count > 0, params, velocity, grads, masks, anchor)
+    totals = (totals[0] + count, totals[1] + mean * count, totals[2] + correct)
+    return params, velocity, totals
+
+  zeros = tf.zeros([g])
+  initial = (tuple(params), tuple(tf.zeros_like(p) for p in params), (zeros, zeros, zeros))
+  params, _, totals = steps.reduce(initial, step)
+  return list(params), totals
+
+
+def gradient_sums(network: CohortNetwork, params, kernel_index, steps):
+  """Per client, the sum over its first epoch's examples of the task-loss
+  gradient of each kernel ([G, ...] each; call inside a `tf.function`)."""
+
+  def add(sums, batch):
+    with tf.GradientTape() as tape:
+      tape.watch(params)
+      logits = network.logits(params, batch["x"])
+      losses = tf.keras.losses.sparse_categorical_crossentropy(
+          batch["y"], logits, from_logits=True
+      )
+      objective = tf.reduce_sum(losses * batch["first"])
+    grads = tape.gradient(objective, [params[i] for i in kernel_index])
+    return tuple(s + grad for s, grad in zip(sums, grads))
+
+  first_epoch = steps.take_while(lambda b: tf.reduce_any(b["first"] > 0))
+  return first_epoch.reduce(tuple(tf.zeros_like(params[i]) for i in kernel_index), add)
+
+
+def _select_rows(scores, k):
+  """[G, N] 0/1: the k largest scores of every row (lower index wins ties)."""
+  _, idx = tf.math.top_k(scores, k=k, sorted=False)
+  rows = tf.broadcast_to(tf.range(tf.shape(scores)[0])[:, tf.newaxis], tf.shape(idx))
+  return tf.scatter_nd(
+      tf.stack([rows, idx], axis=-1), tf.ones(tf.shape(idx), tf.float32), tf.shape(scores)
+  )
+
+
+def readjust(weights, mask, gradient, k):
+  """`masks.readjust` for every client at once (leading axis G).
+
+  Per client: deactivate the k active positions of smallest |w|, then
+  activate the k inactive ones of largest |gradient|; a newly active
+  position starts at zero, one dropped and regrown keeps its value.
+  Returns (new_mask, new_weights).
+  """
+  shape = tf.shape(weights)
+  w = tf.reshape(weights, [shape[0], -1])
+  m = tf.reshape(mask, [shape[0], -1])
+  grad = tf.reshape(gradient, [shape[0], -1])
+  neg_inf = tf.constant(-np.inf, w.dtype)
+  pruned = m * (1.0 - _select_rows(tf.where(m > 0, -tf.abs(w), neg_inf), k))
+  grown = tf.minimum(pruned + _select_rows(tf.where(pruned > 0, neg_inf, tf.abs(grad)), k), 1.0)
+  new_positions = grown * (1.0 - m)
+  new_w = w * grown * (1.0 - new_positions)
+  return tf.reshape(grown, shape), tf.reshape(new_w, shape)

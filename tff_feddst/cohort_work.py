@@ -1,0 +1,219 @@
+"""The cohort client work: a TFF client is a cohort of clients trained at once.
+
+With `--client_execution=cohort` the driver packs the round's clients into
+cohorts (`pack_cohorts`); each cohort is one value at `tff.CLIENTS`: a
+sequence of steps, each holding every client's batch of that step
+(`cohort.Packed`). The cohort's TF computation trains its clients as one
+computation (`cohort.train`), readjusts each client's mask (batched prune
+and regrow), validates each client's update as the server would and sends
+the sum of its clients' voting contributions (`aggregation.contributions`):
+sum_c n_c m_c theta_c, sum_c n_c m_c, the client counts per position, the
+total weight and the number rejected. The voting average is linear in
+these, so the server (`SparseVotingFactory(presummed=True)`) sums the
+cohorts' contributions and divides exactly as it does for single clients.
+Training metrics and client statistics are sums over the cohort's clients.
+
+The per-client client work (`client_work.build_feddst_client_work`) is the
+reference implementation; the two give the same weights, masks and metrics.
+"""
+
+import collections
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_feddst import aggregation
+from tff_feddst import client_work as client_work_lib
+from tff_feddst import cohort
+from tff_feddst.sparse_model import SparseLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortSettings:
+  """What a process needs to train cohorts: the plain Keras network, the
+  clients' optimizer settings and the image shape of the data."""
+
+  keras_fn: Callable[[], tf.keras.Model]
+  learning_rate: float
+  momentum: float
+  weight_decay: float
+  image_shape: tuple[int, ...]
+
+  def hyperparameters(self, prox_mu: float = 0.0) -> cohort.Hyperparameters:
+    return cohort.Hyperparameters(
+        self.learning_rate, self.momentum, self.weight_decay, prox_mu
+    )
+
+
+def data_type(image_shape: Sequence[int]) -> tff.SequenceType:
+  """The TFF type of a cohort's steps (any cohort size and batch size)."""
+  return tff.SequenceType(
+      collections.OrderedDict(
+          x=tff.TensorType(np.float32, [None, None, *image_shape]),
+          y=tff.TensorType(np.int32, [None, None]),
+          valid=tff.TensorType(np.float32, [None, None]),
+          first=tff.TensorType(np.float32, [None, None]),
+      )
+  )
+
+
+def pack_cohorts(datasets, epochs: int, batches_per_epoch: Sequence[int], batch_size: int,
+                 cohort_size: int) -> list[tf.data.Dataset]:
+  """The round's per-client data sets as cohort data sets of `cohort_size` clients.
+
+  `datasets[c]` is client c's one-epoch data set (shuffled anew each
+  epoch); its E epochs are read in the order the per-client computation
+  would read them (`dataset.repeat(E)`).
+  """
+  client_epochs = []
+  for dataset, per_epoch in zip(datasets, batches_per_epoch):
+    batches = list(dataset.repeat(epochs).as_numpy_iterator())
+    client_epochs.append([batches[e * per_epoch:(e + 1) * per_epoch] for e in range(epochs)])
+  return [
+      cohort.pack(client_epochs[start:start + cohort_size], batch_size).dataset()
+      for start in range(0, len(client_epochs), cohort_size)
+  ]
+
+
+def _tile(t, g):
+  return tf.broadcast_to(t[tf.newaxis], tf.concat([[g], tf.shape(t)], 0))
+
+
+def _cohort_update(network, layout, hp, local_epochs, upload_dtype, budgets):
+  """The TF body: (contributions, train sums, client stats) of a cohort."""
+  slot_of = layout.mask_slot()
+  kernel_index = layout.kernel_index
+
+  def update(weights, steps, num_to_readjust):
+    g = steps.take(1).reduce(tf.constant(0), lambda _, b: tf.shape(b["y"])[0])
+    params = [_tile(w, g) for w in weights.trainable]
+    initial_masks = [_tile(weights.non_trainable[i], g) for i in layout.mask_index]
+    masks = [initial_masks[slot_of[i]] if i in slot_of else None for i in range(len(params))]
+    params, (examples, loss_sum, correct) = cohort.train(network, hp, params, masks, steps)
+    params = [p * m if m is not None else p for p, m in zip(params, masks)]
+
+    def readjusted():
+      sums = cohort.gradient_sums(network, params, kernel_index, steps)
+      per_epoch = tf.maximum(tf.math.floordiv(examples, float(local_epochs)), 1.0)
+      new_params, new_masks = list(params), []
+      for slot, i in enumerate(kernel_index):
+        gradient = sums[slot] / tf.reshape(per_epoch, [-1] + [1] * (sums[slot].shape.rank - 1))
+        mask, new_params[i] = cohort.readjust(
+            params[i], initial_masks[slot], gradient, num_to_readjust[slot]
+        )
+        new_masks.append(mask)
+      return tuple(new_params), tuple(new_masks)
+
+    params, kernel_masks = tf.cond(
+        tf.reduce_sum(num_to_readjust) > 0,
+        readjusted,
+        lambda: (tuple(params), tuple(initial_masks)),
+    )
+    params, kernel_masks = list(params), list(kernel_masks)
+    values = params
+    if upload_dtype != tf.float32:
+      values = [tf.cast(tf.cast(v, upload_dtype), tf.float32) for v in values]
+    upload_masks = [kernel_masks[slot_of[i]] if i in slot_of else tf.ones([g]) for i in range(len(values))]
+    contributions = aggregation.contributions(values, upload_masks, examples, budgets)
+    per_client = lambda t: tf.reshape(t, [g, -1])  # noqa: E731
+    finite = tf.reduce_all(
+        tf.stack([tf.reduce_all(tf.math.is_finite(per_client(v)), axis=1) for v in values]), axis=0
+    )
+    kept = tf.cast(finite, tf.float32)  # a rejected update's loss stays out of the metrics
+    changed = tf.reduce_any(tf.stack([
+        tf.reduce_any(tf.not_equal(per_client(m), per_client(m0)), axis=1)
+        for m, m0 in zip(kernel_masks, initial_masks)
+    ]), axis=0)
+    active = tf.add_n([tf.reduce_sum(tf.cast(per_client(m) > 0, tf.int64), axis=1) for m in kernel_masks])
+    stats = collections.OrderedDict(
+        mask_changed=tf.reduce_sum(tf.cast(changed, tf.int32)),
+        uploaded_values=tf.reduce_sum(active),
+        clients=g,
+        examples=tf.reduce_sum(tf.cast(examples, tf.int64)),
+    )
+    train = collections.OrderedDict(
+        loss=tf.reduce_sum(loss_sum * kept),
+        correct=tf.reduce_sum(correct * kept),
+        examples=tf.reduce_sum(examples * kept),
+    )
+    return contributions, train, stats
+
+  return tf.function(update)
+
+
+def _finalize_train(sums):
+  count = tf.maximum(sums["examples"], 1.0)
+  return collections.OrderedDict(
+      loss=sums["loss"] / count,
+      accuracy=sums["correct"] / count,
+      num_examples=tf.cast(sums["examples"], tf.int64),
+  )
+
+
+def build_cohort_client_work(
+    model_fn,
+    keras_fn: Callable[[], tf.keras.Model],
+    layout: SparseLayout,
+    hp: cohort.Hyperparameters,
+    *,
+    local_epochs: int,
+    readjustment_ratio: float,
+    rounds_between_readjustments: int,
+    readjustment_end_round: int,
+    image_shape: Sequence[int],
+    upload_dtype: tf.DType = tf.float32,
+    budgets: dict[int, int] | None = None,
+) -> tff.learning.templates.ClientWorkProcess:
+  """FedDST's client work for cohorts (alpha = 0 gives RandomMask).
+
+  Its update is the cohort's summed voting contributions (for
+  `aggregation.SparseVotingFactory(presummed=True)` with the same `budgets`).
+  """
+  _, weights_type, _ = client_work_lib.model_types(model_fn)
+  steps_type = data_type(image_shape)
+  network = cohort.CohortNetwork(keras_fn())
+  init_tf, plan_round, advance = client_work_lib.build_schedule(
+      layout, readjustment_ratio, rounds_between_readjustments, readjustment_end_round,
+  )
+  k_type = tff.TensorType(np.int32, [len(layout.budgets)])
+  update = _cohort_update(network, layout, hp, local_epochs, upload_dtype, dict(budgets or {}))
+
+  @tff.tensorflow.computation(weights_type, steps_type, k_type)
+  def cohort_update_tf(weights, steps, num_to_readjust):
+    contributions, train, stats = update(weights, steps, num_to_readjust)
+    result = tff.learning.templates.ClientResult(
+        update=contributions, update_weight=contributions["total"]
+    )
+    return result, train, stats
+
+  train_type = cohort_update_tf.type_signature.result[1]
+  finalize_train = tff.tensorflow.computation(_finalize_train, train_type)
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_eval(init_tf, tff.SERVER)
+
+  @tff.federated_computation(
+      init_fn.type_signature.result,
+      tff.FederatedType(weights_type, tff.CLIENTS),
+      tff.FederatedType(steps_type, tff.CLIENTS),
+  )
+  def next_fn(state, weights, cohorts):
+    plan = tff.federated_map(plan_round, state)
+    ks = tff.federated_broadcast(plan.num_readjusted)
+    result, train, stats = tff.federated_map(cohort_update_tf, (weights, cohorts, ks))
+    measurements = tff.federated_zip(
+        collections.OrderedDict(
+            train=tff.federated_map(finalize_train, tff.federated_sum(train)),
+            clients=tff.federated_sum(stats),
+            readjustment=plan,
+        )
+    )
+    return tff.templates.MeasuredProcessOutput(
+        tff.federated_map(advance, state), result, measurements
+    )
+
+  return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
