@@ -85,9 +85,9 @@ HELP = {
     "importance is below this fraction of the reference (--structured_relative_to).",
     "structured_relative_to": "structured*: reference importance: mean over the layer's "
     "original units (removed ones count 0), mean or max over its alive units.",
-    "client_execution": "cohort: train each round's clients (in cohorts of --cohort_size) as one "
-    "TensorFlow computation; per_client: one computation per client, the reference "
-    "(default: cohort where the algorithm has it: "
+    "client_execution": "per_client (default): one computation per client, the reference; "
+    "cohort: train each round's clients (in cohorts of --cohort_size) as one TensorFlow "
+    "computation (for "
     + ", ".join(a.name for a in algorithms.REGISTRY.values() if any(p.cohort for p in a.phases))
     + ").",
     "cohort_size": "Clients per cohort with --client_execution=cohort (0: all of a round's clients).",

@@ -811,7 +811,10 @@ def measure_case(algorithm: str, case: Case, context, settings: SpeedSettings,
   rounds = run_rounds(bench, settings, log)
   eval_seconds = time_evaluation(bench, settings)
   log(f"[speed] {bench.tag}: one evaluation {eval_seconds:.3f} s")
-  decomposition = decompose(bench, rounds[1:], settings, eval_seconds, log)
+  # The decomposition times per-client blocks on per-client data: not for cohorts.
+  decomposition = {}
+  if bench.phase.built.cohort is None:
+    decomposition = decompose(bench, rounds[1:], settings, eval_seconds, log)
   profile, profile_text = {}, ""
   if settings.profile:
     profile, profile_text = profile_round(bench, bench.first_round + settings.rounds)
@@ -1115,6 +1118,8 @@ def _decomposition_table(rows, settings: SpeedSettings) -> list[str]:
       "|---|---:|---:|---|---:|" + "---:|" * len(DECOMPOSITION) + "---:|---:|",
   ]
   for r in rows:
+    if "decomp_kind" not in r:  # cohort execution: not decomposed
+      continue
     cells = " | ".join(
         f"{r[key + '_seconds']:.2f} ({r[key + '_pct']:.0f}%)" for key, _ in DECOMPOSITION
     )

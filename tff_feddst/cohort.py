@@ -76,6 +76,28 @@ def _ops(model: tf.keras.Model) -> list[_Op]:
   return ops
 
 
+def check_grouped_convolutions() -> None:
+  """Raises RuntimeError (one line) if grouped convolutions have no gradient.
+
+  TensorFlow's default CPU kernels lack it; its oneDNN kernels have it
+  (`TF_ENABLE_ONEDNN_OPTS=1` before TensorFlow is imported, which importing
+  `tff_feddst` first arranges).
+  """
+  x = tf.ones([1, 3, 3, 2])
+  kernel = tf.ones([1, 1, 1, 2])
+  try:
+    with tf.GradientTape() as tape:
+      tape.watch(kernel)
+      y = tf.nn.conv2d(x, kernel, 1, "VALID")
+    tape.gradient(y, kernel).numpy()
+  except tf.errors.InvalidArgumentError:
+    raise RuntimeError(
+        "the cohort engine needs TensorFlow's oneDNN kernels: set "
+        "TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow is imported (import tff_feddst "
+        "first), or use --client_execution=per_client"
+    ) from None
+
+
 class CohortNetwork:
   """A Sequential Keras network (plain or wrapped) run for G clients at once.
 

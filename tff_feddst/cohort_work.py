@@ -172,6 +172,7 @@ def build_cohort_client_work(
   Its update is the cohort's summed voting contributions (for
   `aggregation.SparseVotingFactory(presummed=True)` with the same `budgets`).
   """
+  cohort.check_grouped_convolutions()
   _, weights_type, _ = client_work_lib.model_types(model_fn)
   steps_type = data_type(image_shape)
   network = cohort.CohortNetwork(keras_fn())
