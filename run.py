@@ -85,11 +85,10 @@ HELP = {
     "importance is below this fraction of the reference (--structured_relative_to).",
     "structured_relative_to": "structured*: reference importance: mean over the layer's "
     "original units (removed ones count 0), mean or max over its alive units.",
-    "client_execution": "per_client (default): one computation per client, the reference; "
-    "cohort: train each round's clients (in cohorts of --cohort_size) as one TensorFlow "
-    "computation (for "
+    "client_execution": "cohort: train each round's clients (in cohorts of --cohort_size) as one "
+    "TensorFlow computation (the default where the algorithm has it: "
     + ", ".join(a.name for a in algorithms.REGISTRY.values() if any(p.cohort for p in a.phases))
-    + ").",
+    + "); per_client: one computation per client, the reference.",
     "cohort_size": "Clients per cohort with --client_execution=cohort (0: all of a round's clients).",
     "structured_reinit": "structured*: phase 2 starts from fresh weights instead of the "
     "surviving ones.",

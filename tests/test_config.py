@@ -33,11 +33,13 @@ def test_algorithm_defaults_come_from_the_registry():
   assert _resolve(algorithm="structured_feddst", sparsity=0.9).sparsity == 0.9
 
 
-def test_client_execution_is_per_client_unless_cohorts_are_asked_for():
-  assert _resolve(algorithm="feddst").client_execution == "per_client"
-  assert _resolve(algorithm="feddst", client_execution="cohort").client_execution == "cohort"
+def test_client_execution_defaults_to_cohorts_where_the_algorithm_has_them():
+  assert _resolve(algorithm="feddst").client_execution == "cohort"
+  assert _resolve(algorithm="structured").client_execution == "cohort"  # its search
+  assert _resolve(algorithm="fedavg").client_execution == "per_client"
+  assert _resolve(algorithm="feddst", client_execution="per_client").client_execution == "per_client"
   # A phase without a cohort engine runs per client.
-  structured = _resolve(algorithm="structured", client_execution="cohort")
+  structured = _resolve(algorithm="structured")
   assert structured.algorithm_config("structured_search").client_execution == "cohort"
   assert structured.algorithm_config("fedavg").client_execution == "per_client"
   with pytest.raises(config_lib.ConfigError, match="--client_execution=cohort is implemented for"):

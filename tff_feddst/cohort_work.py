@@ -88,6 +88,7 @@ def _cohort_update(network, layout, hp, local_epochs, upload_dtype, budgets):
   kernel_index = layout.kernel_index
 
   def update(weights, steps, num_to_readjust):
+    steps = client_work_lib.without_autotune(steps)
     g = steps.take(1).reduce(tf.constant(0), lambda _, b: tf.shape(b["y"])[0])
     params = [_tile(w, g) for w in weights.trainable]
     initial_masks = [_tile(weights.non_trainable[i], g) for i in layout.mask_index]

@@ -81,7 +81,8 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
   """Every setting of a run (the flags of run.py).
 
   `server_momentum`, `prox_mu`, `readjustment_end_round` and
-  `client_execution` left at None take their defaults in `resolve()`.
+  `client_execution` left at None take the algorithm's default in
+  `resolve()` (cohort execution where the algorithm has it).
   """
 
   client_execution: str | None = None
@@ -140,9 +141,8 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
     if not spec.sparse:
       values["sparsity"] = 0.0
     if self.client_execution is None:
-      # Per client until the cohort engine is faster in every round here
-      # (README, "Client execution: cohorts").
-      values["client_execution"] = "per_client"
+      has_cohorts = any(phase.cohort for phase in spec.phases)
+      values["client_execution"] = "cohort" if has_cohorts else "per_client"
     if self.readjustment_end_round is None:
       retrain_rounds = self.rounds - (self.phase_rounds()[0] if spec.two_phase else 0)
       values["readjustment_end_round"] = retrain_rounds // 2
