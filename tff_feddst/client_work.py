@@ -266,6 +266,25 @@ def build_feddst_client_work(
     )
     return client_update(initial_weights, dataset, num_to_readjust)
 
+  return scheduled_client_work(
+      (init_tf, plan_round, advance), client_update_tf, weights_type, data_type,
+      metrics_aggregation_fn,
+  )
+
+
+def scheduled_client_work(
+    schedule, update_tf, weights_type, data_type, aggregate_train
+) -> tff.learning.templates.ClientWorkProcess:
+  """The ClientWorkProcess around a client computation and the schedule.
+
+  `schedule` is `build_schedule`'s (init_tf, plan_round, advance);
+  `update_tf(weights, data, k)` returns (ClientResult, train metrics, client
+  statistics); `aggregate_train` turns the clients' train metrics into the
+  round's (a federated computation). The per-client and the cohort client
+  work differ only in these.
+  """
+  init_tf, plan_round, advance = schedule
+
   @tff.federated_computation
   def init_fn():
     return tff.federated_eval(init_tf, tff.SERVER)
@@ -278,12 +297,10 @@ def build_feddst_client_work(
   def next_fn(state, weights, client_data):
     plan = tff.federated_map(plan_round, state)
     ks = tff.federated_broadcast(plan.num_readjusted)
-    result, model_outputs, stats = tff.federated_map(
-        client_update_tf, (weights, client_data, ks)
-    )
+    result, train, stats = tff.federated_map(update_tf, (weights, client_data, ks))
     measurements = tff.federated_zip(
         collections.OrderedDict(
-            train=metrics_aggregation_fn(model_outputs),
+            train=aggregate_train(train),
             clients=tff.federated_sum(stats),
             readjustment=plan,
         )

@@ -177,7 +177,7 @@ def build_cohort_client_work(
   _, weights_type, _ = client_work_lib.model_types(model_fn)
   steps_type = data_type(image_shape)
   network = cohort.CohortNetwork(keras_fn())
-  init_tf, plan_round, advance = client_work_lib.build_schedule(
+  schedule = client_work_lib.build_schedule(
       layout, readjustment_ratio, rounds_between_readjustments, readjustment_end_round,
   )
   k_type = tff.TensorType(np.int32, [len(layout.budgets)])
@@ -194,28 +194,10 @@ def build_cohort_client_work(
   train_type = cohort_update_tf.type_signature.result[1]
   finalize_train = tff.tensorflow.computation(_finalize_train, train_type)
 
-  @tff.federated_computation
-  def init_fn():
-    return tff.federated_eval(init_tf, tff.SERVER)
+  @tff.federated_computation(tff.FederatedType(train_type, tff.CLIENTS))
+  def aggregate_train(train):
+    return tff.federated_map(finalize_train, tff.federated_sum(train))
 
-  @tff.federated_computation(
-      init_fn.type_signature.result,
-      tff.FederatedType(weights_type, tff.CLIENTS),
-      tff.FederatedType(steps_type, tff.CLIENTS),
+  return client_work_lib.scheduled_client_work(
+      schedule, cohort_update_tf, weights_type, steps_type, aggregate_train
   )
-  def next_fn(state, weights, cohorts):
-    plan = tff.federated_map(plan_round, state)
-    ks = tff.federated_broadcast(plan.num_readjusted)
-    result, train, stats = tff.federated_map(cohort_update_tf, (weights, cohorts, ks))
-    measurements = tff.federated_zip(
-        collections.OrderedDict(
-            train=tff.federated_map(finalize_train, tff.federated_sum(train)),
-            clients=tff.federated_sum(stats),
-            readjustment=plan,
-        )
-    )
-    return tff.templates.MeasuredProcessOutput(
-        tff.federated_map(advance, state), result, measurements
-    )
-
-  return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
