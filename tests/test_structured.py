@@ -676,7 +676,7 @@ def test_structured_layout_positions(tiny_layout):
     structured.build_structured_layout(_tiny_keras())
 
 
-def _finalizer_inputs(layout, scales, contributed=True):
+def _finalizer_inputs(layout, scales):
   """Initial weights and a hand-made aggregate: unit j of a hidden layer has
   every kernel entry equal to scales[layer][j] (importance = fan-in x it)."""
   weights = structured.initial_search_weights(_tiny_keras, 0, layout)
@@ -692,13 +692,12 @@ def _finalizer_inputs(layout, scales, contributed=True):
     values[layout.bias_index[s]] = np.arange(
         1, values[k].shape[-1] + 1, dtype=np.float32
     )
-  flag = 1.0 if contributed else 0.0
   masks = []
   for i, v in enumerate(values):
     if i in layout.sparse.kernel_index:
-      masks.append(np.full(v.shape, flag, np.float32))
+      masks.append(np.ones(v.shape, np.float32))
     else:
-      masks.append(np.float32(flag))
+      masks.append(np.float32(1.0))
   update = collections.OrderedDict(values=values, masks=masks)
   return weights, update
 

@@ -74,7 +74,7 @@ def mask_stats(built, weights, dense_flops):
 
 
 class Phase:
-  """One learning process of a run, over rounds (first_round, last_round]."""
+  """One learning process of a run, up to round `last_round`."""
 
   # Its key in summary.json["structured"]["phases"] (two-phase runs).
   report_name = "retrain"
@@ -91,7 +91,6 @@ class Phase:
     self.spec = spec
     self.config = config
     self.last_round = config.phase_rounds()[number - 1]
-    self.first_round = config.phase_rounds()[number - 2] if number > 1 else 0
     self.widths = widths
     fed_data = context.fed_data
     self.input_shape, self.num_classes = fed_data.input_shape, fed_data.num_classes
