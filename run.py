@@ -67,6 +67,12 @@ HELP = {
     "readjustment_ratio": "Readjustment ratio alpha.",
     "rounds_between_readjustments": "Delta_R.",
     "readjustment_end_round": "R_end (default: half the rounds of the process that readjusts).",
+    "readjustment_schedule": "How alpha_r moves up to R_end: cosine decay from alpha, or "
+    "constant alpha.",
+    "final_sparsity": "Gradual sparsification: the budgets move linearly from --sparsity to "
+    "this by R_end, in [--sparsity, 1) (default: --sparsity, no change).",
+    "remember_old": "Sparse algorithms: a position of the global mask that no client voted "
+    "for keeps its previous value instead of 0.",
     "min_votes": "Clients that must keep a weight for it to survive aggregation.",
     "upload_dtype": "Precision of uploaded weights (float16: "
     + ", ".join(a.name for a in algorithms.REGISTRY.values() if a.float16_upload)
@@ -85,11 +91,24 @@ HELP = {
     "importance is below this fraction of the reference (--structured_relative_to).",
     "structured_relative_to": "structured*: reference importance: mean over the layer's "
     "original units (removed ones count 0), mean or max over its alive units.",
+    "structured_rule": "structured*: boundary: remove units under --structured_boundary x "
+    "the reference; std_band (paper 2): remove units whose L1 importance lies outside "
+    "mean +- k x std of the layer's alive units.",
+    "structured_std_k": "structured*: k of --structured_rule=std_band (paper 2: 2.2).",
+    "structured_prune_dense": "structured*: the search also removes dense neurons "
+    "(default: yes for boundary, no for std_band: convolution filters only).",
+    "structured_patience": "structured*: the search stops removing after this many "
+    "rounds in a row removed nothing (0: never).",
+    "structured_max_prune_rounds": "structured*: the search stops removing after this "
+    "many pruning rounds.",
     "client_execution": "cohort: train each round's clients (in cohorts of --cohort_size) as one "
     "TensorFlow computation (the default where the algorithm has it: "
     + ", ".join(a.name for a in algorithms.REGISTRY.values() if any(p.cohort for p in a.phases))
     + "); per_client: one computation per client, the reference.",
-    "cohort_size": "Clients per cohort with --client_execution=cohort (0: all of a round's clients).",
+    "cohort_size": "Clients per cohort with --client_execution=cohort (0: all of a round's "
+    "clients; with --workers, one cohort per worker).",
+    "workers": "host:port,... of TFF workers (`python -m tff_feddst.worker --port=PORT`) that "
+    "run the clients, split across them; empty: on this machine. May change on resume.",
     "structured_reinit": "structured*: phase 2 starts from fresh weights instead of the "
     "surviving ones.",
 }
@@ -130,6 +149,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from tff_feddst import checkpoint
   from tff_feddst import data as data_lib
+  from tff_feddst import remote
   from tff_feddst import training
 
   config = config_from_flags()
@@ -137,7 +157,9 @@ def main(argv):
     config = config.resolve()
     with runtime.managed_runtime():
       training.run_experiment(config)
-  except (data_lib.DataError, config_lib.ConfigError, checkpoint.CheckpointError) as e:
+  except (
+      data_lib.DataError, config_lib.ConfigError, checkpoint.CheckpointError, remote.WorkerError
+  ) as e:
     sys.exit(f"error: {e}")
   except KeyboardInterrupt:
     sys.exit(f"interrupted; rerun the same command to resume from the last checkpoint in {config.output_dir}")

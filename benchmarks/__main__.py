@@ -3,8 +3,8 @@
   python -m benchmarks --rounds=200 --output_dir=runs/benchmark
   python -m benchmarks --quick          # a few rounds of each, as a smoke test
 
-Trains FedAvg, FedAvgM, FedProx, RandomMask (S=0.8) and FedDST (S=0.8,
-alpha 0.05, Delta_R 10) on Fashion-MNIST with the paper's pathological split,
+Trains FedAvg, FedAvgM, FedProx, RandomMask, SNIP, GraSP (S=0.8) and FedDST
+(S=0.8, alpha 0.05, Delta_R 10) on Fashion-MNIST with the paper's pathological split,
 same seed and partition, then writes into --output_dir:
   runs.csv                 every round of every run;
   results.md               clients_accuracy at upload caps and at the end;
@@ -44,6 +44,8 @@ LABELS = {
     "fedavgm": "FedAvgM (server momentum 0.9)",
     "fedprox": "FedProx (mu 0.01)",
     "randommask": "RandomMask (S=0.8)",
+    "snip": "SNIP (S=0.8)",
+    "grasp": "GraSP (S=0.8)",
     "feddst": "FedDST (S=0.8, a=0.05, dR=10)",
 }
 

@@ -14,7 +14,7 @@ from typing import Callable
 from tff_feddst import training
 from tff_feddst.config import ExperimentConfig
 
-ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "randommask", "feddst")
+ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "randommask", "snip", "grasp", "feddst")
 
 
 @dataclasses.dataclass(frozen=True)

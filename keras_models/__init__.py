@@ -1,4 +1,5 @@
-"""The paper's networks (docs/algorithms.md section 7.1) as Keras models.
+"""The paper's networks (docs/algorithms.md section 7.1) as Keras models,
+and paper 2's plain CNN (`paper2_cnn`).
 
 Every network returns logits (train with a from-logits cross-entropy). The
 prunable layers are the Conv2D and Dense layers; `prunable_layers` lists them

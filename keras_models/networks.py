@@ -80,11 +80,31 @@ def _leaf_cnn(input_shape, num_classes, widths):
   )
 
 
+def _paper2_cnn(input_shape, num_classes, widths):
+  # Paper 2's plain CNN: conv 5x5 1->32, relu, maxpool 2/2; conv 5x5
+  # 32->64, relu, maxpool 2/2; global average pooling; dense num_classes.
+  return tf.keras.Sequential(
+      [
+          layers.InputLayer(input_shape=input_shape, name="image"),
+          layers.Conv2D(widths["conv1"], 5, name="conv1"),
+          layers.ReLU(name="relu1"),
+          layers.MaxPool2D(2, strides=2, name="pool1"),
+          layers.Conv2D(widths["conv2"], 5, name="conv2"),
+          layers.ReLU(name="relu2"),
+          layers.MaxPool2D(2, strides=2, name="pool2"),
+          layers.GlobalAveragePooling2D(name="global_pool"),
+          layers.Dense(num_classes, name="logits"),
+      ],
+      name="paper2_cnn",
+  )
+
+
 _BUILDERS: dict[str, Callable[..., tf.keras.Model]] = {
     "mnist_cnn": _mnist_cnn,
     "cifar10_cnn": _cifar10_cnn,
     "cifar100_cnn": _cifar100_cnn,
     "leaf_cnn": _leaf_cnn,
+    "paper2_cnn": _paper2_cnn,
 }
 MODEL_NAMES = tuple(_BUILDERS)
 
@@ -96,6 +116,7 @@ _DEFAULT_WIDTHS: dict[str, dict[str, int]] = {
     "cifar10_cnn": {"conv1": 6, "conv2": 16, "dense1": 120, "dense2": 84},
     "cifar100_cnn": {"conv1": 6, "conv2": 16, "dense1": 120},
     "leaf_cnn": {"conv1": 32, "conv2": 64, "dense1": 2048},
+    "paper2_cnn": {"conv1": 32, "conv2": 64},
 }
 
 _DEFAULT_MODEL = {

@@ -14,6 +14,7 @@ from tff_feddst import runtime
 TINY = dataclasses.replace(
     speed.SpeedSettings(**speed.QUICK),
     algorithms=("fedavg",),
+    client_execution="per_client",  # the decomposition is per client
     clients_per_round_list=(2,),
     total_clients_list=(40,),
     rounds=2,

@@ -1,12 +1,14 @@
 """run.py rejects bad settings before any training starts.
 
-Every case runs `python run.py ...` as a subprocess and expects: a non-zero
-exit status, a one-line style error that names the offending flag or
-problem, no Python traceback on stderr, and nothing written into
---output_dir. These fail at flag parsing (or, for the data case, while the
-data is loaded), so each takes about the import time.
+Every case runs `python run.py ...` and expects: a non-zero exit status, a
+one-line style error that names the offending flag or problem, no Python
+traceback on stderr, and nothing written into --output_dir. The cases run
+through `tests/cli_runner.py`, which makes run.py's imports once and forks a
+child per case (each case alone takes about the import time, 6 s); one test
+checks that the runner's child gives what a plain `python run.py` gives.
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -57,6 +59,7 @@ BAD_INPUTS = [
     ("client_failure_rate_one", ["--client_failure_rate=1.0"], ["client_failure_rate"]),
     ("client_failure_rate_negative", ["--client_failure_rate=-0.2"], ["client_failure_rate"]),
     ("checkpoint_every_zero", ["--checkpoint_every=0"], ["checkpoint_every"]),
+    ("workers_not_host_port", ["--workers=localhost:8000,nohost"], ["workers", "nohost"]),
     (
         "structured_search_rounds_not_below_rounds",
         ["--algorithm=structured", "--rounds=10", "--structured_search_rounds=10"],
@@ -68,16 +71,33 @@ BAD_INPUTS = [
 ]
 
 
-def _run(args, tmp_path, timeout=300):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _run(args, tmp_path=None, timeout=300):
+  """`python run.py ARGS`, a process of its own."""
   return subprocess.run(
       [sys.executable, str(RUN_PY), *args],
       cwd=REPO_ROOT,
-      env=env,
+      env=ENV,
       capture_output=True,
       text=True,
       timeout=timeout,
   )
+
+
+def _run_all(cases: list[list[str]]) -> list[subprocess.CompletedProcess]:
+  """`python run.py ARGS` for each ARGS, through the forking runner."""
+  result = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "tests" / "cli_runner.py")],
+      cwd=REPO_ROOT, env=ENV, input=json.dumps(cases), capture_output=True, text=True,
+      timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return [
+      subprocess.CompletedProcess(args, r["returncode"], r["stdout"], r["stderr"])
+      for args, r in zip(cases, json.loads(result.stdout))
+  ]
 
 
 def _assert_rejected(result, out_dir, mentions):
@@ -91,31 +111,45 @@ def _assert_rejected(result, out_dir, mentions):
   assert "Traceback" not in stderr, f"traceback on stderr:\n{stderr}"
 
 
+@pytest.fixture(scope="module")
+def rejected(tmp_path_factory):
+  """{case id: (its result, its --output_dir)} for every case of BAD_INPUTS."""
+  root = tmp_path_factory.mktemp("cli")
+  out_dirs = {name: root / name / "out" for name, _, _ in BAD_INPUTS}
+  results = _run_all([[*args, f"--output_dir={out_dirs[name]}"] for name, args, _ in BAD_INPUTS])
+  return {name: (r, out_dirs[name]) for (name, _, _), r in zip(BAD_INPUTS, results)}
+
+
 @pytest.mark.parametrize(
-    "args, mentions", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+    "name, mentions", [(c[0], c[2]) for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
 )
-def test_bad_flag_is_rejected(args, mentions, tmp_path):
-  out_dir = tmp_path / "out"
-  result = _run([*args, f"--output_dir={out_dir}"], tmp_path)
+def test_bad_flag_is_rejected(name, mentions, rejected):
+  result, out_dir = rejected[name]
   _assert_rejected(result, out_dir, mentions)
+
+
+@pytest.mark.parametrize("name", ["sparsity_one", "unknown_flag", "positional_argument"])
+def test_the_runner_gives_what_a_plain_run_gives(name, rejected, tmp_path):
+  """A range error (our ConfigError), a flag absl rejects, a usage error."""
+  (args,) = [c[1] for c in BAD_INPUTS if c[0] == name]
+  runner_result, runner_out = rejected[name]
+  plain = _run([*args, f"--output_dir={runner_out}"])
+  assert (plain.returncode, plain.stdout, plain.stderr) == (
+      runner_result.returncode, runner_result.stdout, runner_result.stderr
+  )
 
 
 def test_missing_data_is_a_one_line_error(tmp_path):
   empty = tmp_path / "empty_data"
   empty.mkdir()
-  out_dir = tmp_path / "out"
-  result = _run(
-      ["--dataset=mnist", f"--data_dir={empty}", f"--output_dir={out_dir}"], tmp_path
-  )
-  _assert_rejected(result, out_dir, [str(empty)])
-  assert "MNIST" in result.stderr
-  assert "error:" in result.stderr
-
-
-def test_data_dir_that_does_not_exist(tmp_path):
   missing = tmp_path / "no_such_dir"
-  out_dir = tmp_path / "out"
-  result = _run(
-      ["--dataset=mnist", f"--data_dir={missing}", f"--output_dir={out_dir}"], tmp_path
-  )
-  _assert_rejected(result, out_dir, [str(missing)])
+  out_dirs = [tmp_path / "out1", tmp_path / "out2"]
+  results = _run_all([
+      ["--dataset=mnist", f"--data_dir={empty}", f"--output_dir={out_dirs[0]}"],
+      ["--dataset=mnist", f"--data_dir={missing}", f"--output_dir={out_dirs[1]}"],
+  ])
+  _assert_rejected(results[0], out_dirs[0], [str(empty)])
+  assert "MNIST" in results[0].stderr
+  assert "error:" in results[0].stderr
+  # A --data_dir that does not exist.
+  _assert_rejected(results[1], out_dirs[1], [str(missing)])

@@ -20,6 +20,10 @@ from tff_feddst import optimizers
 from tff_feddst import sparse_model
 from tff_feddst import structured
 
+# Compares training results within tolerances: also run under another
+# instruction set (`make test`; see the marker in pyproject.toml).
+pytestmark = pytest.mark.portability
+
 
 @pytest.mark.parametrize(
     "name, shape, classes, widths",
@@ -28,6 +32,8 @@ from tff_feddst import structured
         ("cifar10_cnn", (32, 32, 3), 10, {"conv1": 2, "conv2": 3, "dense1": 5, "dense2": 4}),
         ("cifar100_cnn", (32, 32, 3), 100, {"conv1": 2, "conv2": 3, "dense1": 5}),
         ("leaf_cnn", (28, 28, 1), 62, {"conv1": 3, "conv2": 4, "dense1": 8}),
+        # Global average pooling: each client's channel means, in its order.
+        ("paper2_cnn", (28, 28, 1), 10, {"conv1": 3, "conv2": 5}),
     ],
 )
 def test_cohort_logits_equal_each_clients_keras_logits(name, shape, classes, widths):
@@ -63,6 +69,14 @@ def test_pack_pads_short_clients_and_marks_the_first_epoch():
   np.testing.assert_array_equal(packed.first[:, 1], [[1, 1], [0, 0], [0, 0], [0, 0]])
   np.testing.assert_array_equal(packed.y[:, 1, 0], [20, 30, 0, 0])
   np.testing.assert_array_equal(packed.num_examples, [6, 4])
+  # The data set cuts each step to the most examples a client has in it.
+  np.testing.assert_array_equal(packed.widths, [2, 2, 2, 1])
+  steps = list(packed.dataset().as_numpy_iterator())
+  assert [s["x"].shape for s in steps] == [(2, 2, 1), (2, 2, 1), (2, 2, 1), (2, 1, 1)]
+  for t, step in enumerate(steps):
+    w = packed.widths[t]
+    for key in ("x", "y", "valid", "first"):
+      np.testing.assert_array_equal(step[key], getattr(packed, key)[t, :, :w])
 
 
 def test_batched_readjust_equals_the_per_client_rule():
@@ -116,10 +130,13 @@ def _settings():
   return cohort_work.CohortSettings(_keras, 0.05, 0.9, 0.001, (28, 28, 1))
 
 
-def _assert_same_round(ref, coh, out_ref, out_coh, layout_masks):
+def _assert_same_round(ref, coh, out_ref, out_coh, layout_masks, upload_dtype=tf.float32):
   w_ref, w_coh = ref.get_model_weights(out_ref.state), coh.get_model_weights(out_coh.state)
+  # float16 uploads: a float32 rounding difference can move an uploaded value
+  # by one float16 step (2**-11 of it).
+  rtol, atol = (1e-5, 1e-6) if upload_dtype == tf.float32 else (1e-3, 1e-5)
   for a, b in zip(w_ref.trainable, w_coh.trainable):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
   for i in layout_masks:
     np.testing.assert_array_equal(w_ref.non_trainable[i], w_coh.non_trainable[i])
   m_ref, m_coh = out_ref.metrics["client_work"], out_coh.metrics["client_work"]
@@ -146,7 +163,7 @@ def test_cohort_feddst_equals_per_client_feddst(upload_dtype):
     out_ref = ref.next(s_ref, _datasets(round_num))
     out_coh = coh.next(s_coh, _cohorts(_datasets(round_num)))
     assert int(out_coh.metrics["client_work"]["clients"]["mask_changed"]) > 0
-    _assert_same_round(ref, coh, out_ref, out_coh, layout.mask_index)
+    _assert_same_round(ref, coh, out_ref, out_coh, layout.mask_index, upload_dtype)
     s_ref, s_coh = out_ref.state, out_coh.state
 
 
@@ -178,3 +195,131 @@ def test_cohort_structured_search_equals_per_client():
   out_coh = coh.next(coh.initialize(), _cohorts(_datasets(3)))
   assert out_ref.metrics["finalizer"] == out_coh.metrics["finalizer"]
   _assert_same_round(ref, coh, out_ref, out_coh, layout.sparse.mask_index)
+
+
+def test_cohort_gradual_sparsification_equals_per_client():
+  from tff_feddst import masks as masks_lib  # pylint: disable=g-import-not-at-top
+
+  layout = sparse_model.build_layout(sparse_model.wrap_prunable(_keras()), 0.5, "erk")
+  initial = sparse_model.initial_model_weights(_keras, 2, layout)
+  table = masks_lib.budget_table(layout.kernel_shapes, 0.5, 0.8, 2, "erk")
+  common = dict(
+      local_epochs=EPOCHS, readjustment_ratio=0.2, rounds_between_readjustments=1,
+      readjustment_end_round=2, readjustment_schedule="constant", budget_table=table,
+  )
+  model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=True)
+  optimizer = optimizers.build_sgdw(0.05, 0.9, 0.001)
+  ref = feddst.build_feddst(model_fn, layout, initial, optimizer, **common)
+  coh = feddst.build_feddst(model_fn, layout, initial, optimizer, cohort=_settings(), **common)
+  s_ref, s_coh = ref.initialize(), coh.initialize()
+  for round_num in (1, 2):  # round 1 readjusts; each re-prunes to the next round's budgets
+    out_ref = ref.next(s_ref, _datasets(round_num))
+    out_coh = coh.next(s_coh, _cohorts(_datasets(round_num)))
+    _assert_same_round(ref, coh, out_ref, out_coh, layout.mask_index)
+    assert out_coh.metrics["aggregator"]["voting"]["rejected"] == 0
+    _, kept = sparse_model.kernels_and_masks(coh.get_model_weights(out_coh.state), layout)
+    assert [int(m.sum()) for m in kept] == table[round_num]
+    s_ref, s_coh = out_ref.state, out_coh.state
+
+
+# ------------------------------------------- dense: FedAvg, FedAvgM, FedProx
+
+
+def _dense_pair(name):
+  """(the per-client process, the cohort process, their initial states)."""
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  initial = sparse_model.initial_model_weights(_keras, 4, None)
+  model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=False)
+  client = optimizers.build_sgdw(0.05, 0.9, 0.001)
+  momentum = 0.9 if name == "fedavgm" else None
+  server = lambda: tff.learning.optimizers.build_sgdm(1.0, momentum=momentum)  # noqa: E731
+  # The reference: TFF's own FedAvg.
+  ref = tff.learning.algorithms.build_weighted_fed_avg(
+      model_fn, client_optimizer_fn=client, server_optimizer_fn=server()
+  )
+  coh = cohort_work.build_dense_cohort_process(model_fn, initial, _settings(), server())
+  return ref, coh, ref.set_model_weights(ref.initialize(), initial), coh.initialize()
+
+
+def _assert_same_dense_round(ref, coh, out_ref, out_coh):
+  w_ref, w_coh = ref.get_model_weights(out_ref.state), coh.get_model_weights(out_coh.state)
+  for a, b in zip(w_ref.trainable, w_coh.trainable):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm"])
+def test_cohort_fedavg_equals_tff_fedavg(name):
+  ref, coh, s_ref, s_coh = _dense_pair(name)
+  for round_num in (1, 2):
+    out_ref = ref.next(s_ref, [d.repeat(EPOCHS) for d in _datasets(round_num)])
+    out_coh = coh.next(s_coh, _cohorts(_datasets(round_num)))
+    _assert_same_dense_round(ref, coh, out_ref, out_coh)
+    train_ref, train_coh = out_ref.metrics["client_work"]["train"], out_coh.metrics["client_work"]["train"]
+    assert int(train_coh["num_examples"]) == EPOCHS * sum(SIZES)
+    assert int(train_ref["num_examples"]) == EPOCHS * sum(SIZES)
+    for key in ("loss", "accuracy"):
+      assert float(train_coh[key]) == pytest.approx(float(train_ref[key]), rel=1e-5)
+    assert int(out_coh.metrics["aggregator"]["rejected"]) == 0
+    s_ref, s_coh = out_ref.state, out_coh.state
+
+
+def test_a_nan_client_in_a_dense_cohort_counts_for_nothing():
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  from tff_feddst import aggregation  # pylint: disable=g-import-not-at-top
+
+  initial = sparse_model.initial_model_weights(_keras, 4, None)
+  model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=False)
+  ref = tff.learning.algorithms.build_weighted_fed_avg(
+      model_fn, client_optimizer_fn=optimizers.build_sgdw(0.05, 0.9, 0.001),
+      server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+      model_aggregator=aggregation.ValidatingMeanFactory(),
+  )
+  coh = cohort_work.build_dense_cohort_process(
+      model_fn, initial, _settings(), tff.learning.optimizers.build_sgdm(1.0)
+  )
+  s_ref = ref.set_model_weights(ref.initialize(), initial)
+  # The reference without the poisoned client; the cohort with it.
+  clean = [d.repeat(EPOCHS) for c, d in enumerate(_datasets(1)) if c != 2]
+  out_ref = ref.next(s_ref, clean)
+  out_coh = coh.next(coh.initialize(), _cohorts(_datasets(1, poisoned=2), cohort_size=5))
+  assert int(out_coh.metrics["aggregator"]["rejected"]) == 1
+  _assert_same_dense_round(ref, coh, out_ref, out_coh)
+
+
+def test_fedprox_pulls_towards_the_broadcast_weights():
+  """lr * mu = 1, no momentum or decay: each step lands on w0 - lr g(w_t), so
+  two steps on one batch end at w0 - lr g(w0 - lr g(w0)) (Keras, by hand)."""
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  lr = 0.1
+  initial = sparse_model.initial_model_weights(_keras, 5, None)
+  model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=False)
+  process = feddst.build_fedprox(
+      model_fn, initial, optimizers.build_sgdw(lr, 0.0, 0.0),
+      tff.learning.optimizers.build_sgdm(1.0), 1.0 / lr,
+  )
+  rng = np.random.default_rng(0)
+  x = rng.random((6, 28, 28, 1), np.float32)
+  y = rng.integers(0, 10, 6).astype(np.int32)
+  data = tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y)).batch(6).repeat(2)
+  state = process.set_model_weights(process.initialize(), initial)
+  got = process.get_model_weights(process.next(state, [data]).state).trainable
+
+  model = _keras()
+  w0 = [np.asarray(w) for w in initial.trainable]
+
+  def gradient_at(weights):
+    for var, value in zip(model.trainable_weights, weights):
+      var.assign(value)
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(
+          tf.keras.losses.sparse_categorical_crossentropy(y, model(x), from_logits=True)
+      )
+    return [g.numpy() for g in tape.gradient(loss, model.trainable_weights)]
+
+  w1 = [w - lr * g for w, g in zip(w0, gradient_at(w0))]
+  want = [w - lr * g for w, g in zip(w0, gradient_at(w1))]
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -36,12 +36,12 @@ def test_algorithm_defaults_come_from_the_registry():
 def test_client_execution_defaults_to_cohorts_where_the_algorithm_has_them():
   assert _resolve(algorithm="feddst").client_execution == "cohort"
   assert _resolve(algorithm="structured").client_execution == "cohort"  # its search
-  assert _resolve(algorithm="fedavg").client_execution == "per_client"
+  assert _resolve(algorithm="fedavg").client_execution == "cohort"
+  assert _resolve(algorithm="fedprox").client_execution == "per_client"  # no cohort engine
   assert _resolve(algorithm="feddst", client_execution="per_client").client_execution == "per_client"
-  # A phase without a cohort engine runs per client.
   structured = _resolve(algorithm="structured")
   assert structured.algorithm_config("structured_search").client_execution == "cohort"
-  assert structured.algorithm_config("fedavg").client_execution == "per_client"
+  assert structured.algorithm_config("fedavg").client_execution == "cohort"
   with pytest.raises(config_lib.ConfigError, match="--client_execution=cohort is implemented for"):
     _resolve(algorithm="fedprox", client_execution="cohort")
 
@@ -73,13 +73,18 @@ def test_resolve_is_idempotent_and_fills_the_model():
         (dict(partition="natural"), "--partition=natural needs --dataset=emnist or femnist"),
         (
             dict(algorithm="fedavg", upload_dtype="float16"),
-            "--upload_dtype=float16 is implemented for feddst, randommask, structured_feddst only",
+            "--upload_dtype=float16 is implemented for feddst, randommask, snip, grasp, structured_feddst only",
         ),
         (
             dict(algorithm="structured", rounds=10, structured_search_rounds=10),
             "--structured_search_rounds=10 must be below --rounds=10",
         ),
         (dict(output_dir=""), "--output_dir must not be empty"),
+        (dict(structured_rule="band"), "--structured_rule=band is not one of boundary, std_band"),
+        (dict(structured_std_k=-1.0), "--structured_std_k=-1.0 must be >= 0 and finite"),
+        (dict(structured_std_k=float("nan")), "--structured_std_k=nan must be >= 0 and finite"),
+        (dict(structured_patience=-1), "--structured_patience=-1 must be >= 0"),
+        (dict(structured_max_prune_rounds=0), "--structured_max_prune_rounds=0 must be >= 1"),
     ],
 )
 def test_bad_settings_are_one_line(values, message):
@@ -87,6 +92,15 @@ def test_bad_settings_are_one_line(values, message):
     _resolve(**values)
   assert message in str(raised.value)
   assert "\n" not in str(raised.value)
+
+
+def test_the_rule_decides_whether_the_search_prunes_dense_layers():
+  boundary = _resolve(algorithm="structured")
+  band = _resolve(algorithm="structured", structured_rule="std_band")
+  assert (boundary.structured_prune_dense, band.structured_prune_dense) == (True, False)
+  told = _resolve(algorithm="structured", structured_rule="std_band", structured_prune_dense=True)
+  assert told.structured_prune_dense is True
+  assert told.algorithm_config("structured_search").structured_prune_dense is True
 
 
 def test_differences_name_every_setting_that_changes_the_experiment():

@@ -20,6 +20,10 @@ from tff_feddst import feddst
 from tff_feddst import optimizers
 from tff_feddst import sparse_model
 
+# Compares training results within tolerances: also run under another
+# instruction set (`make test`; see the marker in pyproject.toml).
+pytestmark = pytest.mark.portability
+
 
 # ---------------------------------------------------------------- aggregation
 

@@ -44,6 +44,14 @@ from tff_feddst import masks
 #   dense1 3136*2048 + 2048 = 6424576
 #   logits 2048*62 + 62 = 127038
 #   total 832 + 51264 + 6424576 + 127038 = 6603710
+#
+# paper2_cnn, input 28x28x1:
+#   conv1 5x5 1->32 valid: 28 -> 24; pool 2/2: 12; conv2 5x5 32->64: 8;
+#   pool 2/2: 4 => global average pooling: 64
+#   conv1 5*5*1*32 + 32 = 832
+#   conv2 5*5*32*64 + 64 = 51264
+#   logits 64*10 + 10 = 650
+#   total 832 + 51264 + 650 = 52746
 MODELS = {
     "mnist_cnn": (
         (28, 28, 1),
@@ -77,6 +85,14 @@ MODELS = {
         ["conv1", "conv2", "dense1", "logits"],
         [(5, 5, 1, 32), (5, 5, 32, 64), (3136, 2048), (2048, 62)],
     ),
+    "paper2_cnn": (
+        (28, 28, 1),
+        10,
+        52746,
+        64,
+        ["conv1", "conv2", "logits"],
+        [(5, 5, 1, 32), (5, 5, 32, 64), (64, 10)],
+    ),
 }
 
 
@@ -88,7 +104,7 @@ def built(request):
   return name, keras_models.build_model(name, input_shape, classes)
 
 
-def test_model_names_are_the_four_networks():
+def test_model_names_are_the_listed_networks():
   assert set(keras_models.MODEL_NAMES) == set(MODELS)
 
 
@@ -113,7 +129,8 @@ def test_parameter_count(built):
 
 def test_flatten_size(built):
   name, model = built
-  flatten = model.get_layer("flatten")
+  to_rows = (tf.keras.layers.Flatten, tf.keras.layers.GlobalAveragePooling2D)
+  (flatten,) = [layer for layer in model.layers if isinstance(layer, to_rows)]
   assert flatten.output_shape == (None, MODELS[name][3])
 
 
@@ -214,6 +231,18 @@ def test_mnist_dense_flops():
       "conv2": 3240000,
       "dense1": 512000,
       "logits": 1000,
+  }
+
+
+def test_paper2_cnn_dense_flops():
+  # conv1: 24*24*32 outputs x 25 MACs = 460800 -> 921600
+  # conv2: 8*8*64 outputs x 800 MACs = 3276800 -> 6553600
+  # logits: 64*10 = 640 -> 1280 (pooling is not counted)
+  model = keras_models.build_model("paper2_cnn", (28, 28, 1), 10)
+  assert costs.layer_forward_flops(model) == {
+      "conv1": 921600,
+      "conv2": 6553600,
+      "logits": 1280,
   }
 
 

@@ -1,11 +1,13 @@
 """One end-to-end run of run.py: real Fashion-MNIST, FedDST, TFLite export."""
 
+import contextlib
 import csv
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import uuid
 
 import psutil
 import pytest
@@ -14,17 +16,24 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _worker_pids():
+MARK = "FEDDST_TEST_RUN_MARK"
+
+
+def _worker_pids(mark: str):
+  """TFF workers started by the run whose environment carries `mark` (other
+  tests may run TFF workers at the same time, under pytest-xdist)."""
   pids = set()
   for proc in psutil.process_iter(["name"]):
     if proc.info["name"] == "worker_binary":
-      pids.add(proc.pid)
+      with contextlib.suppress(psutil.Error):
+        if proc.environ().get(MARK) == mark:
+          pids.add(proc.pid)
   return pids
 
 
 def test_feddst_run_writes_outputs_and_leaves_no_worker(tmp_path, fashion_mnist_available):
   out = tmp_path / "run"
-  before = _worker_pids()
+  mark = uuid.uuid4().hex
   cmd = [
       sys.executable,
       "run.py",
@@ -42,7 +51,7 @@ def test_feddst_run_writes_outputs_and_leaves_no_worker(tmp_path, fashion_mnist_
       "--export_tflite",
       f"--output_dir={out}",
   ]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **{MARK: mark})
   proc = subprocess.run(
       cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
   )
@@ -89,4 +98,4 @@ def test_feddst_run_writes_outputs_and_leaves_no_worker(tmp_path, fashion_mnist_
   assert not list(out.glob("*.tmp*"))
 
   # The run stopped its TFF worker.
-  assert _worker_pids() - before == set()
+  assert _worker_pids(mark) == set()

@@ -27,6 +27,10 @@ from tff_feddst import structured
 from tff_feddst import unit_graph
 from tff_feddst import wrappers
 
+# Compares training results within tolerances: also run under another
+# instruction set (`make test`; see the marker in pyproject.toml).
+pytestmark = pytest.mark.portability
+
 # The tiny network: cifar10_cnn on 14x14x1 images, 3 classes.
 #   conv1 5x5 1->3 valid: 14 -> 10; pool 3/1: 8
 #   conv2 5x5 3->4 valid: 8 -> 4;   pool 3/1: 2  => flatten 2*2*4 = 16
@@ -409,6 +413,12 @@ PAPER_NETWORKS = {
         ("conv2", "dense1", "flatten", 64),
         ("dense1", "logits", "dense", 2048),
     ]),
+    # Global average pooling: logits row j reads channel j (a "flatten"
+    # link with one position).
+    "paper2_cnn": ((28, 28, 1), 10, [
+        ("conv1", "conv2", "conv", 32),
+        ("conv2", "logits", "flatten", 64),
+    ]),
 }
 
 
@@ -441,10 +451,10 @@ def test_unit_graph_rejects_layers_it_cannot_slice_through():
   no_flatten = tf.keras.Sequential([
       layers.InputLayer(input_shape=(6, 6, 1)),
       layers.Conv2D(2, 3, name="c1"),
-      layers.GlobalAveragePooling2D(name="gap"),
+      layers.Reshape((-1,), name="reshape"),
       layers.Dense(2, name="out"),
   ])
-  with pytest.raises(ValueError, match="'gap'"):
+  with pytest.raises(ValueError, match="'reshape'"):
     unit_graph.unit_graph(no_flatten)
 
 
@@ -702,7 +712,7 @@ def _finalizer_inputs(layout, scales):
   return weights, update
 
 
-def _build_finalizer(layout, boundary, relative_to):
+def _build_finalizer(layout, boundary, relative_to, rule=None):
   with tf.Graph().as_default():
     model = sparse_model.make_model_fn(_tiny_keras, SPEC, True)()
     weights_type = tff.learning.models.weights_type_from_model(model)
@@ -716,7 +726,8 @@ def _build_finalizer(layout, boundary, relative_to):
       )
   )
   return structured.build_structured_finalizer(
-      weights_type, update_type, layout, boundary=boundary, relative_to=relative_to
+      weights_type, update_type, layout, boundary=boundary, relative_to=relative_to,
+      rule=rule,
   )
 
 
@@ -1172,4 +1183,191 @@ def test_search_rejects_bad_arguments(tiny_layout):
   with pytest.raises(ValueError, match="not a structured"):
     structured.build_structured_search(
         model_fn, tiny_layout, sparse_initial, optimizer, local_epochs=1, boundary=0.5
+    )
+
+
+# ------------------------------------------- paper 2's rule: the std band
+#
+# A unit stays when |importance - mean| <= k x std over the layer's alive
+# units (population std, bounds included); `_band` is that rule in NumPy.
+
+
+def _band(importance, alive, k):
+  values = np.asarray(importance, np.float64)[alive]
+  mean, std = values.mean(), values.std()
+  keep = np.zeros(len(alive), bool)
+  keep[alive] = np.abs(values - mean) <= k * std
+  return keep
+
+
+def test_std_band_by_hand():
+  # [1, 9, 10, 11, 30]: mean 61 / 5 = 12.2; squared deviations 125.44,
+  # 10.24, 4.84, 1.44, 316.84, variance 458.8 / 5 = 91.76, std 9.579.
+  importance = [1.0, 9.0, 10.0, 11.0, 30.0]
+  alive = np.ones(5, bool)
+  cases = {
+      1.0: [False, True, True, True, False],  # band [2.62, 21.78]
+      1.5: [True, True, True, True, False],  # [-2.17, 26.57]: 30 goes
+      2.2: [True] * 5,  # [-8.87, 33.27]
+  }
+  for k, expected in cases.items():
+    got = unit_graph.select_units(importance, alive, rule="std_band", std_k=k)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, _band(importance, alive, k))
+
+
+def test_std_band_ignores_dead_units_and_keeps_them_dead():
+  # A dead unit of importance 100 would shift the mean and std; it must not.
+  importance = [100.0, 1.0, 9.0, 10.0, 11.0, 30.0]
+  alive = np.array([False, True, True, True, True, True])
+  got = unit_graph.select_units(importance, alive, rule="std_band", std_k=1.0)
+  np.testing.assert_array_equal(got, [False, False, True, True, True, False])
+
+
+def test_std_band_bounds_equal_values_and_the_never_empty_rule():
+  # [0, 2]: mean 1, std 1; with k = 1 both lie on the bounds and stay.
+  np.testing.assert_array_equal(
+      unit_graph.select_units([0.0, 2.0], [True, True], rule="std_band", std_k=1.0),
+      [True, True],
+  )
+  # With k = 0.99 both are outside: the most important one stays.
+  np.testing.assert_array_equal(
+      unit_graph.select_units([0.0, 2.0], [True, True], rule="std_band", std_k=0.99),
+      [False, True],
+  )
+  # [2, 0, 2]: mean 4/3, std 0.943; k = 0.5 gives [0.86, 1.80], nobody is
+  # inside; of the two most important the lower index stays.
+  np.testing.assert_array_equal(
+      unit_graph.select_units([2.0, 0.0, 2.0], [True] * 3, rule="std_band", std_k=0.5),
+      [True, False, False],
+  )
+  # Equal float32 importances have std 0: all stay, even with k = 0.
+  equal = np.full(4, 0.1, np.float32)
+  np.testing.assert_array_equal(
+      unit_graph.select_units(equal, [True] * 4, rule="std_band", std_k=0.0), [True] * 4
+  )
+
+
+def test_std_band_argument_errors():
+  with pytest.raises(ValueError, match="rule must be one of boundary, std_band"):
+    unit_graph.select_units([1.0], [True], rule="band")
+  with pytest.raises(ValueError, match="std_k must be a finite number >= 0"):
+    unit_graph.select_units([1.0], [True], rule="std_band", std_k=-1.0)
+
+
+def _scaled_kernels(graph, scales):
+  """Unit j of a layer has every kernel entry equal to scales[layer][j]."""
+  return {
+      layer.name: np.broadcast_to(
+          np.asarray(scales[layer.name], np.float32), layer.kernel_shape
+      ).copy()
+      for layer in graph.layers
+      if layer.name in scales
+  } | {"logits": np.ones(graph.layer("logits").kernel_shape, np.float32)}
+
+
+def test_std_band_prune_step_by_hand_with_and_without_dense_layers(tiny_graph):
+  # k = 1, SCALES on the tiny network, layers in model order:
+  # conv1, fan-in 25: [25, 75, 50], mean 50, std 20.41: 25 and 75 go;
+  # conv2, fan-in 1 live channel x 25: [100, 25, 100, 100], mean 81.25,
+  #   std 32.48, band [48.8, 113.7]: filter 1 goes;
+  # dense1 (with dense layers), fan-in: 16 rows, those of conv2's live
+  #   channels 0, 2, 3 = 12: [12, 12, 12, 12, 60], mean 21.6, std 19.2,
+  #   band [2.4, 40.8]: neuron 4 goes;
+  # dense2, fan-in 4 live rows: all 4 equal: none goes.
+  kernels = _scaled_kernels(tiny_graph, SCALES)
+  conv_only = unit_graph.prune_step(
+      tiny_graph, kernels, None, 0.9, rule="std_band", std_k=1.0, prune_dense=False
+  )
+  expected = {
+      "conv1": [False, False, True],
+      "conv2": [True, False, True, True],
+      "dense1": [True] * 5,
+      "dense2": [True] * 4,
+  }
+  for name, want in expected.items():
+    np.testing.assert_array_equal(conv_only[name], want, err_msg=name)
+  np.testing.assert_array_equal(
+      _band([100.0, 25.0, 100.0, 100.0], np.ones(4, bool), 1.0), expected["conv2"]
+  )
+  with_dense = unit_graph.prune_step(
+      tiny_graph, kernels, None, 0.9, rule="std_band", std_k=1.0, prune_dense=True
+  )
+  np.testing.assert_array_equal(with_dense["dense1"], [True, True, True, True, False])
+  np.testing.assert_array_equal(with_dense["dense2"], [True] * 4)
+  np.testing.assert_array_equal(
+      _band([12.0, 12.0, 12.0, 12.0, 60.0], np.ones(5, bool), 1.0), with_dense["dense1"]
+  )
+
+
+def _next_round(finalizer, state, weights, scales, layout):
+  """One finalizer step on the SCALES-like aggregate `scales`, given the
+  current weights (their masks are the current alive units)."""
+  _, update = _finalizer_inputs(layout, scales)
+  return finalizer.next(state, weights, update)
+
+
+def test_patience_counts_quiet_rounds_in_a_row_and_then_stops(tiny_layout):
+  rule = structured.SearchRule(
+      rule="std_band", std_k=1.0, prune_dense=False, patience=2, max_prune_rounds=10
+  )
+  finalizer = _build_finalizer(tiny_layout, 0.9, "original_mean", rule=rule)
+  weights, _ = _finalizer_inputs(tiny_layout, SCALES)
+  quiet = dict(SCALES)  # after round 1 nothing more is outside the band
+  # conv2's alive filters 0, 2, 3 at [100, 200, 100]: mean 133.3, std 47.1,
+  # band [86.2, 180.5]: filter 2 goes.
+  removing = dict(SCALES, conv2=[4.0, 1.0, 8.0, 4.0])
+  # (aggregate, removed this round, pruning rounds, quiet rounds, stopped)
+  steps = [
+      (SCALES, 3, 1, 0, 0),  # conv1 filters 0, 1 and conv2 filter 1 go
+      (quiet, 0, 2, 1, 0),
+      (removing, 1, 3, 0, 0),  # a removal resets the count
+      (quiet, 0, 4, 1, 0),
+      (quiet, 0, 5, 2, 1),  # two quiet rounds in a row: stopped
+      (dict(SCALES, conv2=[4.0, 1.0, 4.0, 8.0]), 0, 5, 2, 1),  # would remove
+  ]
+  state = finalizer.initialize()
+  for number, (scales, removed, rounds, quiet_rounds, stopped) in enumerate(steps, 1):
+    out = _next_round(finalizer, state, weights, scales, tiny_layout)
+    state, weights = out.state, out.result
+    got = (
+        int(out.measurements["removed_total"]), int(state["pruning_rounds"]),
+        int(state["quiet_rounds"]), int(out.measurements["stopped"]),
+    )
+    assert got == (removed, rounds, quiet_rounds, stopped), f"round {number}"
+  alive = structured.alive_from_model_weights(tiny_layout, weights)
+  np.testing.assert_array_equal(alive["conv2"], [True, False, False, True])
+  np.testing.assert_array_equal(alive["dense1"], [True] * 5)
+
+
+def test_the_search_stops_after_max_prune_rounds(tiny_layout):
+  rule = structured.SearchRule(rule="std_band", std_k=1.0, max_prune_rounds=1)
+  finalizer = _build_finalizer(tiny_layout, 0.9, "original_mean", rule=rule)
+  weights, _ = _finalizer_inputs(tiny_layout, SCALES)
+  out = _next_round(finalizer, finalizer.initialize(), weights, SCALES, tiny_layout)
+  # Round 1 prunes (with dense layers: dense1 neuron 4 goes too).
+  assert int(out.measurements["removed_total"]) == 4
+  assert int(out.measurements["stopped"]) == 1
+  removing = dict(SCALES, conv2=[4.0, 1.0, 8.0, 4.0])
+  again = _next_round(finalizer, out.state, out.result, removing, tiny_layout)
+  assert int(again.measurements["removed_total"]) == 0
+  assert int(again.state["pruning_rounds"]) == 1
+
+
+def test_the_stopping_counts_are_part_of_the_search_state(tiny_layout):
+  """They live in the process state, which checkpoints save whole."""
+  model_fn = sparse_model.make_model_fn(_tiny_keras, SPEC, True)
+  initial = structured.initial_search_weights(_tiny_keras, 0, tiny_layout)
+  rule = structured.SearchRule(rule="std_band", patience=3, max_prune_rounds=50)
+  process = structured.build_structured_search(
+      model_fn, tiny_layout, initial, optimizers.build_sgdw(), local_epochs=1, rule=rule
+  )
+  finalizer_state = process.initialize().finalizer
+  assert {k: int(v) for k, v in finalizer_state.items()} == {
+      "pruning_rounds": 0, "quiet_rounds": 0,
+  }
+  with pytest.raises(ValueError, match="patience must be >= 0"):
+    structured.build_structured_search(
+        model_fn, tiny_layout, initial, optimizers.build_sgdw(), local_epochs=1,
+        rule=structured.SearchRule(patience=-1),
     )

@@ -107,3 +107,73 @@ def test_a_run_resumed_in_phase_two_ends_with_the_same_weights(structured_run, t
     np.testing.assert_array_equal(x, y)
   strip = lambda rows: [{k: v for k, v in r.items() if k != "round_seconds"} for r in rows]  # noqa: E731
   assert strip(_rows(copy)) == strip(_rows(config.output_dir))
+
+
+@pytest.fixture(scope="module")
+def std_band_run(tmp_path_factory, fashion_mnist_available):
+  """Paper 2's rule on its plain CNN: k = 1 removes units in round 1, and
+  the search stops after that one pruning round (cohort execution, so the
+  cohort network's global average pooling runs too)."""
+  out = tmp_path_factory.mktemp("std_band") / "run"
+  config = config_lib.ExperimentConfig(
+      algorithm="structured",
+      model="paper2_cnn",
+      structured_rule="std_band",
+      structured_std_k=1.0,
+      structured_max_prune_rounds=1,
+      total_clients=20,
+      clients_per_round=3,
+      local_epochs=1,
+      rounds=5,
+      structured_search_rounds=4,
+      eval_every=5,
+      checkpoint_every=1,
+      seed=2,
+      output_dir=str(out),
+  )
+  summary = training.run_experiment(config, log=lambda line: None)
+  return config, summary
+
+
+def test_std_band_search_prunes_convolutions_only_until_it_stops(std_band_run):
+  config, summary = std_band_run
+  info = summary["structured"]
+  assert (info["rule"], info["std_k"], info["prune_dense"]) == ("std_band", 1.0, False)
+  found = info["found_widths"]
+  assert set(found) == {"conv1", "conv2"}
+  assert found["conv1"] < 32 or found["conv2"] < 64
+  rows = _rows(config.output_dir)
+  full = unit_graph.architecture_cost("paper2_cnn", (28, 28, 1), 10).forward_flops
+  cost = unit_graph.architecture_cost("paper2_cnn", (28, 28, 1), 10, found)
+  # Units go in round 1 only: the FLOPs of rounds 1-4 are those found.
+  assert [float(r["forward_flops"]) for r in rows[:4]] == [cost.forward_flops] * 4
+  assert cost.forward_flops < full
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def _interrupt_at_round(number):
+  """A log function that stops the run when round `number` is reported,
+  before its checkpoint is written."""
+
+  def log(line):
+    if line.startswith("round") and line.split()[1].startswith(f"{number}/"):
+      raise _Interrupt(line)
+
+  return log
+
+
+def test_a_search_resumed_in_phase_one_keeps_its_stopping_state(std_band_run, tmp_path):
+  config, _ = std_band_run
+  resumed = config_lib.ExperimentConfig(**{**config.__dict__, "output_dir": str(tmp_path)})
+  # The run dies in round 3, inside the search, with round 2's checkpoint on
+  # disk: a resumed search that forgot it had stopped would prune again.
+  with pytest.raises(_Interrupt):
+    training.run_experiment(resumed, log=_interrupt_at_round(3))
+  lines = []
+  training.run_experiment(resumed, log=lines.append)
+  assert any("resumed" in line and "round 2" in line for line in lines)
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "round_seconds"} for r in rows]  # noqa: E731
+  assert strip(_rows(tmp_path)) == strip(_rows(config.output_dir))

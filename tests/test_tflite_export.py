@@ -267,6 +267,51 @@ def test_float16_block_sparse_kernel_falls_back_to_dense_encoding(fmnist):
   )
 
 
+def _block_sparse_mnist_cnn(seed):
+  """mnist_cnn whose dense1 kernel keeps 20% of its 1x4 blocks (4
+  consecutive input rows of one neuron: TFLite's 1x4 blocks once the kernel
+  is transposed to [out, in]); the other kernels stay dense."""
+  tf.keras.utils.set_random_seed(seed)
+  model = networks.build_model("mnist_cnn", (28, 28, 1), 10)
+  dense1 = model.get_layer("dense1")
+  blocks = dense1.kernel.numpy().reshape(-1, 4, 50)
+  norms = np.abs(blocks).sum(1)
+  keep = norms >= np.quantile(norms, SPARSITY)
+  dense1.kernel.assign((blocks * keep[:, None, :]).reshape(-1, 50))
+  return model
+
+
+def test_kept_sparse_means_no_densify_reads_the_tensor():
+  def info(sparse, consumers):
+    return inspect_model.TensorInfo(
+        0, 0, "w", (4, 4), "FLOAT32", 1, 16, sparse, consumers=consumers
+    )
+
+  assert info(True, ("FULLY_CONNECTED",)).kept_sparse
+  assert not info(True, ("DENSIFY",)).kept_sparse
+  assert not info(False, ("FULLY_CONNECTED",)).kept_sparse
+
+
+def test_densify_detection_on_real_converted_models(exports, fmnist):
+  # Random (FedDST-like) sparsity: every sparse kernel goes through DENSIFY.
+  random = inspect_model.summarize(exports["sparse"])
+  assert random["num_sparse_tensors"] == 4
+  assert random["num_kept_sparse_tensors"] == 0
+  assert all(t["consumers"] == ["DENSIFY"] for t in random["sparse_tensors"])
+  assert not any(t["kept_sparse"] for t in random["sparse_tensors"])
+  # 1x4 blocks in dense1 (float32): FULLY_CONNECTED reads the sparse tensor.
+  model = _block_sparse_mnist_cnn(seed=1)
+  content = tflite_export.convert(model)
+  (dense1,) = tflite_export.sparse_tensors(content)
+  assert dense1.shape == (50, 5120) and dense1.block_map
+  assert dense1.consumers == ("FULLY_CONNECTED",) and dense1.kept_sparse
+  assert "DENSIFY" not in inspect_model.summarize(content)["operators"]
+  x = fmnist["x_test"][:100]
+  np.testing.assert_allclose(
+      tflite_export.predict_logits(content, x), model(x).numpy(), atol=1e-5
+  )
+
+
 def test_bad_quantization_settings(plain_model):
   with pytest.raises(ValueError, match="float32, float16, int8"):
     tflite_export.convert(plain_model, quantization="int4")
@@ -342,6 +387,17 @@ def test_export_and_report(plain_model, keras_logits, fmnist, tmp_path):
       <= 0.35
   )
   assert sparse["num_sparse_tensors"] == 4 and dense["num_sparse_tensors"] == 0
+  # Random sparsity: the runtime expands every sparse tensor at load.
+  assert sparse["num_kept_sparse_tensors"] == 0
+  assert [t["kept_sparse"] for t in sparse["sparse_tensors"]] == [False] * 4
+  assert report["latency_ratio_sparse_dense"] == pytest.approx(
+      sparse["batch1_latency_median_ms"] / dense["batch1_latency_median_ms"]
+  )
+  assert sparse["batch1_latency_num_examples"] == 20
+  assert sparse["batch1_latency_distinct_images"] == 20
+  if HAS_LITERT:
+    assert 0 < sparse["standalone_batch1_latency_median_ms"]
+    assert report["standalone_latency_ratio_sparse_dense"] > 0
   assert report["weight_sparsity"] == pytest.approx(SPARSITY, abs=0.01)
   keras_acc = _accuracy(keras_logits, fmnist["y_test"])
   assert report["keras"]["accuracy"] == pytest.approx(keras_acc)

@@ -32,6 +32,7 @@ swapped in without touching client or server code.
 
 import collections
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -101,20 +102,60 @@ def contributions(values, masks, weights, budgets):
   )
 
 
-def _build_contribution(value_type, weight_type, budgets):
-  """Per client: the validated update's weighted values, votes and counts."""
+def _build_contribution(value_type, weight_type, budgets, budgets_type=None):
+  """Per client: the validated update's weighted values, votes and counts.
 
-  @tff.tensorflow.computation(value_type, weight_type)
-  def contribution(update, weight):
-    one = lambda t: tf.expand_dims(t, 0)  # noqa: E731  (a cohort of one)
+  With `budgets_type` the computation takes the round's budgets as a third
+  argument, one per key of `budgets` in key order (`budgets` then only says
+  which values are checked).
+  """
+  one = lambda t: tf.expand_dims(t, 0)  # noqa: E731  (a cohort of one)
+
+  def run(update, weight, limits):
     return contributions(
         [one(v) for v in update["values"]],
         [one(m) for m in update["masks"]],
         one(weight),
-        budgets,
+        limits,
     )
 
-  return contribution
+  if budgets_type is None:
+
+    @tff.tensorflow.computation(value_type, weight_type)
+    def contribution(update, weight):
+      return run(update, weight, budgets)
+
+    return contribution
+
+  @tff.tensorflow.computation(value_type, weight_type, budgets_type)
+  def scheduled_contribution(update, weight, round_budgets):
+    limits = {i: tf.cast(round_budgets[j], tf.int64) for j, i in enumerate(sorted(budgets))}
+    return run(update, weight, limits)
+
+  return scheduled_contribution
+
+
+def _budget_schedule(budgets, budget_table):
+  """(init, budgets of the state's round, advance) over a round counter."""
+  table = [[int(b) for b in row] for row in budget_table]
+  if any(len(row) != len(budgets) for row in table):
+    raise ValueError("every row of budget_table needs one budget per key of budgets")
+
+  @tff.tensorflow.computation
+  def init_round():
+    return tf.constant(1, tf.int32)
+
+  @tff.tensorflow.computation(np.int32)
+  def lookup(round_num):
+    table_t = tf.constant(table, tf.int32)
+    row = tf.minimum(tf.maximum(round_num - 1, 0), tf.shape(table_t)[0] - 1)
+    return tf.gather(table_t, row)
+
+  @tff.tensorflow.computation(np.int32)
+  def advance(round_num):
+    return round_num + 1
+
+  return init_round, lookup, advance
 
 
 def _build_finish(sums_type, masked, min_votes):
@@ -178,6 +219,38 @@ def _voting_process(inner, contribution, finish, value_type, weight_type):
   return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
+def _scheduled_voting_process(inner, contribution, finish, schedule, value_type, weight_type):
+  """`_voting_process` whose budgets change by round: the state holds the
+  inner sum's state and the round counter (`round_num`, advanced every
+  round, as the client work's)."""
+  init_round, lookup, advance = schedule
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_zip(collections.OrderedDict(
+        sum=inner.initialize(), round_num=tff.federated_eval(init_round, tff.SERVER)
+    ))
+
+  @tff.federated_computation(
+      init_fn.type_signature.result,
+      tff.FederatedType(value_type, tff.CLIENTS),
+      tff.FederatedType(weight_type, tff.CLIENTS),
+  )
+  def next_fn(state, value, weight):
+    budgets = tff.federated_broadcast(tff.federated_map(lookup, state.round_num))
+    summed = inner.next(state.sum, tff.federated_map(contribution, (value, weight, budgets)))
+    result, stats = tff.federated_map(finish, summed.result)
+    measurements = tff.federated_zip(
+        collections.OrderedDict(voting=stats, sum=summed.measurements)
+    )
+    new_state = tff.federated_zip(collections.OrderedDict(
+        sum=summed.state, round_num=tff.federated_map(advance, state.round_num)
+    ))
+    return tff.templates.MeasuredProcessOutput(new_state, result, measurements)
+
+  return tff.templates.AggregationProcess(init_fn, next_fn)
+
+
 class SparseVotingFactory(tff.aggregators.WeightedAggregationFactory):
   """Weighted average in which each client votes only for the weights it kept."""
 
@@ -187,6 +260,7 @@ class SparseVotingFactory(tff.aggregators.WeightedAggregationFactory):
       sum_factory=None,
       budgets: dict[int, int] | None = None,
       presummed: bool = False,
+      budget_table=None,
   ):
     """Args:
       min_votes: masked positions kept by fewer clients get no votes.
@@ -198,6 +272,11 @@ class SparseVotingFactory(tff.aggregators.WeightedAggregationFactory):
         by the cohort client work with the same budgets) instead of one
         update: the value type is that of `contributions`' result and the
         weight is not used. The result is the same voting average.
+      budget_table: the budgets of every round (gradual sparsification,
+        `masks.budget_table`: row j for round j + 1, the last row from
+        then on; one entry per key of `budgets`, in key order). The state
+        then counts rounds and an update is checked against its round's
+        budgets.
     """
     if min_votes < 1:
       raise ValueError(f"min_votes must be >= 1, got {min_votes}")
@@ -205,6 +284,7 @@ class SparseVotingFactory(tff.aggregators.WeightedAggregationFactory):
     self._sum_factory = sum_factory or tff.aggregators.SumFactory()
     self._budgets = dict(budgets or {})
     self._presummed = presummed
+    self._budget_table = budget_table
 
   def create(self, value_type, weight_type) -> tff.templates.AggregationProcess:
     if self._presummed:
@@ -216,10 +296,18 @@ class SparseVotingFactory(tff.aggregators.WeightedAggregationFactory):
       for i in self._budgets:
         if not 0 <= i < len(masked) or not masked[i]:
           raise ValueError(f"budget given for value {i}, which has no mask")
-      contribution = _build_contribution(value_type, weight_type, self._budgets)
+      budgets_type = None
+      if self._budget_table is not None:
+        budgets_type = tff.TensorType(np.int32, [len(self._budgets)])
+      contribution = _build_contribution(value_type, weight_type, self._budgets, budgets_type)
       sums_type = contribution.type_signature.result
     inner = self._sum_factory.create(sums_type)
     finish = _build_finish(sums_type, masked, self._min_votes)
+    if self._budget_table is not None and not self._presummed:
+      schedule = _budget_schedule(self._budgets, self._budget_table)
+      return _scheduled_voting_process(
+          inner, contribution, finish, schedule, value_type, weight_type
+      )
     return _voting_process(inner, contribution, finish, value_type, weight_type)
 
 
@@ -269,5 +357,48 @@ class ValidatingMeanFactory(tff.aggregators.WeightedAggregationFactory):
       return tff.templates.MeasuredProcessOutput(
           output.state, output.result, measurements
       )
+
+    return tff.templates.AggregationProcess(init_fn, next_fn)
+
+
+class PresummedMeanFactory(tff.aggregators.WeightedAggregationFactory):
+  """The weighted mean of cohorts' presummed updates (dense cohorts).
+
+  Each client value is OrderedDict(deltas, total, rejected) from
+  `cohort_work.build_dense_cohort_client_work`: its clients' weighted sum of
+  accepted model deltas, their total weight, and the clients it rejected.
+  The result is sum(deltas) / sum(total), the weighted mean that
+  `ValidatingMeanFactory` computes from single clients (zeros when no client
+  was accepted); the weight argument is not used. Measurements: `rejected`.
+  """
+
+  def __init__(self, sum_factory=None):
+    self._sum_factory = sum_factory or tff.aggregators.SumFactory()
+
+  def create(self, value_type, weight_type) -> tff.templates.AggregationProcess:
+    inner = self._sum_factory.create(value_type)
+
+    @tff.tensorflow.computation(value_type)
+    def finish(sums):
+      mean = [tf.math.divide_no_nan(d, sums["total"]) for d in sums["deltas"]]
+      return mean, sums["rejected"]
+
+    @tff.federated_computation
+    def init_fn():
+      return inner.initialize()
+
+    @tff.federated_computation(
+        init_fn.type_signature.result,
+        tff.FederatedType(value_type, tff.CLIENTS),
+        tff.FederatedType(weight_type, tff.CLIENTS),
+    )
+    def next_fn(state, value, weight):
+      del weight  # in the sums
+      summed = inner.next(state, value)
+      mean, rejected = tff.federated_map(finish, summed.result)
+      measurements = tff.federated_zip(
+          collections.OrderedDict(sum=summed.measurements, rejected=rejected)
+      )
+      return tff.templates.MeasuredProcessOutput(summed.state, mean, measurements)
 
     return tff.templates.AggregationProcess(init_fn, next_fn)

@@ -8,13 +8,18 @@ Nothing outside this module branches on an algorithm's name.
 - fedavg / fedavgm: `tff.learning.algorithms.build_weighted_fed_avg` with the
   clients' momentum-SGD-with-weight-decay optimizer (fedavgm: server
   momentum 0.9 by default).
-- fedprox: `tff.learning.algorithms.build_weighted_fed_prox` (mu 0.01 by
-  default). The dense algorithms aggregate through
-  `aggregation.ValidatingMeanFactory` (TFF's weighted mean after the
-  server's check of every update).
+- fedprox: `feddst.build_fedprox`, TFF's FedAvg blocks around our own
+  client work (mu 0.01 by default; TFF 0.87's `build_weighted_fed_prox`
+  has the proximal gradient's sign reversed). The dense algorithms
+  aggregate through `aggregation.ValidatingMeanFactory` (TFF's weighted
+  mean after the server's check of every update).
+- with `--client_execution=cohort` (the default) fedavg / fedavgm
+  are `cohort_work.build_dense_cohort_process`: the same blocks, a cohort
+  of clients trained as one computation per TFF client.
 - feddst: `feddst.build_feddst` (sparse client work with readjustment, sparse
   voting aggregation, server re-prune); randommask: the same with
-  readjustment ratio 0.
+  readjustment ratio 0; snip / grasp: RandomMask whose fixed mask is chosen
+  at initialisation from one mini-batch (`pruning_init`).
 - structured / structured_feddst: two phases, the structured search
   (`structured.build_structured_search`) and then fedavg / feddst on the
   smaller network it found.
@@ -22,6 +27,7 @@ The algorithms are defined in docs/algorithms.md.
 """
 
 import dataclasses
+import functools
 import types
 from typing import Callable, Mapping
 
@@ -31,7 +37,9 @@ import tensorflow_federated as tff
 from tff_feddst import aggregation
 from tff_feddst import costs
 from tff_feddst import feddst
+from tff_feddst import masks
 from tff_feddst import optimizers
+from tff_feddst import pruning_init
 from tff_feddst import sparse_model
 
 
@@ -52,11 +60,24 @@ class AlgorithmConfig:
   readjustment_ratio: float = 0.05
   rounds_between_readjustments: int = 10
   readjustment_end_round: int = 0
+  # alpha_r: "cosine" decay or "constant" alpha, up to R_end.
+  readjustment_schedule: str = "cosine"
+  # Gradual sparsification: S moves linearly to this by R_end (None: S).
+  final_sparsity: float | None = None
+  # A position no client voted for keeps its previous global value.
+  remember_old: bool = False
   min_votes: int = 1
   upload_dtype: str = "float32"
   seed: int = 0
   structured_boundary: float = 0.95
   structured_relative_to: str = "original_mean"
+  # The search's selection rule ("boundary" or paper 2's "std_band", with
+  # its k), whether it removes dense neurons, and when it stops removing.
+  structured_rule: str = "boundary"
+  structured_std_k: float = 2.2
+  structured_prune_dense: bool = True
+  structured_patience: int = 3
+  structured_max_prune_rounds: int = 50
   # "cohort": each TFF client trains a cohort of clients as one computation.
   client_execution: str = "per_client"
 
@@ -77,10 +98,19 @@ class BuiltAlgorithm:
   structured: object | None = None
   # Set when the process trains cohorts (`cohort_work.CohortSettings`).
   cohort: object | None = None
+  # Gradual sparsification: the layers' budgets of every round
+  # (`masks.budget_table`); None: `layout.budgets` throughout.
+  budget_table: tuple | None = None
 
   @property
   def sparse(self) -> bool:
     return self.layout is not None
+
+  def kept_in_round(self, round_num: int) -> int:
+    """B_kept of the process's round `round_num`: the values of its download."""
+    if self.budget_table is None:
+      return self.layout.num_kept
+    return int(sum(self.budget_table[min(max(round_num, 1), len(self.budget_table)) - 1]))
 
 
 Builder = Callable[[AlgorithmConfig, Callable[[], tf.keras.Model], object], BuiltAlgorithm]
@@ -159,23 +189,53 @@ def dense_model_size(model: tf.keras.Model) -> costs.ModelSize:
 
 
 def _build_dense(tff_builder, **extra):
-  """A builder over a `tff.learning.algorithms` factory."""
+  """A builder over a `tff.learning.algorithms` factory (None with
+  `proximal_strength`: FedProx, `feddst.build_fedprox`)."""
 
   def build(config, keras_fn, input_spec) -> BuiltAlgorithm:
     kwargs = {k: getattr(config, v) for k, v in extra.items()}
-    process = tff_builder(
-        sparse_model.make_model_fn(keras_fn, input_spec, wrapped=False),
-        client_optimizer_fn=build_client_optimizer(config),
-        server_optimizer_fn=_server_optimizer(config),
-        model_aggregator=aggregation.ValidatingMeanFactory(),
-        **kwargs,
-    )
+    model_fn = sparse_model.make_model_fn(keras_fn, input_spec, wrapped=False)
     initial = sparse_model.initial_model_weights(keras_fn, config.seed, None)
+    cohort = cohort_settings(config, keras_fn, input_spec)
+    if cohort is not None:
+      from tff_feddst import cohort_work  # pylint: disable=g-import-not-at-top
+
+      process = cohort_work.build_dense_cohort_process(
+          model_fn, initial, cohort, _server_optimizer(config),
+          prox_mu=kwargs.get("proximal_strength", 0.0),
+      )
+    elif "proximal_strength" in kwargs:
+      # Our own client work: TFF 0.87's FedProx term has the wrong sign.
+      process = feddst.build_fedprox(
+          model_fn, initial, build_client_optimizer(config), _server_optimizer(config),
+          kwargs["proximal_strength"],
+      )
+    else:
+      process = tff_builder(
+          model_fn,
+          client_optimizer_fn=build_client_optimizer(config),
+          server_optimizer_fn=_server_optimizer(config),
+          model_aggregator=aggregation.ValidatingMeanFactory(),
+          **kwargs,
+      )
     return BuiltAlgorithm(
-        process, initial, None, dense_model_size(keras_fn()), epochs_in_process=False
+        process, initial, None, dense_model_size(keras_fn()),
+        epochs_in_process=cohort is not None, cohort=cohort,
     )
 
   return build
+
+
+def gradual_budgets(config: AlgorithmConfig, layout) -> tuple | None:
+  """The budget table of gradual sparsification, or None without it."""
+  final = config.final_sparsity
+  if final is None or final == config.sparsity or config.readjustment_end_round <= 0:
+    return None
+  table = masks.budget_table(
+      layout.kernel_shapes, config.sparsity, final, config.readjustment_end_round,
+      config.sparsity_distribution,
+  )
+  return tuple(tuple(row) for row in table)
 
 
 def _build_sparse(readjusts: bool) -> Builder:
@@ -192,6 +252,7 @@ def _build_sparse(readjusts: bool) -> Builder:
     if config.server_lr != 1.0 or config.server_momentum:
       server_optimizer = _server_optimizer(config)
     cohort = cohort_settings(config, keras_fn, input_spec)
+    table = gradual_budgets(config, layout)
     process = feddst.build_feddst(
         sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True),
         layout,
@@ -206,12 +267,15 @@ def _build_sparse(readjusts: bool) -> Builder:
         server_optimizer=server_optimizer,
         upload_dtype=tf.as_dtype(config.upload_dtype),
         cohort=cohort,
+        readjustment_schedule=config.readjustment_schedule,
+        budget_table=table,
+        remember_old=config.remember_old,
     )
     size = costs.ModelSize(layout.num_prunable, layout.num_unmasked)
     value_bits = 16 if config.upload_dtype == "float16" else 32
     return BuiltAlgorithm(
         process, initial, layout, size, epochs_in_process=True,
-        upload_value_bits=value_bits, cohort=cohort,
+        upload_value_bits=value_bits, cohort=cohort, budget_table=table,
     )
 
   return build
@@ -240,19 +304,18 @@ STRUCTURED_SEARCH = Algorithm(
 _ENTRIES = (
     Algorithm(
         "fedavg", "FedAvg",
-        _build_dense(tff.learning.algorithms.build_weighted_fed_avg),
+        _build_dense(tff.learning.algorithms.build_weighted_fed_avg), cohort=True,
     ),
     Algorithm(
         "fedavgm", "FedAvg with server momentum (0.9 unless --server_momentum)",
-        _build_dense(tff.learning.algorithms.build_weighted_fed_avg),
+        _build_dense(tff.learning.algorithms.build_weighted_fed_avg), cohort=True,
         defaults=types.MappingProxyType({"server_momentum": 0.9}),
     ),
     Algorithm(
         "fedprox", "FedProx (mu 0.01 unless --prox_mu)",
-        _build_dense(
-            tff.learning.algorithms.build_weighted_fed_prox,
-            proximal_strength="prox_mu",
-        ),
+        # No cohort engine yet: its cohort rounds differ from the per-client
+        # FedProx by up to 1e-4 in the weights (issue: cohorts for every algorithm).
+        _build_dense(None, proximal_strength="prox_mu"),
         defaults=types.MappingProxyType({"prox_mu": 0.01}),
     ),
     Algorithm(
@@ -262,6 +325,16 @@ _ENTRIES = (
     Algorithm(
         "randommask", "FedDST with readjustment ratio 0 (a fixed random mask)",
         _build_sparse(readjusts=False), sparse=True, float16_upload=True, cohort=True,
+    ),
+    Algorithm(
+        "snip", "SNIP: RandomMask with the mask of largest |g * w| on one mini-batch",
+        _build_sparse(readjusts=False), sparse=True, float16_upload=True, cohort=True,
+        make_phase=functools.partial(pruning_init.PrunedAtInitPhase, criterion=pruning_init.SNIP),
+    ),
+    Algorithm(
+        "grasp", "GraSP: RandomMask with the mask kept by the gradient-flow score -w * (H g)",
+        _build_sparse(readjusts=False), sparse=True, float16_upload=True, cohort=True,
+        make_phase=functools.partial(pruning_init.PrunedAtInitPhase, criterion=pruning_init.GRASP),
     ),
     Algorithm(
         "structured",

@@ -202,13 +202,27 @@ def model_types(model_fn):
   return metrics_aggregation_fn, weights_type, tff.SequenceType(element_type)
 
 
+def round_budgets(table, round_num):
+  """Row min(r - 1, last) of a budget table (`masks.budget_table`), int32 [L]."""
+  table = tf.constant(table, tf.int32)
+  row = tf.minimum(tf.maximum(round_num - 1, 0), tf.shape(table)[0] - 1)
+  return tf.gather(table, row)
+
+
 def build_schedule(
     layout: SparseLayout,
     readjustment_ratio: float,
     rounds_between_readjustments: int,
     readjustment_end_round: int,
+    readjustment_schedule: str = "cosine",
+    budget_table=None,
 ):
-  """The server state's computations: (init_tf, plan_round, advance)."""
+  """The server state's computations: (init_tf, plan_round, advance).
+
+  `budget_table` (`masks.budget_table`) gives the layers' budgets of every
+  round (gradual sparsification); None: `layout.budgets` in every round.
+  """
+  table = budget_table if budget_table is not None else [list(layout.budgets)]
 
   @tff.tensorflow.computation
   def init_tf():
@@ -218,17 +232,19 @@ def build_schedule(
 
   @tff.tensorflow.computation(state_type)
   def plan_round(state):
-    """Per-layer k_l for this round (all zero outside readjustment rounds)."""
+    """The round's budgets and per-layer k_l (all zero outside readjustment rounds)."""
     r = state["round_num"]
     ratio = masks_lib.readjustment_ratio(
-        r, readjustment_ratio, readjustment_end_round
+        r, readjustment_ratio, readjustment_end_round, readjustment_schedule
     )
     on_schedule = tf.equal((r - 1) % rounds_between_readjustments, 0)
     readjust = tf.logical_and(on_schedule, ratio > 0.0)
-    ks = tf.stack([masks_lib.num_to_readjust(ratio, b) for b in layout.budgets])
+    budgets = round_budgets(table, r)
+    ks = masks_lib.num_to_readjust(ratio, budgets)
     ks = tf.where(readjust, ks, tf.zeros_like(ks))
     return collections.OrderedDict(
-        round_num=r, readjustment_ratio=tf.where(readjust, ratio, 0.0), num_readjusted=ks
+        round_num=r, readjustment_ratio=tf.where(readjust, ratio, 0.0), num_readjusted=ks,
+        budgets=budgets,
     )
 
   @tff.tensorflow.computation(state_type)
@@ -249,6 +265,8 @@ def build_feddst_client_work(
     readjustment_end_round: int,
     prox_mu: float = 0.0,
     upload_dtype: tf.DType = tf.float32,
+    readjustment_schedule: str = "cosine",
+    budget_table=None,
 ) -> tff.learning.templates.ClientWorkProcess:
   """The FedDST `ClientWorkProcess` (alpha = 0 gives RandomMask)."""
   metrics_aggregation_fn, weights_type, data_type = model_types(model_fn)
@@ -256,7 +274,7 @@ def build_feddst_client_work(
   k_type = tff.TensorType(np.int32, [num_layers])
   init_tf, plan_round, advance = build_schedule(
       layout, readjustment_ratio, rounds_between_readjustments,
-      readjustment_end_round,
+      readjustment_end_round, readjustment_schedule, budget_table,
   )
 
   @tff.tensorflow.computation(weights_type, data_type, k_type)
@@ -273,7 +291,7 @@ def build_feddst_client_work(
 
 
 def scheduled_client_work(
-    schedule, update_tf, weights_type, data_type, aggregate_train
+    schedule, update_tf, weights_type, data_type, aggregate_train, with_budgets=False
 ) -> tff.learning.templates.ClientWorkProcess:
   """The ClientWorkProcess around a client computation and the schedule.
 
@@ -281,7 +299,8 @@ def scheduled_client_work(
   `update_tf(weights, data, k)` returns (ClientResult, train metrics, client
   statistics); `aggregate_train` turns the clients' train metrics into the
   round's (a federated computation). The per-client and the cohort client
-  work differ only in these.
+  work differ only in these. `with_budgets`: `update_tf` takes the round's
+  per-layer budgets as a fourth argument (the cohort validates its updates).
   """
   init_tf, plan_round, advance = schedule
 
@@ -297,7 +316,11 @@ def scheduled_client_work(
   def next_fn(state, weights, client_data):
     plan = tff.federated_map(plan_round, state)
     ks = tff.federated_broadcast(plan.num_readjusted)
-    result, train, stats = tff.federated_map(update_tf, (weights, client_data, ks))
+    if with_budgets:
+      budgets = tff.federated_broadcast(plan.budgets)
+      result, train, stats = tff.federated_map(update_tf, (weights, client_data, ks, budgets))
+    else:
+      result, train, stats = tff.federated_map(update_tf, (weights, client_data, ks))
     measurements = tff.federated_zip(
         collections.OrderedDict(
             train=aggregate_train(train),
@@ -308,5 +331,67 @@ def scheduled_client_work(
     return tff.templates.MeasuredProcessOutput(
         tff.federated_map(advance, state), result, measurements
     )
+
+  return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+
+
+def build_dense_client_work(
+    model_fn,
+    optimizer: tff.learning.optimizers.Optimizer,
+    prox_mu: float,
+) -> tff.learning.templates.ClientWorkProcess:
+  """The per-client client work of FedProx (FedAvg with `prox_mu` 0).
+
+  Each client trains on its data set (all local epochs in it) with the
+  gradient of f(w) + mu/2 ||w - w0||^2, w0 the broadcast weights, and sends
+  TFF's model delta w0 - w weighted by its examples (a non-finite delta
+  gets weight 0 and its metrics are dropped). TFF 0.87's own
+  `build_weighted_fed_prox` adds mu (w0 - w) to the gradient, the opposite
+  sign, which pushes the client away from w0 (docs/algorithms.md, FedProx).
+  """
+  metrics_aggregation_fn, weights_type, data_type = model_types(model_fn)
+
+  @tff.tensorflow.computation(weights_type, data_type)
+  def client_update_tf(initial_weights, dataset):
+    model = model_fn()
+
+    @tf.function
+    def update(initial_weights, dataset):
+      dataset = without_autotune(dataset)
+      weights = tff.learning.models.ModelWeights.from_model(model)
+      tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
+      trainable = list(weights.trainable)
+      num_examples = _train_locally(
+          model, optimizer, trainable, [], {}, list(initial_weights.trainable),
+          dataset, 1, prox_mu,
+      )
+      delta = [w0 - v.read_value() for w0, v in zip(initial_weights.trainable, trainable)]
+      finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in delta])
+      if not finite:
+        model.reset_metrics()
+      delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
+      weight = tf.where(finite, tf.cast(num_examples, tf.float32), 0.0)
+      return (
+          tff.learning.templates.ClientResult(update=delta, update_weight=weight),
+          model.report_local_unfinalized_metrics(),
+      )
+
+    return update(initial_weights, dataset)
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_value((), tff.SERVER)
+
+  @tff.federated_computation(
+      init_fn.type_signature.result,
+      tff.FederatedType(weights_type, tff.CLIENTS),
+      tff.FederatedType(data_type, tff.CLIENTS),
+  )
+  def next_fn(state, weights, client_data):
+    result, metrics = tff.federated_map(client_update_tf, (weights, client_data))
+    measurements = tff.federated_zip(
+        collections.OrderedDict(train=metrics_aggregation_fn(metrics))
+    )
+    return tff.templates.MeasuredProcessOutput(state, result, measurements)
 
   return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)

@@ -4,16 +4,19 @@ G clients with the same network train at once: every parameter carries a
 leading client axis [G, ...]; a convolution runs as one grouped convolution
 (the clients' activations concatenated along channels, the filters grouped
 so that client g sees only its own channels), a dense layer as a batched
-matmul (`einsum('gbi,gio->gbo')`), and the loss is the sum over clients of
+matmul (`einsum('gbi,gio->gbo')`), a global average pooling as the mean of
+every channel over H, W (then regrouped per client), and the loss is the sum over clients of
 each client's mean loss, so that each client's gradient is its own. This is
 the same arithmetic as training the clients one after the other
 (`client_work.build_client_update`, the reference), in fewer, larger ops.
 
-Data: `pack` stacks the clients' batches step by step into arrays
-x [T, G, B, ...], y [T, G, B] and valid [T, G, B] (1 for a real example).
-A client whose data ran out (fewer or smaller batches: Dirichlet and natural
-partitions) has padded entries; where a client has no example in a step it
-takes no step at all (no momentum, no weight decay movement).
+Data: `pack` stacks the clients' batches step by step: x [T, G, B, ...],
+y [T, G, B] and valid [T, G, B] (1 for a real example). A client whose data
+ran out (fewer or smaller batches: Dirichlet and natural partitions) has
+padded entries; where a client has no example in a step it takes no step at
+all (no momentum, no weight decay movement). What travels is smaller: each
+client's distinct examples once (its local epochs reread the same ones) and
+per step the indices into them, each step cut to its width (`Packed`).
 
 Everything here is pure TensorFlow over tensors (no TFF): the TFF client
 work wraps it.
@@ -38,7 +41,7 @@ _layers = tf.keras.layers
 class _Op:
   """One layer of the network, as the cohort computation runs it."""
 
-  kind: str  # "conv", "dense", "pool", "activation", "flatten"
+  kind: str  # "conv", "dense", "pool", "activation", "flatten", "global_average"
   layer: tf.keras.layers.Layer
   param_index: tuple[int, ...] = ()  # kernel (and bias) in the parameter list
   fn: object = None  # an activation's function
@@ -69,6 +72,10 @@ def _ops(model: tf.keras.Model) -> list[_Op]:
       ops.append(_Op("activation", layer, fn=layer.activation))
     elif isinstance(layer, _layers.Flatten):
       ops.append(_Op("flatten", layer))
+    elif type(layer) is _layers.GlobalAveragePooling2D:  # pylint: disable=unidiomatic-typecheck
+      if layer.data_format != "channels_last" or layer.keepdims:
+        raise ValueError(f"cohort: {layer.name!r} must be channels_last without keepdims")
+      ops.append(_Op("global_average", layer))
     elif not isinstance(layer, _layers.InputLayer):
       raise ValueError(
           f"cohort: layer {layer.name!r} ({type(layer).__name__}) is not supported"
@@ -116,6 +123,10 @@ class CohortNetwork:
     grouped = True
     for op in self._ops:
       if op.kind == "flatten":
+        h, grouped = _grouped_to_rows(h, g), False
+      elif op.kind == "global_average":
+        # Each channel's mean over H, W: [B, 1, 1, G * C] -> [G, B, C].
+        h = tf.reduce_mean(h, axis=[1, 2], keepdims=True)
         h, grouped = _grouped_to_rows(h, g), False
       elif op.kind == "conv":
         h = _conv(op.layer, h, *[params[i] for i in op.param_index])
@@ -171,23 +182,70 @@ def _dense(layer, h, kernel, bias=None):
 
 @dataclasses.dataclass(frozen=True)
 class Packed:
-  """A cohort's batches, step by step (numpy arrays)."""
+  """A cohort's batches, step by step (numpy arrays).
 
-  x: np.ndarray  # [T, G, B, ...]
-  y: np.ndarray  # [T, G, B]
+  Client g's examples are stored once, in `pool_x[g]` / `pool_y[g]`, whose
+  entry 0 is all zeros (the padding); step t's batch of client g is
+  `pool_x[g, index[t, g]]`, the entries with valid = 0 being padding.
+  """
+
+  pool_x: np.ndarray  # [G, P, ...]: entry 0 zeros, then the client's distinct examples
+  pool_y: np.ndarray  # [G, P]
+  index: np.ndarray  # [T, G, B] int32 into the client's pool (0: padding)
   valid: np.ndarray  # [T, G, B] float32, 1 for a real example
   first: np.ndarray  # [T, G, B] float32, 1 for a real example of the first epoch
+
+  @property
+  def x(self) -> np.ndarray:
+    """The steps' images [T, G, B, ...] (zeros in the padding)."""
+    return self.pool_x[np.arange(self.index.shape[1])[None, :, None], self.index]
+
+  @property
+  def y(self) -> np.ndarray:
+    """The steps' labels [T, G, B] (0 in the padding)."""
+    return self.pool_y[np.arange(self.index.shape[1])[None, :, None], self.index]
 
   @property
   def num_examples(self) -> np.ndarray:
     """Examples per client over all steps, [G]."""
     return self.valid.sum(axis=(0, 2)).astype(np.int64)
 
+  @property
+  def widths(self) -> np.ndarray:
+    """Per step, the most examples a client has in it, [T]: the step's width."""
+    return self.valid.sum(axis=2).max(axis=1).astype(np.int64)
+
   def dataset(self) -> tf.data.Dataset:
-    """One element per step: OrderedDict(x, y, valid, first) of [G, B, ...]."""
-    return tf.data.Dataset.from_tensor_slices(
-        collections.OrderedDict(x=self.x, y=self.y, valid=self.valid, first=self.first)
+    """One element per step: OrderedDict(x, y, valid, first) of [G, w_t, ...].
+
+    Step t is cut to its width w_t (`widths`): the padding that no client
+    fills is neither sent nor computed (with 40 examples and batch 32, every
+    other step is 8 wide instead of 32). The data set holds the pools and
+    the steps' indices (end to end along the example axis) and gathers each
+    step's images from the pools as it is read.
+    """
+    widths = self.widths
+    ends = np.cumsum(widths)
+    starts = ends - widths
+
+    def end_to_end(a):  # [T, G, B] -> [G, sum_t w_t]
+      return np.concatenate([a[t, :, :w] for t, w in enumerate(widths)], axis=1)
+
+    pool_x, pool_y = tf.constant(self.pool_x), tf.constant(self.pool_y)
+    index, valid, first = (
+        tf.constant(end_to_end(a)) for a in (self.index, self.valid, self.first)
     )
+
+    def step(start, end):
+      rows = index[:, start:end]
+      return collections.OrderedDict(
+          x=tf.gather(pool_x, rows, batch_dims=1),
+          y=tf.gather(pool_y, rows, batch_dims=1),
+          valid=valid[:, start:end],
+          first=first[:, start:end],
+      )
+
+    return tf.data.Dataset.from_tensor_slices((starts, ends)).map(step)
 
 
 def pack(client_epochs: Sequence[Sequence[Sequence[dict]]], batch_size: int) -> Packed:
@@ -196,27 +254,42 @@ def pack(client_epochs: Sequence[Sequence[Sequence[dict]]], batch_size: int) -> 
   `client_epochs[g]` is client g's list of epochs, each a list of batches
   ({"x", "y"} arrays, as its data set yields them). Client g's t-th batch
   (counting through its epochs) fills step t; the rest of the step, and the
-  steps after its last batch, are padding (valid = 0).
+  steps after its last batch, are padding (valid = 0). Equal (x, y) pairs of
+  a client share one pool entry.
   """
   client_batches = [[b for epoch in epochs for b in epoch] for epochs in client_epochs]
   first_steps = [len(epochs[0]) if epochs else 0 for epochs in client_epochs]
   num_steps = max((len(b) for b in client_batches), default=0)
   example = next(batch for batches in client_batches for batch in batches)
   g = len(client_batches)
-  x_shape = np.shape(example["x"])[1:]
-  x = np.zeros((num_steps, g, batch_size, *x_shape), np.asarray(example["x"]).dtype)
-  y = np.zeros((num_steps, g, batch_size), np.asarray(example["y"]).dtype)
+  x_example = np.asarray(example["x"])
+  index = np.zeros((num_steps, g, batch_size), np.int32)
   valid = np.zeros((num_steps, g, batch_size), np.float32)
+  pools = []
   for c, batches in enumerate(client_batches):
+    slots, xs, ys = {}, [], []
     for t, batch in enumerate(batches):
-      n = len(batch["y"])
-      x[t, c, :n] = batch["x"]
-      y[t, c, :n] = batch["y"]
-      valid[t, c, :n] = 1.0
+      bx, by = np.asarray(batch["x"]), np.asarray(batch["y"])
+      for b in range(len(by)):
+        key = (bx[b].tobytes(), by[b].tobytes())
+        if key not in slots:
+          slots[key] = len(xs) + 1
+          xs.append(bx[b])
+          ys.append(by[b])
+        index[t, c, b] = slots[key]
+      valid[t, c, :len(by)] = 1.0
+    pools.append((xs, ys))
+  size = 1 + max(len(xs) for xs, _ in pools)
+  pool_x = np.zeros((g, size, *x_example.shape[1:]), x_example.dtype)
+  pool_y = np.zeros((g, size), np.asarray(example["y"]).dtype)
+  for c, (xs, ys) in enumerate(pools):
+    if xs:
+      pool_x[c, 1:len(xs) + 1] = np.stack(xs)
+      pool_y[c, 1:len(ys) + 1] = ys
   first = valid.copy()
   for c, steps in enumerate(first_steps):
     first[steps:, c] = 0.0
-  return Packed(x, y, valid, first)
+  return Packed(pool_x, pool_y, index, valid, first)
 
 
 # ------------------------------------------------------------- training

@@ -82,12 +82,16 @@ def _tile(t, g):
   return tf.broadcast_to(t[tf.newaxis], tf.concat([[g], tf.shape(t)], 0))
 
 
-def _cohort_update(network, layout, hp, local_epochs, upload_dtype, budgets):
-  """The TF body: (contributions, train sums, client stats) of a cohort."""
+def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate):
+  """The TF body: (contributions, train sums, client stats) of a cohort.
+
+  `validate`: reject a client whose mask keeps more than the round's budget
+  of a layer (`round_budgets`, from the server's plan).
+  """
   slot_of = layout.mask_slot()
   kernel_index = layout.kernel_index
 
-  def update(weights, steps, num_to_readjust):
+  def update(weights, steps, num_to_readjust, round_budgets):
     steps = client_work_lib.without_autotune(steps)
     g = steps.take(1).reduce(tf.constant(0), lambda _, b: tf.shape(b["y"])[0])
     params = [_tile(w, g) for w in weights.trainable]
@@ -118,6 +122,9 @@ def _cohort_update(network, layout, hp, local_epochs, upload_dtype, budgets):
     if upload_dtype != tf.float32:
       values = [tf.cast(tf.cast(v, upload_dtype), tf.float32) for v in values]
     upload_masks = [kernel_masks[slot_of[i]] if i in slot_of else tf.ones([g]) for i in range(len(values))]
+    budgets = {}
+    if validate:
+      budgets = {i: tf.cast(round_budgets[slot], tf.int64) for slot, i in enumerate(kernel_index)}
     contributions = aggregation.contributions(values, upload_masks, examples, budgets)
     per_client = lambda t: tf.reshape(t, [g, -1])  # noqa: E731
     finite = tf.reduce_all(
@@ -167,11 +174,15 @@ def build_cohort_client_work(
     image_shape: Sequence[int],
     upload_dtype: tf.DType = tf.float32,
     budgets: dict[int, int] | None = None,
+    readjustment_schedule: str = "cosine",
+    budget_table=None,
 ) -> tff.learning.templates.ClientWorkProcess:
   """FedDST's client work for cohorts (alpha = 0 gives RandomMask).
 
   Its update is the cohort's summed voting contributions (for
-  `aggregation.SparseVotingFactory(presummed=True)` with the same `budgets`).
+  `aggregation.SparseVotingFactory(presummed=True)`). Given `budgets`, each
+  client's update is checked against the round's budgets (`layout.budgets`,
+  or the row of `budget_table` for the round: `client_work.build_schedule`).
   """
   cohort.check_grouped_convolutions()
   _, weights_type, _ = client_work_lib.model_types(model_fn)
@@ -179,13 +190,14 @@ def build_cohort_client_work(
   network = cohort.CohortNetwork(keras_fn())
   schedule = client_work_lib.build_schedule(
       layout, readjustment_ratio, rounds_between_readjustments, readjustment_end_round,
+      readjustment_schedule, budget_table,
   )
   k_type = tff.TensorType(np.int32, [len(layout.budgets)])
-  update = _cohort_update(network, layout, hp, local_epochs, upload_dtype, dict(budgets or {}))
+  update = _cohort_update(network, layout, hp, local_epochs, upload_dtype, budgets is not None)
 
-  @tff.tensorflow.computation(weights_type, steps_type, k_type)
-  def cohort_update_tf(weights, steps, num_to_readjust):
-    contributions, train, stats = update(weights, steps, num_to_readjust)
+  @tff.tensorflow.computation(weights_type, steps_type, k_type, k_type)
+  def cohort_update_tf(weights, steps, num_to_readjust, round_budgets):
+    contributions, train, stats = update(weights, steps, num_to_readjust, round_budgets)
     result = tff.learning.templates.ClientResult(
         update=contributions, update_weight=contributions["total"]
     )
@@ -199,5 +211,127 @@ def build_cohort_client_work(
     return tff.federated_map(finalize_train, tff.federated_sum(train))
 
   return client_work_lib.scheduled_client_work(
-      schedule, cohort_update_tf, weights_type, steps_type, aggregate_train
+      schedule, cohort_update_tf, weights_type, steps_type, aggregate_train,
+      with_budgets=True,
+  )
+
+
+# ------------------------------------------------ dense: FedAvg, FedAvgM, FedProx
+
+
+def _dense_cohort_update(network, hp):
+  """The TF body of the dense cohort: (sums, train sums, client stats).
+
+  sums: OrderedDict(deltas = sum_c n_c (w - theta_c) over the accepted
+  clients, one per trainable tensor; total = sum_c n_c; rejected). A client
+  is accepted, as by `aggregation.ValidatingMeanFactory`, when its update is
+  finite and it has examples.
+  """
+
+  def update(weights, steps):
+    steps = client_work_lib.without_autotune(steps)
+    g = steps.take(1).reduce(tf.constant(0), lambda _, b: tf.shape(b["y"])[0])
+    initial = list(weights.trainable)
+    params = [_tile(w, g) for w in initial]
+    params, (examples, loss_sum, correct) = cohort.train(
+        network, hp, params, [None] * len(params), steps
+    )
+    # TFF's model delta: the initial weights minus the trained ones.
+    deltas = [w[tf.newaxis] - p for w, p in zip(initial, params)]
+    per_client = lambda t: tf.reshape(t, [g, -1])  # noqa: E731
+    finite = tf.reduce_all(
+        tf.stack([tf.reduce_all(tf.math.is_finite(per_client(d)), axis=1) for d in deltas]), axis=0
+    )
+    accepted = tf.logical_and(finite, examples > 0)
+    weight = tf.where(accepted, examples, tf.zeros_like(examples))
+
+    def weighted_sum(d):
+      kept = cohort._where_client(accepted, d, tf.zeros_like(d))  # pylint: disable=protected-access
+      return tf.tensordot(weight, kept, axes=1)
+
+    sums = collections.OrderedDict(
+        deltas=[weighted_sum(d) for d in deltas],
+        total=tf.reduce_sum(weight),
+        rejected=tf.reduce_sum(tf.cast(tf.logical_not(accepted), tf.int32)),
+    )
+    kept = tf.cast(accepted, tf.float32)  # a rejected update's loss stays out of the metrics
+    train = collections.OrderedDict(
+        loss=tf.reduce_sum(loss_sum * kept),
+        correct=tf.reduce_sum(correct * kept),
+        examples=tf.reduce_sum(examples * kept),
+    )
+    stats = collections.OrderedDict(
+        clients=g, examples=tf.reduce_sum(tf.cast(examples, tf.int64)),
+    )
+    return sums, train, stats
+
+  return tf.function(update)
+
+
+def build_dense_cohort_client_work(
+    model_fn,
+    keras_fn: Callable[[], tf.keras.Model],
+    hp: cohort.Hyperparameters,
+    image_shape: Sequence[int],
+) -> tff.learning.templates.ClientWorkProcess:
+  """The client work of FedAvg (FedProx with `hp.prox_mu`) for cohorts.
+
+  Each TFF client is a cohort (`pack_cohorts`, all local epochs in its
+  steps); its update is the cohort's weighted sum of model deltas, for
+  `aggregation.PresummedMeanFactory`. The reference is TFF's own
+  `tff.learning.algorithms.build_weighted_fed_avg` / `_fed_prox` client work.
+  """
+  cohort.check_grouped_convolutions()
+  _, weights_type, _ = client_work_lib.model_types(model_fn)
+  steps_type = data_type(image_shape)
+  network = cohort.CohortNetwork(keras_fn())
+  update = _dense_cohort_update(network, hp)
+
+  @tff.tensorflow.computation(weights_type, steps_type)
+  def cohort_update_tf(weights, steps):
+    sums, train, stats = update(weights, steps)
+    result = tff.learning.templates.ClientResult(update=sums, update_weight=sums["total"])
+    return result, train, stats
+
+  train_type = cohort_update_tf.type_signature.result[1]
+  finalize_train = tff.tensorflow.computation(_finalize_train, train_type)
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_value((), tff.SERVER)
+
+  @tff.federated_computation(
+      init_fn.type_signature.result,
+      tff.FederatedType(weights_type, tff.CLIENTS),
+      tff.FederatedType(steps_type, tff.CLIENTS),
+  )
+  def next_fn(state, weights, client_data):
+    result, train, stats = tff.federated_map(cohort_update_tf, (weights, client_data))
+    measurements = tff.federated_zip(
+        collections.OrderedDict(
+            train=tff.federated_map(finalize_train, tff.federated_sum(train)),
+            clients=tff.federated_sum(stats),
+        )
+    )
+    return tff.templates.MeasuredProcessOutput(state, result, measurements)
+
+  return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+
+
+def build_dense_cohort_process(
+    model_fn,
+    initial_weights: tff.learning.models.ModelWeights,
+    settings: CohortSettings,
+    server_optimizer: tff.learning.optimizers.Optimizer,
+    prox_mu: float = 0.0,
+) -> tff.learning.templates.LearningProcess:
+  """FedAvg / FedAvgM / FedProx training cohorts (`feddst.compose_dense`
+  with the cohort client work and the presummed weighted mean)."""
+  from tff_feddst import feddst  # pylint: disable=g-import-not-at-top
+
+  client_work = build_dense_cohort_client_work(
+      model_fn, settings.keras_fn, settings.hyperparameters(prox_mu), settings.image_shape
+  )
+  return feddst.compose_dense(
+      client_work, aggregation.PresummedMeanFactory(), initial_weights, server_optimizer
   )

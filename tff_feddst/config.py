@@ -35,7 +35,9 @@ CHOICES = {
     "upload_dtype": ("float32", "float16"),
     "tflite_quantization": QUANTIZATION_MODES,
     "structured_relative_to": unit_graph.RELATIVE_TO,
+    "structured_rule": unit_graph.RULES,
     "client_execution": CLIENT_EXECUTION,
+    "readjustment_schedule": masks_lib.SCHEDULES,
 }
 
 # (setting, test, what it must be) for every numeric setting.
@@ -58,6 +60,7 @@ _RANGES = (
     ("readjustment_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("rounds_between_readjustments", lambda v: v >= 1, ">= 1"),
     ("readjustment_end_round", lambda v: v is None or v >= 0, ">= 0"),
+    ("final_sparsity", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
     ("min_votes", lambda v: v >= 1, ">= 1"),
     ("eval_every", lambda v: v >= 1, ">= 1"),
     ("seed", lambda v: v >= 0, ">= 0"),
@@ -65,6 +68,9 @@ _RANGES = (
     ("client_failure_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("structured_search_rounds", lambda v: v >= 1, ">= 1"),
     ("structured_boundary", lambda v: v >= 0, ">= 0"),
+    ("structured_std_k", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
+    ("structured_patience", lambda v: v >= 0, ">= 0 (0: no patience stop)"),
+    ("structured_max_prune_rounds", lambda v: v >= 1, ">= 1"),
     ("cohort_size", lambda v: v >= 0, ">= 0 (0: all of a round's clients)"),
 )
 
@@ -73,6 +79,7 @@ _RANGES = (
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "data_dir", "rounds", "eval_every", "checkpoint_every",
     "export_tflite", "tflite_quantization", "client_execution", "cohort_size",
+    "workers",
 })
 
 
@@ -110,8 +117,14 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
   structured_search_rounds: int = 20
   # structured*: phase 2 starts from fresh seeded weights.
   structured_reinit: bool = False
-  # Clients per cohort with --client_execution=cohort (0: one cohort a round).
+  # structured*: the search also removes dense neurons (None: the rule's
+  # default, `unit_graph.PRUNES_DENSE`).
+  structured_prune_dense: bool | None = None
+  # Clients per cohort with --client_execution=cohort (0: one cohort a round,
+  # one per worker with --workers).
   cohort_size: int = 0
+  # host:port,... of TFF workers that run the clients (empty: this machine).
+  workers: str = ""
 
   @property
   def spec(self) -> algorithms.Algorithm:
@@ -143,10 +156,35 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
     if self.client_execution is None:
       has_cohorts = any(phase.cohort for phase in spec.phases)
       values["client_execution"] = "cohort" if has_cohorts else "per_client"
+    if self.structured_prune_dense is None:
+      values["structured_prune_dense"] = unit_graph.PRUNES_DENSE[self.structured_rule]
     if self.readjustment_end_round is None:
       retrain_rounds = self.rounds - (self.phase_rounds()[0] if spec.two_phase else 0)
       values["readjustment_end_round"] = retrain_rounds // 2
-    return dataclasses.replace(self, **values)
+    if self.final_sparsity is None:
+      values["final_sparsity"] = values.get("sparsity", self.sparsity)
+    resolved = dataclasses.replace(self, **values)
+    resolved._check_gradual()
+    return resolved
+
+  def _check_gradual(self) -> None:
+    """--final_sparsity (resolved): not below S, and R_end rounds to get there."""
+    if self.final_sparsity == self.sparsity:
+      return
+    if not self.spec.sparse:
+      raise ConfigError(
+          f"--final_sparsity={self.final_sparsity} needs a sparse algorithm "
+          f"({', '.join(a.name for a in algorithms.REGISTRY.values() if a.sparse)})"
+      )
+    if self.final_sparsity < self.sparsity:
+      raise ConfigError(
+          f"--final_sparsity={self.final_sparsity} must not be below --sparsity={self.sparsity}"
+      )
+    if self.readjustment_end_round < 1:
+      raise ConfigError(
+          f"--final_sparsity={self.final_sparsity} needs --readjustment_end_round >= 1 "
+          f"(the round by which it is reached), got {self.readjustment_end_round}"
+      )
 
   def _check(self) -> None:
     for key, choices in CHOICES.items():
@@ -173,16 +211,35 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
       raise ConfigError(
           f"--upload_dtype={self.upload_dtype} is implemented for {', '.join(allowed)} only"
       )
+    if self.remember_old and not self.spec.sparse:
+      raise ConfigError(
+          f"--remember_old needs a sparse algorithm "
+          f"({', '.join(a.name for a in algorithms.REGISTRY.values() if a.sparse)})"
+      )
     if self.client_execution == "cohort" and not any(p.cohort for p in self.spec.phases):
       allowed = [a.name for a in algorithms.REGISTRY.values() if any(p.cohort for p in a.phases)]
       raise ConfigError(
           f"--client_execution=cohort is implemented for {', '.join(allowed)} only"
       )
+    self._check_workers()
     if self.spec.two_phase and self.structured_search_rounds >= self.rounds:
       raise ConfigError(
           f"--structured_search_rounds={self.structured_search_rounds} must be "
           f"below --rounds={self.rounds} (phase 2 needs at least one round)"
       )
+
+  @property
+  def worker_addresses(self) -> tuple[str, ...]:
+    """The addresses of --workers (empty: the clients run on this machine)."""
+    from tff_feddst import remote  # pylint: disable=g-import-not-at-top
+
+    return remote.parse_workers(self.workers or "")
+
+  def _check_workers(self) -> None:
+    try:
+      self.worker_addresses  # pylint: disable=pointless-statement
+    except ValueError as e:
+      raise ConfigError(f"--workers={self.workers}: {e}") from None
 
   def algorithm_config(self, algorithm: str | None = None) -> algorithms.AlgorithmConfig:
     """The resolved hyperparameters of (a phase's) algorithm."""
@@ -204,9 +261,11 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
         continue
       if key.startswith("structured_") and not self.spec.two_phase:
         continue
-      was = saved.get(key)
+      was = saved.get(key, _saved_before_setting_existed(key, saved))
       if was == value:
         continue
+      if key == "final_sparsity" and value == self.sparsity and was == saved.get("sparsity"):
+        continue  # no gradual sparsification in either run: --sparsity names the change
       if key == "readjustment_end_round":
         differing.append(
             f"readjustment end round {value} (was {was}; set "
@@ -215,6 +274,13 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
       else:
         differing.append(f"--{key}={value} (was {was})")
     return differing
+
+
+def _saved_before_setting_existed(key: str, saved: dict):
+  """The value a run saved before setting `key` existed ran with."""
+  if key == "final_sparsity":
+    return saved.get("sparsity")
+  return {"readjustment_schedule": "cosine", "remember_old": False}.get(key)
 
 
 def field_type(name: str) -> type:

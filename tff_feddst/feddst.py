@@ -52,6 +52,9 @@ def build_feddst(
     upload_dtype: tf.DType = tf.float32,
     aggregation_factory: tff.aggregators.WeightedAggregationFactory | None = None,
     cohort: "cohort_work.CohortSettings | None" = None,
+    readjustment_schedule: str = "cosine",
+    budget_table=None,
+    remember_old: bool = False,
 ) -> tff.learning.templates.LearningProcess:
   """Builds the FedDST learning process.
 
@@ -73,6 +76,11 @@ def build_feddst(
     aggregation_factory: replaces the sparse voting average.
     cohort: train each TFF client's cohort of clients as one computation
       (`cohort_work`); None trains every client on its own.
+    readjustment_schedule: how alpha_r decays, "cosine" or "constant".
+    budget_table: gradual sparsification, the layers' budgets of every round
+      (`masks.budget_table`, rows in layout order); None: `layout.budgets`.
+    remember_old: a position of the global mask that no client voted for
+      keeps its previous value (`finalizer.remember_unvoted`).
   """
   if local_epochs < 1:
     raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
@@ -84,25 +92,20 @@ def build_feddst(
       rounds_between_readjustments=rounds_between_readjustments,
       readjustment_end_round=readjustment_end_round,
       upload_dtype=upload_dtype,
+      readjustment_schedule=readjustment_schedule,
+      budget_table=budget_table,
   )
-  budgets = dict(zip(layout.kernel_index, layout.budgets))
-  if cohort is None:
-    client_work = client_work_lib.build_feddst_client_work(
-        model_fn, layout, client_optimizer, prox_mu=prox_mu, **schedule
-    )
-    factory = aggregation_factory or aggregation.SparseVotingFactory(min_votes, budgets=budgets)
-  else:
-    client_work = cohort_work.build_cohort_client_work(
-        model_fn, cohort.keras_fn, layout, cohort.hyperparameters(prox_mu),
-        image_shape=cohort.image_shape, budgets=budgets, **schedule,
-    )
-    factory = aggregation.SparseVotingFactory(min_votes, budgets=budgets, presummed=True)
+  client_work, factory = _client_work_and_factory(
+      model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
+      aggregation_factory, cohort,
+  )
   weights_type = client_work.next.type_signature.parameter[1].member
   result_type = client_work.next.type_signature.result.result.member
   aggregator = factory.create(result_type.update, result_type.update_weight)
   update_out_type = aggregator.next.type_signature.result.result.member
   finalizer = finalizer_lib.build_sparse_finalizer(
-      weights_type, update_out_type, layout, server_optimizer
+      weights_type, update_out_type, layout, server_optimizer,
+      budget_table=budget_table, remember_old=remember_old,
   )
   distributor = tff.learning.templates.build_broadcast_process(weights_type)
   return tff.learning.templates.compose_learning_process(
@@ -111,4 +114,69 @@ def build_feddst(
       client_work,
       aggregator,
       finalizer,
+  )
+
+
+def _client_work_and_factory(
+    model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
+    aggregation_factory, cohort,
+):
+  """FedDST's client work (per client or cohorts) and its aggregation factory."""
+  budgets = dict(zip(layout.kernel_index, layout.budgets))
+  if cohort is not None:
+    client_work = cohort_work.build_cohort_client_work(
+        model_fn, cohort.keras_fn, layout, cohort.hyperparameters(prox_mu),
+        image_shape=cohort.image_shape, budgets=budgets, **schedule,
+    )
+    return client_work, aggregation.SparseVotingFactory(
+        min_votes, budgets=budgets, presummed=True
+    )
+  by_key = sorted(range(len(layout.kernel_index)), key=lambda slot: layout.kernel_index[slot])
+  table_by_key = None
+  if schedule["budget_table"] is not None:
+    table_by_key = [[row[slot] for slot in by_key] for row in schedule["budget_table"]]
+  client_work = client_work_lib.build_feddst_client_work(
+      model_fn, layout, client_optimizer, prox_mu=prox_mu, **schedule
+  )
+  return client_work, aggregation_factory or aggregation.SparseVotingFactory(
+      min_votes, budgets=budgets, budget_table=table_by_key
+  )
+
+
+def compose_dense(
+    client_work: tff.learning.templates.ClientWorkProcess,
+    factory: tff.aggregators.WeightedAggregationFactory,
+    initial_weights: tff.learning.models.ModelWeights,
+    server_optimizer: tff.learning.optimizers.Optimizer,
+) -> tff.learning.templates.LearningProcess:
+  """A dense process from TFF's blocks, as `build_weighted_fed_avg` composes
+  them: broadcast, `client_work` (model deltas), `factory`'s weighted mean,
+  and the server optimizer applied to the mean delta."""
+  weights_type = client_work.next.type_signature.parameter[1].member
+  result_type = client_work.next.type_signature.result.result.member
+  aggregator = factory.create(result_type.update, result_type.update_weight)
+  finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
+      server_optimizer, weights_type
+  )
+  return tff.learning.templates.compose_learning_process(
+      constant_weights_fn(initial_weights),
+      tff.learning.templates.build_broadcast_process(weights_type),
+      client_work,
+      aggregator,
+      finalizer,
+  )
+
+
+def build_fedprox(
+    model_fn,
+    initial_weights: tff.learning.models.ModelWeights,
+    client_optimizer: tff.learning.optimizers.Optimizer,
+    server_optimizer: tff.learning.optimizers.Optimizer,
+    prox_mu: float,
+) -> tff.learning.templates.LearningProcess:
+  """FedProx, one computation per client (`client_work.build_dense_client_work`;
+  the server's check of every update: `aggregation.ValidatingMeanFactory`)."""
+  client_work = client_work_lib.build_dense_client_work(model_fn, client_optimizer, prox_mu)
+  return compose_dense(
+      client_work, aggregation.ValidatingMeanFactory(), initial_weights, server_optimizer
   )

@@ -8,6 +8,12 @@ theta^{r+1} is a pseudo-gradient for server SGD with momentum, after which
 the result is masked again. A round in which no client contributed (every
 update rejected) is not this block's concern: the driver keeps the previous
 state whole then (`rounds.RoundStep.run_clients`), for every algorithm.
+
+Options of the public experiment code (docs/algorithms.md section 3.6):
+gradual sparsification (`budget_table`: the state counts rounds, and round
+r re-prunes to the budgets of round r + 1) and `remember_old` (a position of
+the previous global mask that no client voted for keeps its previous value
+instead of 0, and competes in the re-prune).
 """
 
 import collections
@@ -15,8 +21,40 @@ import collections
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_feddst import client_work as client_work_lib
 from tff_feddst import masks as masks_lib
 from tff_feddst.sparse_model import SparseLayout
+
+
+# The vote share given to a remembered position: positive (it stays in the
+# aggregated mask) and below every real share (at least 1e-12), so it loses
+# ties in the re-prune to positions that clients voted for.
+REMEMBERED_SHARE = 1e-13
+
+
+def remember_unvoted(weights, values, voted, layout: SparseLayout):
+  """--remember_old: positions of the previous global mask without votes
+  keep their previous value. Returns (values, vote shares) of the kernels."""
+  values, voted = list(values), list(voted)
+  for slot, i in enumerate(layout.kernel_index):
+    old_mask = weights.non_trainable[layout.mask_index[slot]]
+    forgotten = tf.logical_and(voted[i] <= 0.0, old_mask > 0.0)
+    values[i] = tf.where(forgotten, weights.trainable[i], values[i])
+    voted[i] = tf.where(forgotten, tf.constant(REMEMBERED_SHARE, voted[i].dtype), voted[i])
+  return values, voted
+
+
+def _server_step(server_optimizer, optimizer_state, old, values, new_masks, layout):
+  """(optimizer state, weights): the re-pruned average as is (no optimizer),
+  or the optimizer's step towards it, kept inside the new masks."""
+  if server_optimizer is None:
+    return optimizer_state, values
+  pseudo_gradient = tuple(w - v for w, v in zip(old, values))
+  new_state, new_values = server_optimizer.next(optimizer_state, tuple(old), pseudo_gradient)
+  new_values = list(new_values)
+  for slot, i in enumerate(layout.kernel_index):
+    new_values[i] = new_values[i] * new_masks[slot]
+  return new_state, new_values
 
 
 def build_sparse_finalizer(
@@ -24,37 +62,53 @@ def build_sparse_finalizer(
     update_type,
     layout: SparseLayout,
     server_optimizer: tff.learning.optimizers.Optimizer | None = None,
+    budget_table=None,
+    remember_old: bool = False,
 ) -> tff.learning.templates.FinalizerProcess:
-  """A `FinalizerProcess` re-pruning to `layout.budgets`."""
-  trainable_specs = tff.types.type_to_tf_tensor_specs(weights_type.trainable)
+  """A `FinalizerProcess` re-pruning to `layout.budgets`.
 
-  @tff.tensorflow.computation
-  def init_tf():
+  `budget_table` (`masks.budget_table`, rows in layout order): round r
+  re-prunes to row r (the budgets of round r + 1); the state is then
+  OrderedDict(optimizer=..., round_num=...). `remember_old`: see
+  `remember_unvoted`.
+  """
+  trainable_specs = tff.types.type_to_tf_tensor_specs(weights_type.trainable)
+  scheduled = budget_table is not None
+
+  def optimizer_init():
     if server_optimizer is None:
       return collections.OrderedDict()
     return server_optimizer.initialize(tuple(trainable_specs))
+
+  @tff.tensorflow.computation
+  def init_tf():
+    if scheduled:
+      return collections.OrderedDict(
+          optimizer=optimizer_init(), round_num=tf.constant(1, tf.int32)
+      )
+    return optimizer_init()
 
   state_type = init_tf.type_signature.result
 
   @tff.tensorflow.computation(state_type, weights_type, update_type)
   def next_tf(state, weights, update):
-    values, voted = list(update["values"]), update["masks"]
+    values, voted = list(update["values"]), list(update["masks"])
+    if remember_old:
+      values, voted = remember_unvoted(weights, values, voted, layout)
+    budgets = list(layout.budgets)
+    if scheduled:
+      # Round r prepares round r + 1.
+      row = client_work_lib.round_budgets(budget_table, state["round_num"] + 1)
+      budgets = [row[slot] for slot in range(len(layout.budgets))]
     new_masks = []
     for slot, i in enumerate(layout.kernel_index):
-      mask = masks_lib.keep_top_k(values[i], voted[i], layout.budgets[slot])
+      mask = masks_lib.keep_top_k(values[i], voted[i], budgets[slot])
       values[i] = values[i] * mask
       new_masks.append(mask)
-    old = list(weights.trainable)
-    if server_optimizer is None:
-      new_state, new_values = state, values
-    else:
-      pseudo_gradient = tuple(w - v for w, v in zip(old, values))
-      new_state, new_values = server_optimizer.next(
-          state, tuple(old), pseudo_gradient
-      )
-      new_values = list(new_values)
-      for slot, i in enumerate(layout.kernel_index):
-        new_values[i] = new_values[i] * new_masks[slot]
+    new_state, new_values = _server_step(
+        server_optimizer, state["optimizer"] if scheduled else state,
+        list(weights.trainable), values, new_masks, layout,
+    )
     non_trainable = list(weights.non_trainable)
     old_masks = [non_trainable[i] for i in layout.mask_index]
     for slot, i in enumerate(layout.mask_index):
@@ -68,6 +122,10 @@ def build_sparse_finalizer(
     measurements = collections.OrderedDict(
         mask_changed=tf.cast(mask_changed, tf.int32),
     )
+    if scheduled:
+      new_state = collections.OrderedDict(
+          optimizer=new_state, round_num=state["round_num"] + 1
+      )
     return (
         new_state,
         tff.learning.models.ModelWeights(new_values, non_trainable),

@@ -20,6 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
+# How the readjustment ratio alpha_r moves over the rounds (section 3.3).
+SCHEDULES = ("cosine", "constant")
 
 
 def _raw_density(shape: Sequence[int], distribution: str) -> float:
@@ -111,36 +113,78 @@ def sparsity_of(masks: Sequence[np.ndarray]) -> float:
 
 
 def readjustment_ratio(
-    round_num, alpha: float, end_round: int
+    round_num, alpha: float, end_round: int, schedule: str = "cosine"
 ):
-  """Cosine-decayed alpha_r: alpha/2 (1 + cos(pi r / R_end)) for r < R_end.
+  """alpha_r for r < R_end, 0 from R_end on (docs/algorithms.md section 3.3).
 
+  `schedule` "cosine": alpha/2 (1 + cos(pi r / R_end)); "constant": alpha.
   Works on Python numbers and on TF tensors (float64). The ratio is applied
   once (the public experiment code applied alpha twice).
   """
+  if schedule not in SCHEDULES:
+    raise ValueError(f"unknown readjustment schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
   if isinstance(round_num, (int, np.integer)):
     if end_round <= 0 or round_num >= end_round:
       return 0.0
+    if schedule == "constant":
+      return float(alpha)
     return alpha / 2.0 * (1.0 + math.cos(math.pi * round_num / end_round))
   r = tf.cast(round_num, tf.float64)
   if end_round <= 0:
     return tf.constant(0.0, tf.float64)
-  value = alpha / 2.0 * (1.0 + tf.cos(math.pi * r / float(end_round)))
+  if schedule == "constant":
+    value = tf.constant(float(alpha), tf.float64)
+  else:
+    value = alpha / 2.0 * (1.0 + tf.cos(math.pi * r / float(end_round)))
   return tf.where(r < float(end_round), value, tf.constant(0.0, tf.float64))
 
 
 def is_readjustment_round(
-    round_num: int, alpha: float, rounds_between: int, end_round: int
+    round_num: int, alpha: float, rounds_between: int, end_round: int,
+    schedule: str = "cosine",
 ) -> bool:
   """Readjust in rounds with (r - 1) mod Delta_R == 0 and alpha_r > 0."""
   return (round_num - 1) % rounds_between == 0 and readjustment_ratio(
-      round_num, alpha, end_round
+      round_num, alpha, end_round, schedule
   ) > 0.0
+
+
+def round_sparsity(
+    round_num: int, sparsity: float, final_sparsity: float, end_round: int
+) -> float:
+  """S_r, the sparsity of round r under gradual sparsification (section 3.6).
+
+  S_r = S + (S_final - S) * min(r - 1, R_end) / R_end: S in round 1, S_final
+  from round R_end + 1 on. With S_final = S (or R_end <= 0) it is S.
+  """
+  if end_round <= 0 or final_sparsity == sparsity:
+    return float(sparsity)
+  step = min(max(round_num - 1, 0), end_round)
+  return sparsity + (final_sparsity - sparsity) * step / end_round
+
+
+def budget_table(
+    shapes: Sequence[Sequence[int]],
+    sparsity: float,
+    final_sparsity: float,
+    end_round: int,
+    distribution: str = "erk",
+) -> list[list[int]]:
+  """Per-layer budgets of every round: row j holds those of round j + 1.
+
+  Row j is `layer_budgets` at S_{j+1} (`round_sparsity`); rounds past the
+  last row use the last row (S_final). One row when S_final = S.
+  """
+  last = end_round if end_round > 0 and final_sparsity != sparsity else 0
+  return [
+      layer_budgets(shapes, round_sparsity(j + 1, sparsity, final_sparsity, end_round), distribution)
+      for j in range(last + 1)
+  ]
 
 
 def num_to_readjust(ratio, budget: int):
   """k_l = round(alpha_r * budget_l) (tensor in, int32 tensor out)."""
-  k = tf.round(tf.cast(ratio, tf.float64) * float(budget))
+  k = tf.round(tf.cast(ratio, tf.float64) * tf.cast(budget, tf.float64))
   return tf.cast(k, tf.int32)
 
 
@@ -199,7 +243,7 @@ def keep_top_k(values: tf.Tensor, support: tf.Tensor, k: int) -> tf.Tensor:
   float mask.
   """
   size = int(np.prod(values.shape))
-  k = min(int(k), size)
+  k = tf.minimum(tf.cast(k, tf.int32), size)  # a Python int or a tensor
   supported = tf.reshape(support > 0, [-1])
   share = tf.reshape(tf.cast(support, tf.float32), [-1])
   magnitude = tf.where(
@@ -211,7 +255,7 @@ def keep_top_k(values: tf.Tensor, support: tf.Tensor, k: int) -> tf.Tensor:
   )
   chosen = tf.gather(by_share, by_magnitude)[:k]
   picked = tf.scatter_nd(
-      tf.expand_dims(chosen, 1), tf.ones([k], tf.float32), [size]
+      tf.expand_dims(chosen, 1), tf.ones_like(chosen, tf.float32), [size]
   )
   picked *= tf.cast(supported, tf.float32)
   return tf.reshape(picked, tf.shape(values))

@@ -149,7 +149,11 @@ class ConsoleReleaseManager(tff.program.ReleaseManager):
 class MetricsReleaser:
   """metrics.csv, TensorBoard and the console, released together per round."""
 
-  def __init__(self, output_dir: str, log, rounds: int, resuming: bool, note_fn):
+  def __init__(
+      self, output_dir: str, log, rounds: int, resuming: bool, note_fn,
+      columns: tuple[str, ...] = METRIC_COLUMNS,
+  ):
+    self._columns = tuple(columns)
     path = os.path.join(output_dir, METRICS_FILE)
     tensorboard = os.path.join(output_dir, TENSORBOARD_DIR)
     if not resuming:
@@ -157,7 +161,7 @@ class MetricsReleaser:
       # them); it also replaces leftovers of a run that ended before its
       # first checkpoint.
       header = io.StringIO()
-      csv.writer(header).writerow(METRIC_COLUMNS)
+      csv.writer(header).writerow(self._columns)
       files.write_atomic(path, header.getvalue())
       shutil.rmtree(tensorboard, ignore_errors=True)
     self._manager = tff.program.GroupingReleaseManager([
@@ -169,6 +173,6 @@ class MetricsReleaser:
     ])
 
   def release(self, row: dict) -> None:
-    assert tuple(row) == METRIC_COLUMNS, tuple(row)
+    assert tuple(row) == self._columns, tuple(row)
     values = {k: v for k, v in row.items() if k != "round"}
     asyncio.run(self._manager.release(values, int(row["round"])))

@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from tff_feddst import remote
+
 METRIC_COLUMNS = (
     "round",
     "clients_accuracy",
@@ -34,6 +36,14 @@ METRIC_COLUMNS = (
     "round_skipped",
     "round_seconds",
 )
+# With --workers: bytes of the gRPC messages between the driver and the
+# workers in the round (`remote.CountingStub`).
+GRPC_COLUMN = "round_grpc_bytes"
+
+
+def metric_columns(on_workers: bool) -> tuple[str, ...]:
+  """The columns of metrics.csv (with the gRPC bytes when running on workers)."""
+  return METRIC_COLUMNS + ((GRPC_COLUMN,) if on_workers else ())
 
 
 def seed(*parts: int) -> int:
@@ -70,6 +80,8 @@ class RoundResult:
   rejected: int
   skipped: bool
   seconds: float
+  # Bytes exchanged with the --workers in the round (None: run locally).
+  grpc_bytes: int | None = None
 
   def row(self, evaluation: dict) -> dict:
     """The metrics.csv row (`evaluation` empty in rounds without one)."""
@@ -92,7 +104,10 @@ class RoundResult:
         int(self.skipped),
         self.seconds,
     )
-    return collections.OrderedDict(zip(METRIC_COLUMNS, values))
+    row = collections.OrderedDict(zip(METRIC_COLUMNS, values))
+    if self.grpc_bytes is not None:
+      row[GRPC_COLUMN] = self.grpc_bytes
+    return row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,14 +123,25 @@ class _ClientsOutcome:
 
 
 def _advance_client_round(state):
-  """A skipped round still counts in the readjustment schedule."""
-  client_work = state.client_work
-  if isinstance(client_work, dict) and "round_num" in client_work:
-    client_work = collections.OrderedDict(client_work)
-    current = np.asarray(client_work["round_num"])
-    client_work["round_num"] = (current + 1).astype(current.dtype)
-    return state._replace(client_work=client_work)
+  """A skipped round still counts in the schedules: every block's round
+  counter (the client work's, and with gradual sparsification the
+  aggregator's and the finalizer's) moves on."""
+  for block in ("client_work", "aggregator", "finalizer"):
+    part = getattr(state, block)
+    if isinstance(part, dict) and "round_num" in part:
+      part = collections.OrderedDict(part)
+      current = np.asarray(part["round_num"])
+      part["round_num"] = (current + 1).astype(current.dtype)
+      state = state._replace(**{block: part})
   return state
+
+
+def process_round(state) -> int:
+  """The process's own round counter (1 in its first round), or 1 without one."""
+  client_work = getattr(state, "client_work", None)
+  if isinstance(client_work, dict) and "round_num" in client_work:
+    return int(np.asarray(client_work["round_num"]))
+  return 1
 
 
 def _read_metrics(metrics, sparse: bool) -> _ClientsOutcome:
@@ -154,6 +180,7 @@ class RoundStep:
     self.population = list(fed_data.nonempty_train_client_ids)
     self.sampler = sampler
     self.ledger = ledger
+    remote.check_splittable(phase.built.process.next)
     weights = phase.built.process.get_model_weights(state)
     self.sparsity, self.flops, self._masks = phase.stats(weights, ledger)
 
@@ -196,8 +223,13 @@ class RoundStep:
     ]
     return cohort_work.pack_cohorts(
         datasets, self.config.local_epochs, per_epoch, batch,
-        self.config.cohort_size or len(datasets),
+        self.config.cohort_size or self._default_cohort_size(len(datasets)),
     )
+
+  def _default_cohort_size(self, num_clients: int) -> int:
+    """All the clients in one cohort; with --workers, one cohort per worker."""
+    workers = max(1, len(self.config.worker_addresses))
+    return -(-num_clients // workers)
 
   def run_clients(self, state, survivors):
     """(state, outcome, skipped): `process.next` on the surviving
@@ -215,12 +247,13 @@ class RoundStep:
 
   def __call__(self, state, round_num: int):
     start = time.time()
+    wire_start = remote.wire_bytes()
     built, ledger = self.phase.built, self.ledger
     client_ids = self.sample_clients()
     datasets = self.client_datasets(client_ids, round_num)
     failed = self.draw_failures(round_num, len(client_ids))
     download_bits = ledger.download(
-        client_ids, built.layout.num_kept if built.sparse else None
+        client_ids, built.kept_in_round(process_round(state)) if built.sparse else None
     )
     survivors = [(c, d) for c, d, f in zip(client_ids, datasets, failed) if not f]
     state, outcome, skipped = self.run_clients(state, survivors)
@@ -253,4 +286,5 @@ class RoundStep:
         rejected=outcome.rejected,
         skipped=skipped,
         seconds=round(time.time() - start, 4),
+        grpc_bytes=None if wire_start is None else remote.wire_bytes() - wire_start,
     )

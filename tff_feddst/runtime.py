@@ -126,6 +126,11 @@ class _PopenDyingWithParent(subprocess.Popen):
     super().__init__(*args, **kwargs)
 
 
+def popen_dying_with_parent(args, **kwargs) -> subprocess.Popen:
+  """Starts `args` as a child that the kernel kills when this process dies."""
+  return _PopenDyingWithParent(args, **kwargs)
+
+
 class _SubprocessWithParentDeath:
   """`subprocess` as seen by TFF's worker start-up: workers die with us.
 

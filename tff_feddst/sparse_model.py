@@ -137,8 +137,12 @@ def initial_model_weights(
     keras_fn: Callable[[], tf.keras.Model],
     seed: int,
     layout: SparseLayout | None,
+    masks_fn: Callable[[tf.keras.Model], list[np.ndarray]] | None = None,
 ) -> tff.learning.models.ModelWeights:
   """Seeded Keras initialisation; with a layout, a seeded ERK random mask.
+
+  `masks_fn(model)` replaces the random mask: it gets the plain Keras model
+  at its initial (dense) weights and returns one mask per layout layer.
 
   Returns numpy ModelWeights: for a layout, the wrapped model's trainable
   weights (kernels zero outside the mask) and non-trainable variables
@@ -154,11 +158,14 @@ def initial_model_weights(
   wrapped = wrap_prunable(model)
   trainable = [w.numpy() for w in wrapped.trainable_weights]
   non_trainable = [w.numpy() for w in wrapped.non_trainable_weights]
-  # The mask draw has its own stream, independent of the Keras initialisers.
-  mask_seed = np.random.SeedSequence([seed, 1]).generate_state(1)[0]
-  initial_masks = masks_lib.random_masks(
-      layout.kernel_shapes, layout.budgets, int(mask_seed)
-  )
+  if masks_fn is None:
+    # The mask draw has its own stream, independent of the Keras initialisers.
+    mask_seed = np.random.SeedSequence([seed, 1]).generate_state(1)[0]
+    initial_masks = masks_lib.random_masks(
+        layout.kernel_shapes, layout.budgets, int(mask_seed)
+    )
+  else:
+    initial_masks = [np.asarray(m, np.float32) for m in masks_fn(model)]
   for slot, mask in enumerate(initial_masks):
     trainable[layout.kernel_index[slot]] *= mask
     non_trainable[layout.mask_index[slot]] = mask

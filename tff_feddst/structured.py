@@ -130,8 +130,73 @@ def _round_measurements(hidden, old_alive, new_alive):
   )
 
 
-def _prune_round(layout: StructuredLayout, weights, update, boundary, relative_to):
-  """TF body of the structured finalizer: (new ModelWeights, measurements)."""
+@dataclasses.dataclass(frozen=True)
+class SearchRule:
+  """How the server chooses the units that stay, and when it stops.
+
+  `boundary`, `relative_to`, `rule`, `std_k`, `prune_dense`: the selection
+  of one pruning step (`unit_graph.prune_step`). The search stops removing
+  units after `patience` consecutive pruning rounds that removed nothing
+  (0: never) or after `max_prune_rounds` pruning rounds (None: no limit);
+  the rounds after that train the network found (FedAvg under its masks).
+  """
+
+  boundary: float = 0.95
+  relative_to: str = "original_mean"
+  rule: str = "boundary"
+  std_k: float = unit_graph_lib.DEFAULT_STD_K
+  prune_dense: bool = True
+  patience: int = 0
+  max_prune_rounds: int | None = None
+
+  def check(self) -> None:
+    """Raises ValueError for a setting out of range."""
+    unit_graph_lib.check_selection_args(
+        self.boundary, self.relative_to, self.rule, self.std_k
+    )
+    if self.patience < 0:
+      raise ValueError(f"patience must be >= 0, got {self.patience}")
+    if self.max_prune_rounds is not None and self.max_prune_rounds < 1:
+      raise ValueError(f"max_prune_rounds must be >= 1, got {self.max_prune_rounds}")
+
+  def selection(self) -> dict:
+    """The keyword arguments of `unit_graph.prune_step_tf`."""
+    return dict(
+        boundary=float(self.boundary), relative_to=self.relative_to,
+        rule=self.rule, std_k=float(self.std_k), prune_dense=self.prune_dense,
+    )
+
+  def initial_state(self) -> collections.OrderedDict:
+    """The finalizer's state: pruning rounds run, and quiet ones in a row."""
+    return collections.OrderedDict(
+        pruning_rounds=tf.constant(0, tf.int32), quiet_rounds=tf.constant(0, tf.int32)
+    )
+
+  def stopped(self, state) -> tf.Tensor:
+    """Bool scalar: the search removes no more units."""
+    stop = tf.constant(False)
+    if self.patience:
+      stop = tf.logical_or(stop, state["quiet_rounds"] >= self.patience)
+    if self.max_prune_rounds is not None:
+      stop = tf.logical_or(stop, state["pruning_rounds"] >= self.max_prune_rounds)
+    return stop
+
+  def next_state(self, state, stopped, removed_total) -> collections.OrderedDict:
+    """Counts a pruning round (none once stopped) and whether it was quiet."""
+    ran = tf.logical_not(stopped)
+    quiet = tf.where(removed_total > 0, 0, state["quiet_rounds"] + 1)
+    return collections.OrderedDict(
+        pruning_rounds=state["pruning_rounds"] + tf.cast(ran, tf.int32),
+        quiet_rounds=tf.where(ran, quiet, state["quiet_rounds"]),
+    )
+
+
+def _prune_round(layout: StructuredLayout, weights, update, selection, stopped):
+  """TF body of the structured finalizer: (new ModelWeights, measurements).
+
+  `selection`: `SearchRule.selection()`; `stopped`: bool scalar, True keeps
+  every unit.
+  """
   graph, sparse = layout.graph, layout.sparse
   hidden = graph.hidden_names
   slot = {name: i for i, name in enumerate(graph.names)}
@@ -146,10 +211,8 @@ def _prune_round(layout: StructuredLayout, weights, update, boundary, relative_t
       n: values[sparse.kernel_index[slot[n]]] * old_masks[slot[n]]
       for n in graph.names
   }
-  selected = unit_graph_lib.prune_step_tf(
-      graph, kernels, old_alive, boundary, relative_to
-  )
-  new_alive = {n: selected[n] for n in hidden}
+  selected = unit_graph_lib.prune_step_tf(graph, kernels, old_alive, **selection)
+  new_alive = {n: tf.where(stopped, old_alive[n], selected[n]) for n in hidden}
   alive_f = {n: tf.cast(a, tf.float32) for n, a in new_alive.items()}
   new_masks = unit_graph_lib.kernel_masks_tf(graph, alive_f)
 
@@ -173,39 +236,50 @@ def build_structured_finalizer(
     update_type,
     layout: StructuredLayout,
     *,
-    boundary: float,
+    boundary: float = 0.95,
     relative_to: str = "original_mean",
+    rule: SearchRule | None = None,
 ) -> tff.learning.templates.FinalizerProcess:
-  """The server step of the search: remove units under the boundary.
+  """The server step of the search: remove units outside the rule.
 
   From the averaged values (`SparseVotingFactory` output) it computes, per
   hidden layer in model order, the L1 importance of every alive unit (on
-  the weights that remain, see `unit_graph.prune_step`), removes those under
-  `boundary` x R, where R is by `relative_to` ("original_mean", "mean" or
-  "max") the mean of the layer's original units (removed ones counting 0),
-  the mean of its alive units or their maximum (`unit_graph.select_units`;
-  never empties a layer), writes the new element masks into the wrappers'
-  mask variables, and zeroes the removed units' kernels and biases and the
-  consumers' matching inputs. (A round in which no client contributed is
-  discarded by the driver, `rounds.RoundStep.run_clients`.)
-  Measurements: `alive` and `removed` (this round) per hidden layer, and
-  `removed_total`.
+  the weights that remain, see `unit_graph.prune_step`) and removes, by
+  `rule.rule`: "boundary", those under `boundary` x R, where R is by
+  `relative_to` ("original_mean", "mean" or "max") the mean of the layer's
+  original units (removed ones counting 0), the mean of its alive units or
+  their maximum; "std_band", those outside mean +- `rule.std_k` x std of
+  the alive units (`unit_graph.select_units`; never empties a layer). It
+  writes the new element masks into the wrappers' mask variables, and
+  zeroes the removed units' kernels and biases and the consumers' matching
+  inputs. `rule` (a `SearchRule`) gives every setting; without it,
+  `boundary` and `relative_to` make one that never stops. Its state counts
+  the pruning rounds and the quiet ones in a row (`SearchRule.stopped`), so
+  a checkpoint keeps where the search stands. (A round in which no client
+  contributed is discarded by the driver, `rounds.RoundStep.run_clients`.)
+  Measurements: `alive` and `removed` (this round) per hidden layer,
+  `removed_total`, and `stopped` (1 once the search removes no more).
   """
-  unit_graph_lib.check_selection_args(boundary, relative_to)
-  boundary = float(boundary)
+  if rule is None:
+    rule = SearchRule(boundary=boundary, relative_to=relative_to)
+  rule.check()
+  selection = rule.selection()
 
   @tff.tensorflow.computation
   def init_tf():
-    return collections.OrderedDict()
+    return rule.initial_state()
 
   state_type = init_tf.type_signature.result
 
   @tff.tensorflow.computation(state_type, weights_type, update_type)
   def next_tf(state, weights, update):
+    stopped = rule.stopped(state)
     new_weights, measurements = _prune_round(
-        layout, weights, update, boundary, relative_to
+        layout, weights, update, selection, stopped
     )
-    return state, new_weights, measurements
+    new_state = rule.next_state(state, stopped, measurements["removed_total"])
+    measurements["stopped"] = tf.cast(rule.stopped(new_state), tf.int32)
+    return new_state, new_weights, measurements
 
   return finalizer_lib.server_step_finalizer(init_tf, next_tf, weights_type, update_type)
 
@@ -217,8 +291,9 @@ def build_structured_search(
     client_optimizer: tff.learning.optimizers.Optimizer,
     *,
     local_epochs: int,
-    boundary: float,
+    boundary: float = 0.95,
     relative_to: str = "original_mean",
+    rule: SearchRule | None = None,
     prox_mu: float = 0.0,
     cohort: "cohort_work.CohortSettings | None" = None,
 ) -> tff.learning.templates.LearningProcess:
@@ -239,13 +314,18 @@ def build_structured_search(
       "original_mean" (the default) the mean importance over the layer's
       original units, removed ones counting 0; "mean" the mean over its
       alive units; "max" the maximum over its alive units.
+    rule: every setting of the selection and of when the search stops (a
+      `SearchRule`, e.g. paper 2's std band with patience); None: the
+      boundary rule of `boundary` and `relative_to`, never stopping.
     prox_mu: FedProx strength (0 disables).
     cohort: train each TFF client's cohort of clients as one computation
       (`cohort_work`); None trains every client on its own.
   """
   if local_epochs < 1:
     raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
-  unit_graph_lib.check_selection_args(boundary, relative_to)
+  if rule is None:
+    rule = SearchRule(boundary=boundary, relative_to=relative_to)
+  rule.check()
   if not isinstance(layout, StructuredLayout):
     raise TypeError(
         "layout must be a StructuredLayout (structured.build_structured_layout)"
@@ -273,11 +353,7 @@ def build_structured_search(
   )
   update_out_type = aggregator.next.type_signature.result.result.member
   finalizer = build_structured_finalizer(
-      weights_type,
-      update_out_type,
-      layout,
-      boundary=boundary,
-      relative_to=relative_to,
+      weights_type, update_out_type, layout, rule=rule
   )
   distributor = tff.learning.templates.build_broadcast_process(weights_type)
   return tff.learning.templates.compose_learning_process(
@@ -290,6 +366,19 @@ def build_structured_search(
 
 
 # ------------------------------------------------- the search as a run phase
+
+
+def search_rule(config) -> SearchRule:
+  """The `SearchRule` of a run's (resolved) settings."""
+  return SearchRule(
+      boundary=config.structured_boundary,
+      relative_to=config.structured_relative_to,
+      rule=config.structured_rule,
+      std_k=config.structured_std_k,
+      prune_dense=config.structured_prune_dense,
+      patience=config.structured_patience,
+      max_prune_rounds=config.structured_max_prune_rounds,
+  )
 
 
 def build_search_algorithm(config, keras_fn, input_spec):
@@ -305,8 +394,7 @@ def build_search_algorithm(config, keras_fn, input_spec):
       initial,
       algorithms.build_client_optimizer(config),
       local_epochs=config.local_epochs,
-      boundary=config.structured_boundary,
-      relative_to=config.structured_relative_to,
+      rule=search_rule(config),
       prox_mu=config.prox_mu,
       cohort=cohort,
   )
@@ -382,11 +470,7 @@ class SearchPhase(phases.Phase):
     self.current_widths = keras_models.resolve_widths(self.config.model_name, None)
 
   def describe(self) -> str:
-    config = self.config
-    return (
-        f"{config.algorithm} phase 1 (search, boundary "
-        f"{config.structured_boundary} x {config.structured_relative_to})"
-    )
+    return f"{self.config.algorithm} phase 1 (search, {describe_rule(self.config)})"
 
   def architecture(self, widths) -> unit_graph_lib.ArchitectureCost:
     key = tuple(sorted(widths.items()))
@@ -434,11 +518,30 @@ class SearchPhase(phases.Phase):
     return Found(widths, small_weights)
 
 
+def describe_rule(config) -> str:
+  """The search's rule in words, e.g. 'std band 2.2, conv only, patience 3'."""
+  rule = search_rule(config)
+  if rule.rule == "std_band":
+    text = f"std band mean +- {rule.std_k} std"
+  else:
+    text = f"boundary {rule.boundary} x {rule.relative_to}"
+  text += "" if rule.prune_dense else ", conv only"
+  text += f", patience {rule.patience}" if rule.patience else ""
+  if rule.max_prune_rounds is not None:
+    text += f", at most {rule.max_prune_rounds} pruning rounds"
+  return text
+
+
 def summary_section(config, found_widths, phase_results) -> dict:
   """summary.json["structured"] of a two-phase run."""
   return {
+      "rule": config.structured_rule,
       "boundary": config.structured_boundary,
       "relative_to": config.structured_relative_to,
+      "std_k": config.structured_std_k,
+      "prune_dense": config.structured_prune_dense,
+      "patience": config.structured_patience,
+      "max_prune_rounds": config.structured_max_prune_rounds,
       "search_rounds": config.structured_search_rounds,
       "reinit": config.structured_reinit,
       "original_widths": keras_models.default_widths(config.model_name),

@@ -30,6 +30,7 @@ from tff_feddst import data as data_lib
 from tff_feddst import files
 from tff_feddst import outputs
 from tff_feddst import phases
+from tff_feddst import remote
 from tff_feddst import rounds as rounds_lib
 from tff_feddst.config import ConfigError, ExperimentConfig
 
@@ -174,7 +175,13 @@ def _train(run: Run, context: RunContext, releaser, checkpoints) -> None:
   for round_num in range(run.first_round, config.rounds + 1):
     if round_num > run.phase.last_round:
       _next_phase(run, context)
-    run.state, result = run.step(run.state, round_num)
+    try:
+      run.state, result = run.step(run.state, round_num)
+    except remote.WorkerError as e:
+      raise remote.WorkerError(
+          f"{e} in round {round_num}; the last checkpoint in {config.output_dir} "
+          "is intact: rerun to resume (--workers may list other workers)"
+      ) from None
     evaluation = {}
     if (
         round_num % config.eval_every == 0
@@ -235,13 +242,15 @@ def run_experiment(
   """Trains `config.rounds` rounds and writes the outputs; returns the summary.
 
   If `config.output_dir` holds a checkpoint of the same experiment, the run
-  resumes from it (and ends at once if it is complete). Raises ConfigError,
-  `data.DataError` or `checkpoint.CheckpointError` (one line each).
+  resumes from it (and ends at once if it is complete). With
+  `config.workers`, the clients run on those TFF workers (`remote.py`).
+  Raises ConfigError, `data.DataError`, `checkpoint.CheckpointError` or
+  `remote.WorkerError` (one line each).
   """
   log = log or (lambda line: print(line, flush=True))
   started = time.time()
   config = config.resolve()
-  with outputs.RunLock(config.output_dir):
+  with outputs.RunLock(config.output_dir), remote.execution(config.worker_addresses):
     context = load_context(config, log)
     summary_path = context.path("summary.json")
     checkpoints = checkpoint_lib.RunCheckpoints(context.path("checkpoints"))
@@ -256,6 +265,7 @@ def run_experiment(
     releaser = outputs.MetricsReleaser(
         config.output_dir, log, config.rounds, run.resume_round is not None,
         lambda: run.phase.console_note(),
+        rounds_lib.metric_columns(bool(config.worker_addresses)),
     )
     _train(run, context, releaser, checkpoints)
     summary = _summary(run, context, started)

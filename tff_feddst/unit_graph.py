@@ -20,10 +20,12 @@ Vocabulary
     "dense"   dense -> (activation / dropout) -> dense: consumer kernel row.
 
 Selection (`select_units`, `prune_step`): a unit's importance is the L1
-norm of its kernel slice; among the alive units of a layer, those with
-importance < boundary x R are removed, R being chosen by `relative_to`
-(RELATIVE_TO; "original_mean" is the configured default); a layer is never
-emptied. Removing a unit also zeroes the consumer's matching input
+norm of its kernel slice. By `rule` (RULES): "boundary" (the default)
+removes, among the alive units of a layer, those with importance
+< boundary x R, R being chosen by `relative_to` (RELATIVE_TO;
+"original_mean" is the configured default); "std_band" (paper 2's code)
+removes the alive units whose importance lies outside mean +- k x std of
+the layer's alive units. A layer is never emptied. Removing a unit also zeroes the consumer's matching input
 channels / rows (`kernel_masks`), which is what makes the masked network and
 the physically smaller one (`shrink`, `build_shrunk_model`) compute exactly
 the same function. `architecture_cost` gives the size and FLOPs of a network
@@ -51,9 +53,24 @@ from tff_feddst import wrappers
 # What a layer's importances are compared with; the first is the default
 # (`algorithms.AlgorithmConfig.structured_relative_to`).
 RELATIVE_TO = ("original_mean", "mean", "max")
+# How the units that stay are chosen; the first is the default
+# (`algorithms.AlgorithmConfig.structured_rule`).
+RULES = ("boundary", "std_band")
+# Paper 2's k for the std band (its FEMNIST configuration).
+DEFAULT_STD_K = 2.2
+# Whether a rule removes hidden dense neurons unless told otherwise: paper
+# 2's code applies the std band to convolution filters only.
+PRUNES_DENSE = {"boundary": True, "std_band": False}
 LINK_MODES = ("conv", "flatten", "dense")
 
 _layers = tf.keras.layers
+# Layers that turn conv channels into dense inputs: an NHWC Flatten, or a
+# global pooling (one input per channel, the "flatten" link with H = W = 1).
+_TO_ROWS = (
+    _layers.Flatten,
+    _layers.GlobalAveragePooling2D,
+    _layers.GlobalMaxPooling2D,
+)
 # Layers that act on each channel / unit separately (or only on spatial
 # positions), so unit j of the producer is still channel j of their output.
 _CHANNELWISE = (
@@ -168,7 +185,8 @@ def unit_graph(model: tf.keras.Model) -> UnitGraph:
 
   Works on plain models and on models wrapped by `sparse_model.wrap_prunable`.
   Between two prunable layers only channel-wise layers (pooling, activations,
-  dropout) and, from conv to dense, one channels_last Flatten are allowed;
+  dropout) and, from conv to dense, one channels_last Flatten or global
+  pooling (a "flatten" link whose rows are the channels) are allowed;
   anything else (e.g. normalisation with parameters, reshapes) raises
   ValueError, because removing a unit would then need more than slicing.
   """
@@ -193,7 +211,7 @@ def unit_graph(model: tf.keras.Model) -> UnitGraph:
       producer, flattened = info, False
     elif producer is None or blocker is not None:
       continue
-    elif isinstance(layer, _layers.Flatten):
+    elif isinstance(layer, _TO_ROWS):
       if getattr(layer, "data_format", "channels_last") != "channels_last":
         raise ValueError(f"unit graph: {layer.name!r} must flatten channels_last")
       # Flattening a dense layer's (batch, units) output changes nothing.
@@ -241,14 +259,10 @@ def alive_from_mask_tf(mask: tf.Tensor) -> tf.Tensor:
   return tf.reduce_any(mask > 0, axis=list(range(len(mask.shape) - 1)))
 
 
-def _select_tf(importance, alive, boundary: float, relative_to: str):
-  """TF version of `select_units` (graph-safe: usable inside TFF).
-
-  `relative_to` must already be checked (`check_selection_args`).
-  """
+def _boundary_keep_tf(importance, alive, boundary: float, relative_to: str):
+  """Alive units with importance >= boundary x R (R by `relative_to`)."""
   dtype = importance.dtype
-  zeros = tf.zeros_like(importance)
-  alive_importance = tf.where(alive, importance, zeros)
+  alive_importance = tf.where(alive, importance, tf.zeros_like(importance))
   if relative_to == "mean":
     count = tf.reduce_sum(tf.cast(alive, dtype))
     reference = tf.reduce_sum(alive_importance) / tf.maximum(count, 1.0)
@@ -257,18 +271,51 @@ def _select_tf(importance, alive, boundary: float, relative_to: str):
     reference = tf.reduce_sum(alive_importance) / tf.cast(tf.size(importance), dtype)
   else:
     reference = tf.reduce_max(alive_importance)  # importance >= 0
-  keep = tf.logical_and(alive, importance >= tf.cast(boundary, dtype) * reference)
-  # Never empty the layer: the single most important alive unit, lowest
-  # index among equals.
+  return tf.logical_and(alive, importance >= tf.cast(boundary, dtype) * reference)
+
+
+def _std_band_keep_tf(importance, alive, std_k: float):
+  """Alive units whose importance lies in mean +- std_k x std of the alive
+  units' importance (population std; bounds included).
+
+  The statistics are taken in float64, so that equal float32 importances
+  give a std of exactly 0 and all stay.
+  """
+  values = tf.cast(importance, tf.float64)
+  weight = tf.cast(alive, tf.float64)
+  count = tf.maximum(tf.reduce_sum(weight), 1.0)
+  mean = tf.reduce_sum(values * weight) / count
+  std = tf.sqrt(tf.reduce_sum(weight * tf.square(values - mean)) / count)
+  inside = tf.abs(values - mean) <= tf.cast(std_k, tf.float64) * std
+  return tf.logical_and(alive, inside)
+
+
+def _most_important_tf(importance, alive):
+  """Bool: only the most important alive unit (lowest index among equals)."""
   candidates = tf.where(
-      alive, importance, tf.fill(tf.shape(importance), tf.constant(-np.inf, dtype))
+      alive, importance, tf.fill(tf.shape(importance), tf.constant(-np.inf, importance.dtype))
   )
   is_best = tf.logical_and(alive, tf.equal(candidates, tf.reduce_max(candidates)))
   size = tf.size(importance)
   positions = tf.range(size)
   best = tf.reduce_min(tf.where(is_best, positions, tf.fill([size], size)))
-  only_best = tf.equal(positions, best)
-  return tf.where(tf.reduce_any(keep), keep, only_best)
+  return tf.equal(positions, best)
+
+
+def _select_tf(
+    importance, alive, boundary: float, relative_to: str,
+    rule: str = "boundary", std_k: float = DEFAULT_STD_K,
+):
+  """TF version of `select_units` (graph-safe: usable inside TFF).
+
+  The arguments must already be checked (`check_selection_args`).
+  """
+  if rule == "std_band":
+    keep = _std_band_keep_tf(importance, alive, std_k)
+  else:
+    keep = _boundary_keep_tf(importance, alive, boundary, relative_to)
+  # Never empty the layer.
+  return tf.where(tf.reduce_any(keep), keep, _most_important_tf(importance, alive))
 
 
 def _input_factor(link: UnitLink, consumer_shape, alive_f: tf.Tensor):
@@ -300,7 +347,8 @@ def kernel_masks_tf(graph: UnitGraph, alive_f: Mapping[str, tf.Tensor]) -> list[
 
 
 def prune_step_tf(
-    graph: UnitGraph, kernels, old_alive, boundary: float, relative_to: str
+    graph: UnitGraph, kernels, old_alive, boundary: float, relative_to: str,
+    *, rule: str = "boundary", std_k: float = DEFAULT_STD_K, prune_dense: bool = True,
 ):
   """One server pruning step: new alive vectors (bool) of every hidden layer.
 
@@ -308,11 +356,15 @@ def prune_step_tf(
   tensor}; `old_alive`: {hidden layer name: bool tensor}. Layers are visited
   in model order, and a layer's importance is measured on its kernel with
   the inputs of the producer's dead units and of those removed in this same
-  step zeroed, i.e. on the weights that will remain.
+  step zeroed, i.e. on the weights that will remain. Without `prune_dense`
+  the hidden dense layers keep their units.
   """
-  check_selection_args(boundary, relative_to)
+  check_selection_args(boundary, relative_to, rule, std_k)
   new_alive = {}
   for name in graph.hidden_names:
+    if graph.layer(name).kind == "dense" and not prune_dense:
+      new_alive[name] = old_alive[name]
+      continue
     kernel = kernels[name]
     link = graph.link_into(name)
     if link is not None:
@@ -321,7 +373,7 @@ def prune_step_tf(
           tf.cast(new_alive[link.producer], kernel.dtype),
       )
     new_alive[name] = _select_tf(
-        _importance_tf(kernel), old_alive[name], boundary, relative_to
+        _importance_tf(kernel), old_alive[name], boundary, relative_to, rule, std_k
     )
   return new_alive
 
@@ -329,19 +381,30 @@ def prune_step_tf(
 # ------------------------------------------------- numpy-facing functions
 
 
-def check_selection_args(boundary: float, relative_to: str) -> None:
-  """Raises ValueError unless relative_to is in RELATIVE_TO and boundary >= 0."""
+def _check_number(name: str, value) -> None:
+  if (
+      isinstance(value, bool)
+      or not isinstance(value, numbers.Real)
+      or not math.isfinite(value)
+      or value < 0
+  ):
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_selection_args(
+    boundary: float, relative_to: str, rule: str = "boundary",
+    std_k: float = DEFAULT_STD_K,
+) -> None:
+  """Raises ValueError unless rule is in RULES, relative_to in RELATIVE_TO,
+  and boundary and std_k are finite numbers >= 0."""
+  if rule not in RULES:
+    raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+  _check_number("std_k", std_k)
   if relative_to not in RELATIVE_TO:
     raise ValueError(
         f"relative_to must be one of {', '.join(RELATIVE_TO)}, got {relative_to!r}"
     )
-  if (
-      isinstance(boundary, bool)
-      or not isinstance(boundary, numbers.Real)
-      or not math.isfinite(boundary)
-      or boundary < 0
-  ):
-    raise ValueError(f"boundary must be a finite number >= 0, got {boundary!r}")
+  _check_number("boundary", boundary)
 
 
 def unit_importance(kernel) -> np.ndarray:
@@ -357,11 +420,17 @@ def unit_importance(kernel) -> np.ndarray:
 
 
 def select_units(
-    importance, alive, boundary: float, relative_to: str = "original_mean"
+    importance, alive, boundary: float = 0.95, relative_to: str = "original_mean",
+    *, rule: str = "boundary", std_k: float = DEFAULT_STD_K,
 ) -> np.ndarray:
   """The units that stay alive after one pruning step of a layer.
 
-  Among the alive units, those with importance < boundary * R are removed
+  rule "std_band" (paper 2's code): among the alive units, those whose
+  importance lies outside [mean - std_k * std, mean + std_k * std] of the
+  alive units' importances (population std) are removed, unusually
+  important ones included; `boundary` and `relative_to` are not used.
+
+  rule "boundary": among the alive units, those with importance < boundary * R are removed
   (a unit exactly at boundary * R stays), where R is, by `relative_to`:
   "original_mean" (the default) the mean over the layer's original units,
   removed ones counting 0; "mean" the mean of the alive units' importance;
@@ -376,7 +445,7 @@ def select_units(
   would go, the single most important one stays (lowest index among equal
   importances). Dead units stay dead. Returns a new bool vector.
   """
-  check_selection_args(boundary, relative_to)
+  check_selection_args(boundary, relative_to, rule, std_k)
   importance = np.asarray(importance)
   alive = np.asarray(alive, bool)
   if importance.ndim != 1 or importance.shape != alive.shape:
@@ -389,7 +458,8 @@ def select_units(
   if not np.issubdtype(importance.dtype, np.floating):
     importance = importance.astype(np.float64)
   return _select_tf(
-      tf.constant(importance), tf.constant(alive), float(boundary), relative_to
+      tf.constant(importance), tf.constant(alive), float(boundary), relative_to,
+      rule, float(std_k),
   ).numpy()
 
 
@@ -399,6 +469,10 @@ def prune_step(
     alive_per_layer: Mapping[str, object] | None,
     boundary: float,
     relative_to: str = "original_mean",
+    *,
+    rule: str = "boundary",
+    std_k: float = DEFAULT_STD_K,
+    prune_dense: bool = True,
 ) -> dict[str, np.ndarray]:
   """The server's pruning decision of one round, in numpy.
 
@@ -406,10 +480,11 @@ def prune_step(
   kernels). Hidden layers are visited in model order; each one's L1
   importance is taken after zeroing the inputs of the producer's units that
   are dead or removed in this step, then `select_units` applies (dead units
-  are ignored, so their kernel values do not matter).
+  are ignored, so their kernel values do not matter). Without
+  `prune_dense`, hidden dense layers keep their units.
   Returns the new alive vectors of every hidden layer.
   """
-  check_selection_args(boundary, relative_to)
+  check_selection_args(boundary, relative_to, rule, std_k)
   if not isinstance(kernels, Mapping):
     kernels = dict(zip(graph.names, kernels))
   alive = _complete_alive(graph, alive_per_layer)
@@ -419,6 +494,9 @@ def prune_step(
       {n: tf.constant(a) for n, a in alive.items()},
       float(boundary),
       relative_to,
+      rule=rule,
+      std_k=float(std_k),
+      prune_dense=prune_dense,
   )
   return collections.OrderedDict((n, new[n].numpy()) for n in graph.hidden_names)
 

@@ -52,7 +52,9 @@ _DATA_DIR = flags.DEFINE_string(
     "Where the data set's files are (default: config.json, then the loader's).",
 )
 _LATENCY_EXAMPLES = flags.DEFINE_integer(
-    "latency_examples", 200, "Timed batch-1 examples per exported file."
+    "latency_examples", 1000,
+    "Timed batch-1 examples per exported file (one per test image while "
+    "there are enough).",
 )
 _REPRESENTATIVE_EXAMPLES = flags.DEFINE_integer(
     "representative_examples", 300, "Training images used to calibrate int8."

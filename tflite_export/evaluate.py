@@ -25,6 +25,8 @@ InterpreterFactory = Callable[..., Any]
 
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_WARMUP = 10
+# Timed batch-1 runs per model: one per test image, as many as this.
+DEFAULT_LATENCY_EXAMPLES = 1000
 
 
 def _resolver_kwargs(module, use_xnnpack: bool) -> dict:
@@ -219,7 +221,7 @@ def batch1_latency_ms(
     model: ModelSource,
     x: np.ndarray,
     *,
-    num_examples: int = 200,
+    num_examples: int = DEFAULT_LATENCY_EXAMPLES,
     warmup: int = DEFAULT_WARMUP,
     interpreter_factory: Optional[InterpreterFactory] = None,
     num_threads: Optional[int] = 1,
@@ -229,8 +231,8 @@ def batch1_latency_ms(
   As on a phone: one image per invoke.
 
   Runs `warmup` untimed examples, then times `num_examples` single-image
-  runs (cycling through `x`): quantise, set input, invoke, read output.
-  Returns median/p90/mean in milliseconds.
+  runs (cycling through `x`; `distinct_images` of them differ): quantise,
+  set input, invoke, read output. Returns median/p90/mean in milliseconds.
   """
   runner = Runner(
       model, 1, interpreter_factory=interpreter_factory, num_threads=num_threads
@@ -242,6 +244,7 @@ def batch1_latency_ms(
         "p90_ms": None,
         "mean_ms": None,
         "num_examples": 0,
+        "distinct_images": 0,
     }
   for i in range(warmup):
     runner(x[i % len(x)][None])
@@ -257,6 +260,7 @@ def batch1_latency_ms(
       "p90_ms": float(np.percentile(times, 90)),
       "mean_ms": float(np.mean(times)),
       "num_examples": int(num_examples),
+      "distinct_images": int(min(num_examples, len(x))),
   }
 
 
@@ -266,7 +270,7 @@ def evaluate_tflite(
     y: np.ndarray,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    latency_examples: int = 200,
+    latency_examples: int = DEFAULT_LATENCY_EXAMPLES,
     client_indices: Optional[Sequence[np.ndarray]] = None,
     interpreter_factory: Optional[InterpreterFactory] = None,
     num_threads: Optional[int] = 1,

@@ -53,6 +53,12 @@ class TensorInfo:
   dim_formats: tuple[str, ...] = ()  # "DENSE" or "SPARSE_CSR" per dimension.
   consumers: tuple[str, ...] = ()  # Names of the ops that read the tensor.
 
+  @property
+  def kept_sparse(self) -> bool:
+    """A sparse tensor the runtime computes with as it is stored: no DENSIFY
+    op reads it (DENSIFY expands it to a dense tensor once, at load)."""
+    return self.sparse and "DENSIFY" not in self.consumers
+
 
 def _parse(content: bytes):
   return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(content, 0))
@@ -146,13 +152,19 @@ def unreadable_sparse_inputs(model: ModelSource) -> list[str]:
 
 
 def summarize(model: ModelSource) -> dict:
-  """A JSON-ready summary: tensor counts, sparse tensors, op counts."""
+  """A JSON-ready summary: tensor counts, sparse tensors, op counts.
+
+  Each sparse tensor says whether the runtime keeps it sparse
+  (`kept_sparse`: no DENSIFY op reads it, so its consumer runs a sparse
+  kernel) or expands it at load.
+  """
   infos = tensor_infos(model)
   sparse = [info for info in infos if info.sparse]
   return {
       "num_tensors": len(infos),
       "num_constant_tensors": sum(1 for info in infos if info.num_bytes > 0),
       "num_sparse_tensors": len(sparse),
+      "num_kept_sparse_tensors": sum(info.kept_sparse for info in sparse),
       "sparse_tensors": [
           {
               "name": info.name,
@@ -162,6 +174,7 @@ def summarize(model: ModelSource) -> dict:
               "block_map": list(info.block_map),
               "dim_formats": list(info.dim_formats),
               "consumers": list(info.consumers),
+              "kept_sparse": info.kept_sparse,
           }
           for info in sparse
       ],

@@ -3,7 +3,9 @@
 `export_and_report` converts the model twice with the same weights (sparse
 encoding and plain dense encoding, in the chosen quantisation; for float16
 and int8 also both float32 variants), evaluates every file with the TFLite
-interpreter and writes, into `output_dir`:
+interpreter (and times it on the standalone runtime where installed), says
+of every sparse tensor whether the runtime keeps it sparse, and writes,
+into `output_dir`:
   model.tflite        the sparse export in the chosen quantisation;
   tflite_report.json  the figures below (see `export_and_report`).
 Both files are written atomically (`tff_feddst.files.write_atomic`), model
@@ -12,6 +14,7 @@ report's model_sha256 names the model it describes.
 """
 
 import hashlib
+import importlib.util
 import os
 from typing import Optional, Sequence
 
@@ -22,8 +25,11 @@ from keras_models import networks
 from tff_feddst import files
 from tflite_export import inspect_model
 from tflite_export.convert import check_quantization, convert, export_model
+from tflite_export.evaluate import DEFAULT_LATENCY_EXAMPLES
 from tflite_export.evaluate import accuracy_of
+from tflite_export.evaluate import batch1_latency_ms
 from tflite_export.evaluate import evaluate_tflite
+from tflite_export.evaluate import litert_interpreter
 from tflite_export.evaluate import mean_client_accuracy
 
 MODEL_FILE = "model.tflite"
@@ -100,6 +106,22 @@ def _check_input_shape(plain: tf.keras.Model, x_test: np.ndarray) -> None:
     )
 
 
+def has_standalone_runtime() -> bool:
+  """The standalone LiteRT runtime (ai-edge-litert) is installed."""
+  return importlib.util.find_spec("ai_edge_litert") is not None
+
+
+def _standalone_latency(content, x_test, latency_examples, num_threads) -> dict:
+  """Batch-1 latency on the standalone runtime (None where it is missing)."""
+  if not has_standalone_runtime():
+    return {"standalone_batch1_latency_median_ms": None}
+  latency = batch1_latency_ms(
+      content, x_test, num_examples=latency_examples,
+      interpreter_factory=litert_interpreter, num_threads=num_threads,
+  )
+  return {f"standalone_batch1_latency_{k}": v for k, v in latency.items()}
+
+
 def _export_variants(
     plain: tf.keras.Model,
     quantization: str,
@@ -110,6 +132,7 @@ def _export_variants(
     batch_size: int,
     latency_examples: int,
     num_threads: Optional[int],
+    standalone: bool,
 ) -> tuple[dict, dict]:
   """Converts and evaluates every variant: ({key: figures}, {key: bytes})."""
   exports, contents = {}, {}
@@ -127,6 +150,8 @@ def _export_variants(
         "sparse_encoding": sparse,
         "size_bytes": len(content),
         "num_sparse_tensors": summary["num_sparse_tensors"],
+        "num_kept_sparse_tensors": summary["num_kept_sparse_tensors"],
+        "sparse_tensors": summary["sparse_tensors"],
         "operators": summary["operators"],
         **evaluate_tflite(
             content,
@@ -138,7 +163,17 @@ def _export_variants(
             num_threads=num_threads,
         ),
     }
+    if standalone:
+      exports[key].update(
+          _standalone_latency(content, x_test, latency_examples, num_threads)
+      )
   return exports, contents
+
+
+def _ratio(exports: dict, key: str) -> Optional[float]:
+  """sparse / dense of a figure of the two exports (None if one is missing)."""
+  sparse, dense = exports["sparse"].get(key), exports["dense"].get(key)
+  return sparse / dense if sparse is not None and dense else None
 
 
 def export_and_report(
@@ -150,9 +185,10 @@ def export_and_report(
     client_test_indices: Optional[Sequence[np.ndarray]] = None,
     representative_data: Optional[np.ndarray] = None,
     quantization: str = "float32",
-    latency_examples: int = 200,
+    latency_examples: int = DEFAULT_LATENCY_EXAMPLES,
     batch_size: int = 256,
     num_threads: Optional[int] = 1,
+    standalone_runtime: bool = True,
 ) -> dict:
   """Writes model.tflite and tflite_report.json to `output_dir`.
 
@@ -161,9 +197,17 @@ def export_and_report(
   Dense kernels) and layer_sparsity; size_ratio_sparse_dense (sparse /
   dense file size, chosen quantisation); exports: for "sparse", "dense" (and
   "sparse_float32", "dense_float32" when quantising) the file's size_bytes,
-  num_sparse_tensors, operators, accuracy, clients_accuracy (mean over
-  clients of their accuracy; only with client_test_indices), batched
-  throughput and batch-1 latency median/p90/mean in ms per example.
+  num_sparse_tensors, num_kept_sparse_tensors and sparse_tensors (each with
+  `kept_sparse`: no DENSIFY op reads it, so the runtime computes with the
+  sparse tensor instead of expanding it at load), operators, accuracy,
+  clients_accuracy (mean over clients of their accuracy; only with
+  client_test_indices), batched throughput and batch-1 latency
+  median/p90/mean in ms per example (`latency_examples` single-image
+  invokes, one per test image while there are enough, `num_threads`
+  threads), and with `standalone_runtime` the same batch-1 figures on the
+  standalone LiteRT runtime (None where it is not installed);
+  latency_ratio_sparse_dense (sparse / dense median batch-1 latency, the
+  TensorFlow interpreter, chosen quantisation).
   """
   check_quantization(quantization)
   x_test, y_test = _checked_test_split(x_test, y_test)
@@ -180,6 +224,7 @@ def export_and_report(
       batch_size,
       latency_examples,
       num_threads,
+      standalone_runtime,
   )
   report = {
       "quantization": quantization,
@@ -198,6 +243,10 @@ def export_and_report(
       "layer_sparsity": layer_sparsity,
       "size_ratio_sparse_dense": (
           exports["sparse"]["size_bytes"] / exports["dense"]["size_bytes"]
+      ),
+      "latency_ratio_sparse_dense": _ratio(exports, "batch1_latency_median_ms"),
+      "standalone_latency_ratio_sparse_dense": _ratio(
+          exports, "standalone_batch1_latency_median_ms"
       ),
       "exports": exports,
   }
