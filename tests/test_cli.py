@@ -153,3 +153,36 @@ def test_missing_data_is_a_one_line_error(tmp_path):
   assert "error:" in results[0].stderr
   # A --data_dir that does not exist.
   _assert_rejected(results[1], out_dirs[1], [str(missing)])
+
+
+def test_a_wrong_data_dir_or_output_dir_is_one_line(tmp_path):
+  empty = tmp_path / "empty_data"
+  empty.mkdir()
+  a_file = tmp_path / "a_file"
+  a_file.write_text("keep me")
+  out = tmp_path / "out"
+  cases = {
+      # Fashion-MNIST has built-in places, used only without --data_dir.
+      "fashion_mnist_empty": ["--dataset=fashion_mnist", f"--data_dir={empty}", f"--output_dir={out}1"],
+      "fashion_mnist_missing": [
+          "--dataset=fashion_mnist", f"--data_dir={tmp_path / 'nope'}", f"--output_dir={out}2",
+      ],
+      "output_dir_is_a_file": [f"--output_dir={a_file}"],
+      "output_dir_under_a_file": [f"--output_dir={a_file / 'run'}"],
+  }
+  results = dict(zip(cases, _run_all(list(cases.values()))))
+  for name, result in results.items():
+    assert result.returncode == 1, (name, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), (name, result.stderr)
+  assert f"error: {empty} has none of the Fashion-MNIST IDX files" in results["fashion_mnist_empty"].stderr
+  assert f"error: {tmp_path / 'nope'} is not a directory with" in results["fashion_mnist_missing"].stderr
+  for written in (pathlib.Path(f"{out}1"), pathlib.Path(f"{out}2")):
+    assert not written.exists() or not any(written.iterdir())
+  assert results["output_dir_is_a_file"].stderr.strip() == (
+      f"error: --output_dir {a_file} is a file, not a directory"
+  )
+  assert results["output_dir_under_a_file"].stderr.strip() == (
+      f"error: --output_dir {a_file / 'run'} cannot be created: Not a directory"
+  )
+  assert a_file.read_text() == "keep me"

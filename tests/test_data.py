@@ -222,12 +222,15 @@ def test_fashion_mnist_prefers_data_dir_over_debian(tmp_path, monkeypatch):
   np.testing.assert_array_equal(
       np.round(split.x_train[..., 0] * 255), mine["x_train"]
   )
-  # Without data_dir (or with one that lacks the files) the Debian copy is used.
+  # Without data_dir the Debian copy is used.
   assert len(data.load_arrays("fashion_mnist").y_train) == 20
-  assert (
-      len(data.load_arrays("fashion_mnist", str(tmp_path / "empty")).y_train)
-      == 20
-  )
+  # A data_dir without the files, or that does not exist, is an error: a
+  # wrong path never trains on other data.
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(data.DataError, match=f"^{tmp_path / 'empty'} has none of the Fashion-MNIST"):
+    data.load_arrays("fashion_mnist", str(tmp_path / "empty"))
+  with pytest.raises(data.DataError, match=f"^{tmp_path / 'nope'} is not a directory with"):
+    data.load_arrays("fashion_mnist", str(tmp_path / "nope"))
 
 
 def test_fashion_mnist_keras_cache_then_download(
@@ -261,16 +264,13 @@ def test_fashion_mnist_missing_everywhere_is_one_clear_line(
 ):
   del no_fashion_mnist
   with pytest.raises(data.DataError) as info:
-    data.load_arrays("fashion_mnist", str(tmp_path / "given"))
+    data.load_arrays("fashion_mnist")
   message = str(info.value)
   assert "\n" not in message
   assert "--data_dir" in message
   assert "apt-get install dataset-fashion-mnist" in message
   assert "Keras" in message and "network is unreachable" in message
-  assert (
-      str(tmp_path / "given") in message
-      and str(tmp_path / "no-debian") in message
-  )
+  assert str(tmp_path / "no-debian") in message
 
 
 def _check_cifar_split(
@@ -332,8 +332,15 @@ def test_cifar100_loader(tmp_path, layout):
   _check_cifar_split(split, batches, ["train"], ["test"], b"fine_labels", 100)
 
 
-def test_cifar_missing(tmp_path):
+def test_cifar_missing(tmp_path, monkeypatch):
   with pytest.raises(data.DataError, match="cifar-10-python.tar.gz"):
+    data.load_arrays("cifar10", str(tmp_path))
+  # A given data_dir is the only place looked in, even with the cache full.
+  cache = tmp_path / "cache"
+  _write_cifar10(cache)
+  monkeypatch.setattr(loaders, "KERAS_DATASETS_DIR", str(cache))
+  assert data.load_arrays("cifar10").num_classes == 10
+  with pytest.raises(data.DataError, match=f"not found in {tmp_path}:"):
     data.load_arrays("cifar10", str(tmp_path))
   _write_cifar10(tmp_path)
   os.remove(tmp_path / "cifar-10-batches-py" / "data_batch_3")
@@ -416,6 +423,10 @@ def test_emnist_looks_in_keras_cache_and_reports_missing(tmp_path, monkeypatch):
   )
   monkeypatch.setattr(loaders, "KERAS_DATASETS_DIR", str(tmp_path))
   assert len(data.load_arrays("femnist").y_train) == 2
+  # A given data_dir is the only place looked in, even with the cache full.
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(data.DataError, match=f"not in {tmp_path / 'empty'};"):
+    data.load_arrays("femnist", str(tmp_path / "empty"))
 
 
 # ---------------------------------------------------------------- corrupt files

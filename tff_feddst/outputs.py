@@ -48,7 +48,12 @@ class RunLock:
     self._fd = None
 
   def acquire(self) -> None:
-    os.makedirs(self.output_dir, exist_ok=True)
+    try:
+      os.makedirs(self.output_dir, exist_ok=True)
+    except FileExistsError:
+      raise ConfigError(f"--output_dir {self.output_dir} is a file, not a directory") from None
+    except OSError as e:
+      raise ConfigError(f"--output_dir {self.output_dir} cannot be created: {e.strerror}") from None
     while True:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
       try:

@@ -4,14 +4,16 @@ Nothing here downloads, except the last resort for Fashion-MNIST (Keras'
 own loader). Every failure to find or read a data set is a `DataError` with
 a one-line message naming the file or directory and what is wrong.
 
-Where the files are looked for:
-  fashion_mnist  IDX files in `data_dir`, then DEBIAN_FASHION_MNIST_DIR (the
-                 Debian package dataset-fashion-mnist), then the Keras cache
+Where the files are looked for: in `data_dir` only, when it is given (a
+wrong path is an error, never a reason to train on other data); otherwise
+  fashion_mnist  IDX files in DEBIAN_FASHION_MNIST_DIR (the Debian package
+                 dataset-fashion-mnist), then the Keras cache
                  KERAS_DATASETS_DIR/fashion-mnist, then a Keras download.
-  mnist          IDX files (same names as Fashion-MNIST) in `data_dir`.
-  cifar10/100    The python pickles in `data_dir`, then KERAS_DATASETS_DIR:
-                 the extracted folder, the files themselves, or the .tar.gz.
-  emnist/femnist TFF's h5 files in `data_dir`, then KERAS_DATASETS_DIR.
+  mnist          nowhere: `data_dir` is required (IDX files, same names as
+                 Fashion-MNIST).
+  cifar10/100    KERAS_DATASETS_DIR: the extracted folder of the python
+                 pickles, the files themselves, or the .tar.gz.
+  emnist/femnist TFF's h5 files in KERAS_DATASETS_DIR.
 """
 
 import os
@@ -169,12 +171,29 @@ def _download_fashion_mnist():
   return tf.keras.datasets.fashion_mnist.load_data()
 
 
+def _search_dirs(data_dir: Optional[str]) -> tuple[str, ...]:
+  """`data_dir` alone when given, else the Keras cache."""
+  return (data_dir,) if data_dir is not None else (KERAS_DATASETS_DIR,)
+
+
+def _idx_dir_problem(directory: str) -> str:
+  return "has none of" if os.path.isdir(directory) else "is not a directory with"
+
+
 def _load_fashion_mnist(data_dir: Optional[str]) -> ArraySplit:
   keras_dir = os.path.join(KERAS_DATASETS_DIR, "fashion-mnist")
+  if data_dir is not None:
+    paths = _find_idx_files(data_dir)
+    if paths is None:
+      raise DataError(
+          f"{data_dir} {_idx_dir_problem(data_dir)} the Fashion-MNIST IDX files"
+          f" ({', '.join(f'{base}[.gz]' for base in IDX_FILES.values())});"
+          " leave --data_dir out to use"
+          f" {DEBIAN_FASHION_MNIST_DIR} or the Keras cache"
+      )
+    return _load_idx_files("fashion_mnist", paths)
   searched = []
-  for directory in (data_dir, DEBIAN_FASHION_MNIST_DIR, keras_dir):
-    if directory is None:
-      continue
+  for directory in (DEBIAN_FASHION_MNIST_DIR, keras_dir):
     searched.append(directory)
     paths = _find_idx_files(directory)
     if paths is not None:
@@ -208,9 +227,7 @@ def _load_mnist(data_dir: Optional[str]) -> ArraySplit:
     )
   paths = _find_idx_files(data_dir)
   if paths is None:
-    what = (
-        "has none of" if os.path.isdir(data_dir) else "is not a directory with"
-    )
+    what = _idx_dir_problem(data_dir)
     raise DataError(f"{data_dir} {what} the MNIST IDX files ({files})")
   return _load_idx_files("mnist", paths)
 
@@ -325,7 +342,7 @@ def _load_cifar(name: str, data_dir: Optional[str]) -> ArraySplit:
   spec = _CIFAR[name]
   blobs = None
   searched = []
-  for directory in (data_dir, KERAS_DATASETS_DIR):
+  for directory in _search_dirs(data_dir):
     if directory is None:
       continue
     searched.append(directory)
@@ -427,7 +444,7 @@ def _read_emnist_h5(path: str, num_classes: int):
 def _load_emnist(name: str, data_dir: Optional[str]) -> ArraySplit:
   train_name, test_name, num_classes = _EMNIST[name]
   searched = []
-  for directory in (data_dir, KERAS_DATASETS_DIR):
+  for directory in _search_dirs(data_dir):
     if directory is None:
       continue
     searched.append(directory)
