@@ -527,6 +527,8 @@ def test_cli_bad_inputs_give_one_line(run_dir, tmp_path):
           out,
           "--quantization=int4",
       ],
+      "--test_examples must be >= 0, got -5": [f"--checkpoint={good}", out, "--test_examples=-5"],
+      "--num_threads must be >= 1, got 0": [f"--checkpoint={good}", out, "--num_threads=0"],
   }
   procs = {expected: _cli(*args) for expected, args in cases.items()}
   for expected, proc in procs.items():

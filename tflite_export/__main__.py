@@ -67,6 +67,15 @@ _NUM_THREADS = flags.DEFINE_integer(
 )
 
 
+# The smallest value each integer flag takes.
+_LEAST = {
+    "latency_examples": 0,
+    "representative_examples": 1,
+    "test_examples": 0,
+    "num_threads": 1,
+}
+
+
 class CliError(Exception):
   """A problem with the command line's input, reported as one line."""
 
@@ -244,6 +253,9 @@ def main(argv) -> None:
       "num_threads",
   )
   values = {name: flags.FLAGS[name].value for name in names}
+  for name, least in _LEAST.items():
+    if values[name] < least:
+      raise CliError(f"--{name} must be >= {least}, got {values[name]}")
   report = run(values)
   print(_summary(report, values["output"]))
 
