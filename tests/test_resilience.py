@@ -11,6 +11,7 @@
 """
 
 import collections
+import dataclasses
 import csv
 import json
 import os
@@ -488,3 +489,22 @@ def test_truncated_data_file_is_one_line(tmp_path, fashion_mnist_available):
   assert result.returncode != 0
   assert "error:" in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
   assert not (tmp_path / "out" / "metrics.csv").exists()
+
+
+def test_more_rounds_on_resume_keep_the_recorded_readjustment_end(tmp_path, fashion_mnist_available):
+  """R_end defaults to half the rounds; growing --rounds on resume keeps the
+  R_end the run started with (config.json), and an explicit other one is refused."""
+  out = tmp_path / "run"
+  first = _tiny_config(out, rounds=2, readjustment_end_round=None, eval_every=2)
+  training.run_experiment(first, log=lambda line: None)
+  saved = json.loads((out / "config.json").read_text())
+  assert saved["readjustment_end_round"] == 1
+  longer = dataclasses.replace(first, rounds=4)
+  training.run_experiment(longer, log=lambda line: None)
+  saved = json.loads((out / "config.json").read_text())
+  assert saved["rounds"] == 4 and saved["readjustment_end_round"] == 1
+  assert [int(r["round"]) for r in _rows(out)] == [1, 2, 3, 4]
+  with pytest.raises(config_lib.ConfigError, match=r"readjustment end round 3 \(was 1"):
+    training.run_experiment(
+        dataclasses.replace(longer, rounds=6, readjustment_end_round=3), log=lambda line: None
+    )

@@ -99,6 +99,29 @@ def _read_json(path: str, what: str) -> dict:
     ) from None
 
 
+def _with_saved_schedule(requested: ExperimentConfig, config: ExperimentConfig) -> ExperimentConfig:
+  """`config`, resuming with the R_end it started with.
+
+  Without --readjustment_end_round, R_end is half the rounds, so it would
+  move when a run is resumed with more --rounds. A run that resumes from a
+  checkpoint keeps the R_end recorded in its config.json instead (whatever
+  else differs is refused by `_check_resumable`).
+  """
+  if requested.readjustment_end_round is not None:
+    return config
+  checkpoints = os.path.join(config.output_dir, "checkpoints")
+  if not os.path.isdir(checkpoints) or checkpoint_lib.RunCheckpoints(checkpoints).latest_round() is None:
+    return config
+  try:
+    with open(os.path.join(config.output_dir, "config.json")) as f:
+      was = json.load(f).get("readjustment_end_round")
+  except (OSError, ValueError, AttributeError):
+    return config  # reported by _check_resumable
+  if not isinstance(was, int) or was == config.readjustment_end_round:
+    return config
+  return dataclasses.replace(requested, readjustment_end_round=was).resolve()
+
+
 def _check_resumable(context: RunContext, resume_round: int) -> None:
   """Raises ConfigError when the checkpoint is of another experiment."""
   config = context.config
@@ -249,8 +272,9 @@ def run_experiment(
   """
   log = log or (lambda line: print(line, flush=True))
   started = time.time()
-  config = config.resolve()
+  requested, config = config, config.resolve()
   with outputs.RunLock(config.output_dir), remote.execution(config.worker_addresses):
+    config = _with_saved_schedule(requested, config)
     context = load_context(config, log)
     summary_path = context.path("summary.json")
     checkpoints = checkpoint_lib.RunCheckpoints(context.path("checkpoints"))
