@@ -36,7 +36,7 @@ _ALGORITHMS = flags.DEFINE_list("algorithms", list(accuracy.ALGORITHMS), "Algori
 _CAPS = flags.DEFINE_list("upload_caps_gib", ["0.1", "0.2", "0.4", "0.8"], "Total upload caps (GiB) of the table (FedDST at S=0.8 uploads about 0.4 GiB in 100 rounds).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every run.", lower_bound=0)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Fashion-MNIST directory (default: the Debian package's).")
-_QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 3 rounds, 40 clients, 5 per round, 1 epoch.")
+_QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 4 rounds, 40 clients, 5 per round, 1 epoch, FedDST readjusting every round.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild table and plots from finished runs.")
 
 LABELS = {
@@ -92,8 +92,7 @@ def main(argv):
   report.write_runs_csv(runs, os.path.join(out, "runs.csv"))
   table = report.markdown_table(runs, caps, LABELS)
   header = (
-      f"Fashion-MNIST, pathological split (400 clients x 2 classes x 20 images), "
-      f"20 clients per round, 10 local epochs, batch 32, seed {settings.seed}; "
+      f"{accuracy.describe(settings)}, seed {settings.seed}; "
       f"{settings.rounds} rounds, evaluated every {settings.eval_every}. "
       f"Cells: clients_accuracy at the last evaluation within the cap (round in "
       f"brackets; * = the run ended below the cap). Generated "
@@ -104,7 +103,7 @@ def main(argv):
   )
   path = os.path.join(out, "results.md")
   files.write_atomic(path, header + table)
-  plots = report.plot(runs, caps, LABELS, out)
+  plots = report.plot(runs, caps, LABELS, out, accuracy.describe(settings))
   print(table)
   print(f"wrote {path}, {os.path.join(out, 'runs.csv')}, {', '.join(plots)}")
 

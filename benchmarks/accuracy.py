@@ -33,7 +33,20 @@ class BenchmarkSettings:
   rounds_between_readjustments: int = 10
 
 
-QUICK = dict(rounds=3, eval_every=1, total_clients=40, clients_per_round=5, local_epochs=1)
+# A smoke test of every algorithm: FedDST readjusts in it (R_end = 2, every round).
+QUICK = dict(
+    rounds=4, eval_every=1, total_clients=40, clients_per_round=5, local_epochs=1,
+    rounds_between_readjustments=1,
+)
+
+
+def describe(settings: BenchmarkSettings) -> str:
+  """The data and client setting of a benchmark, from its own settings."""
+  return (
+      f"Fashion-MNIST, pathological split ({settings.total_clients} clients x 2 classes), "
+      f"{settings.clients_per_round} clients per round, {settings.local_epochs} local "
+      f"epoch{'s' if settings.local_epochs != 1 else ''}, batch 32"
+  )
 
 
 def experiment_config(algorithm: str, settings: BenchmarkSettings, run_dir: str) -> ExperimentConfig:

@@ -75,8 +75,11 @@ def markdown_table(runs: dict[str, list[dict]], caps_gib: list[float], labels: d
   return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict[str, list[dict]], caps_gib: list[float], labels: dict[str, str], out_dir: str) -> list[str]:
-  """Accuracy against cumulative upload and against round (PNG files)."""
+def plot(
+    runs: dict[str, list[dict]], caps_gib: list[float], labels: dict[str, str], out_dir: str,
+    title: str = "",
+) -> list[str]:
+  """Accuracy against cumulative upload and against round (PNG files), titled `title`."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
@@ -98,7 +101,7 @@ def plot(runs: dict[str, list[dict]], caps_gib: list[float], labels: dict[str, s
       ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("clients_accuracy (mean over clients)")
-    ax.set_title("Fashion-MNIST, pathological non-IID (400 clients, 20 per round)", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -64,3 +64,28 @@ def test_benchmark_configs_share_seed_and_partition():
   assert configs["randommask"].sparsity == 0.8
   with pytest.raises(ValueError):
     accuracy.experiment_config("nope", settings, "/x")
+
+
+def test_quick_settings_readjust_and_are_described_as_run(tmp_path):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  from tff_feddst import masks  # pylint: disable=g-import-not-at-top
+
+  quick = dataclasses.replace(accuracy.BenchmarkSettings(), **accuracy.QUICK)
+  config = accuracy.experiment_config("feddst", quick, str(tmp_path / "feddst"))
+  readjusting = [
+      r for r in range(1, config.rounds + 1)
+      if masks.is_readjustment_round(
+          r, config.readjustment_ratio, config.rounds_between_readjustments,
+          config.readjustment_end_round, config.readjustment_schedule,
+      )
+  ]
+  assert readjusting == [1]  # R_end = 2: FedDST is not RandomMask here
+  assert accuracy.describe(quick) == (
+      "Fashion-MNIST, pathological split (40 clients x 2 classes), 5 clients per round, "
+      "1 local epoch, batch 32"
+  )
+  assert accuracy.describe(accuracy.BenchmarkSettings()).startswith(
+      "Fashion-MNIST, pathological split (400 clients x 2 classes), 20 clients per round, "
+      "10 local epochs"
+  )
