@@ -190,8 +190,16 @@ def _build_finish(sums_type, masked, min_votes):
   return finish
 
 
-def _voting_process(inner, contribution, finish, value_type, weight_type):
-  """contribution on clients (None: already made), the inner sum, finish on the server."""
+def _voting_measurements(stats, sum_measurements):
+  return collections.OrderedDict(voting=stats, sum=sum_measurements)
+
+
+def _voting_process(
+    inner, contribution, finish, value_type, weight_type, measure=_voting_measurements
+):
+  """contribution on clients (None: already made), the inner sum, finish on the
+  server; `measure(finish's second output, the sum's measurements)` builds the
+  measurements."""
 
   @tff.federated_computation
   def init_fn():
@@ -209,9 +217,7 @@ def _voting_process(inner, contribution, finish, value_type, weight_type):
     else:
       summed = inner.next(state, tff.federated_map(contribution, (value, weight)))
     result, stats = tff.federated_map(finish, summed.result)
-    measurements = tff.federated_zip(
-        collections.OrderedDict(voting=stats, sum=summed.measurements)
-    )
+    measurements = tff.federated_zip(measure(stats, summed.measurements))
     return tff.templates.MeasuredProcessOutput(
         summed.state, result, measurements
     )
@@ -383,22 +389,8 @@ class PresummedMeanFactory(tff.aggregators.WeightedAggregationFactory):
       mean = [tf.math.divide_no_nan(d, sums["total"]) for d in sums["deltas"]]
       return mean, sums["rejected"]
 
-    @tff.federated_computation
-    def init_fn():
-      return inner.initialize()
-
-    @tff.federated_computation(
-        init_fn.type_signature.result,
-        tff.FederatedType(value_type, tff.CLIENTS),
-        tff.FederatedType(weight_type, tff.CLIENTS),
+    # The weights are in the sums.
+    return _voting_process(
+        inner, None, finish, value_type, weight_type,
+        measure=lambda rejected, sums: collections.OrderedDict(sum=sums, rejected=rejected),
     )
-    def next_fn(state, value, weight):
-      del weight  # in the sums
-      summed = inner.next(state, value)
-      mean, rejected = tff.federated_map(finish, summed.result)
-      measurements = tff.federated_zip(
-          collections.OrderedDict(sum=summed.measurements, rejected=rejected)
-      )
-      return tff.templates.MeasuredProcessOutput(summed.state, mean, measurements)
-
-    return tff.templates.AggregationProcess(init_fn, next_fn)
