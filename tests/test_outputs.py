@@ -1,6 +1,7 @@
 """A run's outputs: metrics through TFF release managers, and the directory lock."""
 
 import csv
+import fractions
 import os
 import pathlib
 import signal
@@ -9,13 +10,17 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from tff_feddst import config as config_lib
 from tff_feddst import outputs
+from tff_feddst import phases
 from tff_feddst import training
+from tff_feddst.rounds import METRIC_COLUMNS
+from tflite_export import evaluate as tfl_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -59,6 +64,58 @@ def test_tensorboard_holds_every_numeric_column_at_its_round(tmp_path, fashion_m
   assert scalars["sparsity"][0][1] == pytest.approx(0.8, abs=1e-4)
   # Every metrics.csv column but the key is a scalar.
   assert set(scalars) == set(rows[0]) - {"round"}
+
+
+def _released(out_dir, rows, resume_round):
+  """Releases `rows` through a MetricsReleaser of a run resumed at `resume_round`."""
+  columns = tuple(rows[0])
+  releaser = outputs.MetricsReleaser(
+      str(out_dir), lambda line: None, 9, resume_round, lambda: "", columns
+  )
+  for row in rows:
+    releaser.release(row)
+
+
+def test_a_resumed_run_has_each_round_once_in_tensorboard(tmp_path):
+  """Rounds 3-4 ran, the run was killed after its checkpoint at round 2,
+  and the rerun releases rounds 3-4 again: TensorBoard holds each round
+  once, with the rerun's values (there: other seconds), and keeps the
+  evaluation columns only where they were released."""
+  def row(r, seconds):
+    values = dict.fromkeys(METRIC_COLUMNS, 0)
+    accuracy = 0.5 + r / 100 if r % 2 == 0 else ""
+    values.update(
+        round=r, clients_accuracy=accuracy, test_accuracy=accuracy, train_loss=0.25,
+        round_upload_bits=1000 * r, round_seconds=seconds,
+    )
+    return values
+
+  _released(tmp_path, [row(r, 1.0) for r in range(1, 5)], None)
+  _released(tmp_path, [row(r, 2.0) for r in range(3, 6)], 2)
+  scalars = read_scalars(tmp_path / outputs.TENSORBOARD_DIR)
+  assert scalars["round_seconds"] == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0), (5, 2.0)]
+  assert scalars["round_upload_bits"] == [(r, 1000.0 * r) for r in range(1, 6)]
+  assert [s for s, _ in scalars["clients_accuracy"]] == [2, 4]
+  assert scalars["clients_accuracy"][0][1] == pytest.approx(0.52)
+  assert [int(r["round"]) for r in _rows(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+def test_clients_accuracy_is_the_exact_mean_rounded_once():
+  """400 clients of 25 test images: the mean is k / 10000, so its float is
+  the one nearest to it (a float mean of the 400 ratios often is not)."""
+  rng = np.random.default_rng(0)
+  hits = rng.random(400 * 25) < 0.4
+  indices = [np.arange(25 * c, 25 * (c + 1)) for c in range(400)]
+  exact = float(fractions.Fraction(int(hits.sum()), hits.size))
+  evaluator = object.__new__(phases.Evaluator)
+  evaluator.client_indices = indices
+  evaluator.correct = lambda weights: hits
+  assert evaluator.evaluate(None)["clients_accuracy"] == exact
+  labels = np.zeros(hits.size, dtype=np.int64)
+  predictions = np.where(hits, 0, 1)
+  assert tfl_evaluate.mean_client_accuracy(predictions, labels, indices) == exact
+  # A client without test images does not count.
+  assert tfl_evaluate.mean_client_accuracy(predictions, labels, indices + [np.arange(0)]) == exact
 
 
 # ------------------------------------------------------------------ the lock

@@ -29,6 +29,8 @@ from tflite_export import report as report_lib
 
 from conftest import require_fashion_mnist_dir
 
+convert_lib = sys.modules["tflite_export.convert"]  # the function `convert` shadows the module
+
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN, NUM_TEST = 4000, 2000
@@ -317,6 +319,21 @@ def test_bad_quantization_settings(plain_model):
     tflite_export.convert(plain_model, quantization="int4")
   with pytest.raises(ValueError, match="representative_data"):
     tflite_export.convert(plain_model, quantization="int8")
+
+
+def test_int8_conversion_prints_no_calibrator_line_and_keeps_other_stderr(capfd):
+  """The calibrator's native `fully_quantize: 0, ...` line is dropped; other
+  native stderr written while it is caught still reaches stderr."""
+  model = tf.keras.Sequential([tf.keras.Input((6,)), tf.keras.layers.Dense(3)])
+  data = np.random.default_rng(0).random((8, 6), dtype=np.float32)
+  content = tflite_export.convert(model, quantization="int8", representative_data=data)
+  assert tflite_export.predict(content, data).shape == (8,)
+  err = capfd.readouterr().err
+  assert "fully_quantize" not in err and "inference_type" not in err, err
+  with convert_lib._without_calibrator_noise():  # pylint: disable=protected-access
+    os.write(2, b"fully_quantize: 0, inference_type: 6, input_inference_type: INT8, "
+             b"output_inference_type: INT8\nnative note\n")
+  assert capfd.readouterr().err == "native note\n"
 
 
 def test_batch1_equals_batched_and_latency(exports, fmnist):

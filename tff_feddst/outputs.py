@@ -6,7 +6,11 @@ Per-round metrics go out through `tff.program` release managers, grouped:
   never leaves a duplicate row;
 - TensorBoard event files under `<output_dir>/tensorboard/`
   (`tff.program.TensorBoardReleaseManager`): every numeric column as a
-  scalar at step = round (the evaluation columns only in evaluated rounds);
+  scalar at step = round (the evaluation columns only in evaluated rounds).
+  A resumed run rebuilds them from metrics.csv's rows up to its checkpoint,
+  so the rounds run again after a kill are not there twice. TensorBoard
+  stores every scalar as float32: counters above 2^24 (the bit counts)
+  are rounded there to 24 significant bits; metrics.csv holds them exactly;
 - the console line (`ConsoleReleaseManager`).
 Every other file is written with `files.write_atomic`.
 
@@ -116,6 +120,23 @@ def check_metrics(output_dir: str, last_round: int) -> None:
     )
 
 
+def _number(text: str) -> int | float:
+  try:
+    return int(text)
+  except ValueError:
+    return float(text)
+
+
+def _release_saved_rows(path: str, last_round: int, manager) -> None:
+  """Releases metrics.csv's rows of rounds 1..last_round to `manager` (a
+  resumed run's TensorBoard), each with the types the run released."""
+  with open(path, newline="") as f:
+    rows = [r for r in csv.DictReader(f) if int(r["round"]) <= last_round]
+  for row in rows:
+    values = {k: _number(v) for k, v in row.items() if k != "round" and v != ""}
+    asyncio.run(manager.release(values, int(row["round"])))
+
+
 def console_line(row, rounds: int, note: str = "") -> str:
   """The one line a round prints."""
   line = (
@@ -155,25 +176,28 @@ class MetricsReleaser:
   """metrics.csv, TensorBoard and the console, released together per round."""
 
   def __init__(
-      self, output_dir: str, log, rounds: int, resuming: bool, note_fn,
+      self, output_dir: str, log, rounds: int, resume_round: int | None, note_fn,
       columns: tuple[str, ...] = METRIC_COLUMNS,
   ):
     self._columns = tuple(columns)
     path = os.path.join(output_dir, METRICS_FILE)
     tensorboard = os.path.join(output_dir, TENSORBOARD_DIR)
-    if not resuming:
+    if resume_round is None:
       # The header fixes the column order (the release manager would sort
       # them); it also replaces leftovers of a run that ended before its
       # first checkpoint.
       header = io.StringIO()
       csv.writer(header).writerow(self._columns)
       files.write_atomic(path, header.getvalue())
-      shutil.rmtree(tensorboard, ignore_errors=True)
+    shutil.rmtree(tensorboard, ignore_errors=True)
+    board = tff.program.TensorBoardReleaseManager(tensorboard)
+    if resume_round is not None:
+      _release_saved_rows(path, resume_round, board)
     self._manager = tff.program.GroupingReleaseManager([
         tff.program.CSVFileReleaseManager(
             path, save_mode=tff.program.CSVSaveMode.APPEND, key_fieldname="round"
         ),
-        tff.program.TensorBoardReleaseManager(tensorboard),
+        board,
         ConsoleReleaseManager(log, rounds, note_fn),
     ])
 

@@ -287,7 +287,7 @@ def run_experiment(
       os.remove(summary_path)
     files.write_atomic(context.path("config.json"), files.json_text(dataclasses.asdict(config)))
     releaser = outputs.MetricsReleaser(
-        config.output_dir, log, config.rounds, run.resume_round is not None,
+        config.output_dir, log, config.rounds, run.resume_round,
         lambda: run.phase.console_note(),
         rounds_lib.metric_columns(bool(config.worker_addresses)),
     )

@@ -47,6 +47,11 @@ CNN, TF 2.14.1; see tests/test_tflite_export.py):
   unless XNNPack is turned off; their float32 and float16 runs are fine.
 """
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
 from typing import Iterator, Optional
 import warnings
 
@@ -173,8 +178,42 @@ def convert(
   return content
 
 
+# What the calibrator's native code prints to stderr in every int8 conversion.
+_CALIBRATOR_NOISE = re.compile(
+    r"^fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, "
+    r"output_inference_type: \w+$"
+)
+
+
+@contextlib.contextmanager
+def _without_calibrator_noise():
+  """Drops the calibrator's one native stderr line; keeps every other line.
+
+  The line is written by C++ code to file descriptor 2, below Python's
+  `sys.stderr`, so the descriptor is pointed at a temporary file for the
+  conversion and what it caught is written back, less that line.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode="w+b") as caught:
+    os.dup2(caught.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      caught.seek(0)
+      lines = caught.read().decode(errors="replace").splitlines(keepends=True)
+      kept = "".join(line for line in lines if not _CALIBRATOR_NOISE.match(line.strip()))
+      if kept:
+        sys.stderr.write(kept)
+        sys.stderr.flush()
+
+
 def _run(converter: tf.lite.TFLiteConverter) -> bytes:
-  with warnings.catch_warnings():
+  quiet = _without_calibrator_noise() if converter.representative_dataset else contextlib.nullcontext()
+  with quiet, warnings.catch_warnings():
     # TF 2.14 says this for every int8-input model although the
     # representative data set provides the statistics.
     warnings.filterwarnings(

@@ -14,6 +14,7 @@ XNNPack delegate by default. This module imports neither runtime until a
 factory is called, so it runs where only the standalone runtime is installed.
 """
 
+import fractions
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -211,10 +212,14 @@ def mean_client_accuracy(
     labels: np.ndarray,
     client_indices: Sequence[np.ndarray],
 ) -> Optional[float]:
-  """Mean over clients (with at least one test example) of their accuracy."""
-  per_client = per_client_accuracy(predictions, labels, client_indices)
-  per_client = per_client[~np.isnan(per_client)]
-  return float(np.mean(per_client)) if per_client.size else None
+  """Mean over clients (with at least one test example) of their accuracy,
+  computed exactly and rounded once, as the training run's clients_accuracy."""
+  per_client = [
+      fractions.Fraction(int(np.sum(predictions[idx] == labels[idx])), len(idx))
+      for idx in (np.asarray(i, dtype=np.int64) for i in client_indices)
+      if len(idx)
+  ]
+  return float(sum(per_client) / len(per_client)) if per_client else None
 
 
 def batch1_latency_ms(
