@@ -146,15 +146,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
+  config = config_from_flags()
+  try:
+    config = config.resolve()  # no TensorFlow yet: a flag error answers at once
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
   # pylint: disable=g-import-not-at-top
   from tff_feddst import checkpoint
   from tff_feddst import data as data_lib
   from tff_feddst import remote
   from tff_feddst import training
 
-  config = config_from_flags()
   try:
-    config = config.resolve()
     with runtime.managed_runtime():
       training.run_experiment(config)
   except (
@@ -170,7 +173,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Before flags are parsed: TFF is imported above, and even a run that stops
-  # at a flag error must release TFF's executor cleanly at exit.
+  # Before flags are parsed: a run that stops at any point must release
+  # TFF's executor (started only once training begins) cleanly at exit.
   runtime.install_shutdown_handlers()
   app.run(main)

@@ -11,7 +11,6 @@ import json
 import os
 from typing import Callable
 
-from tff_feddst import training
 from tff_feddst.config import ExperimentConfig
 
 ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "randommask", "snip", "grasp", "feddst")
@@ -92,6 +91,8 @@ def run_all(
     log: Callable[[str], None] = print,
 ) -> dict[str, str]:
   """Trains every algorithm not yet finished; returns {algorithm: run dir}."""
+  from tff_feddst import training  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+
   run_dirs = {}
   for algorithm in algorithms:
     config = experiment_config(algorithm, settings, os.path.join(output_dir, algorithm))

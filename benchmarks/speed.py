@@ -59,7 +59,6 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from tff_feddst import files  # noqa: E402
-from tff_feddst import rounds as rounds_lib  # noqa: E402
 from tff_feddst import runtime  # noqa: E402
 
 # The algorithms whose round can be decomposed (their pure-TF client update
@@ -601,6 +600,8 @@ class TimedRounds:
     self.weights = None
     self.state = state
     phase.built.process = _ObservedProcess(self.process, self)
+    from tff_feddst import rounds as rounds_lib  # pylint: disable=g-import-not-at-top  (TFF)
+
     sampler = np.random.default_rng(rounds_lib.seed(config.seed, 2))
     self.step = rounds_lib.RoundStep(
         config, phase, fed_data, sampler, phase.new_ledger(None), state
@@ -876,13 +877,13 @@ def _pure_tf_update(bench: Bench):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
-  from tff_feddst import algorithms  # pylint: disable=g-import-not-at-top
+  from tff_feddst import builders  # pylint: disable=g-import-not-at-top
   from tff_feddst import client_work as client_work_lib  # pylint: disable=g-import-not-at-top
   from tff_feddst import sparse_model  # pylint: disable=g-import-not-at-top
 
   config, built, keras_fn = bench.config, bench.phase.built, bench.phase.keras_fn
   input_spec = bench.context.input_spec
-  optimizer = algorithms.build_client_optimizer(config)
+  optimizer = builders.build_client_optimizer(config)
   if built.sparse:
     model_fn = sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True)
     update = client_work_lib.build_client_update(
@@ -987,6 +988,8 @@ def profile_round(bench: Bench, process_round: int):
     bench.phase.evaluator.evaluate(bench.rounds.weights.trainable)
   wall = time.perf_counter() - start
   main, loop = profiles["driver"], profiles["tff_loop"]
+
+  from tff_feddst import rounds as rounds_lib  # pylint: disable=g-import-not-at-top  (TFF)
 
   def cumulative(fn_name, path):
     return _cumulative(main, lambda f, n: n == fn_name and f.endswith(_defined_in(path)))
@@ -1353,13 +1356,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
-  from tff_feddst import data as data_lib  # pylint: disable=g-import-not-at-top
-
   settings = settings_from_flags()
   try:
     settings.validate()
   except ValueError as e:
     sys.exit(f"error: {e}")
+  from tff_feddst import data as data_lib  # pylint: disable=g-import-not-at-top  (TensorFlow)
+
   try:
     with runtime.managed_runtime():
       run_speed(settings, FLAGS.output_dir)

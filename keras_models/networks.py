@@ -5,6 +5,8 @@ from typing import Callable, Mapping
 import numpy as np
 import tensorflow as tf
 
+from keras_models.names import MODEL_NAMES, default_model_for_dataset  # noqa: F401
+
 layers = tf.keras.layers
 
 
@@ -106,7 +108,6 @@ _BUILDERS: dict[str, Callable[..., tf.keras.Model]] = {
     "leaf_cnn": _leaf_cnn,
     "paper2_cnn": _paper2_cnn,
 }
-MODEL_NAMES = tuple(_BUILDERS)
 
 # The paper's widths (output filters / units) of each network's hidden
 # prunable layers, in model order. The last layer (`logits`) is not listed:
@@ -119,14 +120,6 @@ _DEFAULT_WIDTHS: dict[str, dict[str, int]] = {
     "paper2_cnn": {"conv1": 32, "conv2": 64},
 }
 
-_DEFAULT_MODEL = {
-    "fashion_mnist": "mnist_cnn",
-    "mnist": "mnist_cnn",
-    "cifar10": "cifar10_cnn",
-    "cifar100": "cifar100_cnn",
-    "emnist": "leaf_cnn",
-    "femnist": "leaf_cnn",
-}
 
 
 def _check_name(name: str) -> None:
@@ -173,14 +166,6 @@ def resolve_widths(name: str, widths: Mapping[str, int] | None) -> dict[str, int
       raise ValueError(f"width of {layer_name!r} must be >= 1, got {width}")
     resolved[layer_name] = int(width)
   return resolved
-
-
-def default_model_for_dataset(dataset: str) -> str:
-  """The paper's network for a data set name."""
-  try:
-    return _DEFAULT_MODEL[dataset]
-  except KeyError:
-    raise ValueError(f"no default model for data set {dataset!r}") from None
 
 
 def build_model(

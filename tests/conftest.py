@@ -27,6 +27,7 @@ FASHION_MNIST_IDX_FILES = (
 @pytest.fixture(scope="session", autouse=True)
 def _stop_tff_worker_at_end():
   runtime.install_shutdown_handlers()
+  runtime.tie_workers_to_this_process()
   yield
   runtime.stop_tff_workers()
 

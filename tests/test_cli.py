@@ -4,13 +4,17 @@ Every case runs `python run.py ...` and expects: a non-zero exit status, a
 one-line style error that names the offending flag or problem, no Python
 traceback on stderr, and nothing written into --output_dir. The cases run
 through `tests/cli_runner.py`, which makes run.py's imports once and forks a
-child per case (each case alone takes about the import time, 6 s); one test
-checks that the runner's child gives what a plain `python run.py` gives.
+child per case (a case that gets past the flags, a data error say, takes
+the import time of TensorFlow alone, about 6 s); one test checks that the
+runner's child gives what a plain `python run.py` gives. Flag errors of every
+command line answer before TensorFlow is imported (checked with
+`python -X importtime`).
 """
 
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -186,3 +190,43 @@ def test_a_wrong_data_dir_or_output_dir_is_one_line(tmp_path):
       f"error: --output_dir {a_file / 'run'} cannot be created: Not a directory"
   )
   assert a_file.read_text() == "keep me"
+
+
+# (command after `python`, substring of the one error line). None of these
+# checks needs TensorFlow, so none may import it.
+FAST_FLAG_ERRORS = [
+    (["run.py", "--rounds=-1"], "error: --rounds=-1 must be >= 1"),
+    (["run.py", "--algorithm=nope"], "flag --algorithm=nope: value should be one of"),
+    (["run.py", "--model=nope"], "flag --model=nope: value should be one of"),
+    (["run.py", "--workers=nohost"], "error: --workers=nohost: 'nohost' is not host:port"),
+    (["run.py", "--algorithm=fedavg", "--upload_dtype=float16"], "error: --upload_dtype=float16"),
+    (["run.py", "surplus"], "unexpected arguments: surplus"),
+    (["-m", "tflite_export", "--test_examples=-5"], "error: --test_examples must be >= 0"),
+    (["-m", "tflite_export", "--quantization=int4", "--checkpoint=c", "--output=o"],
+     "error: unknown quantization 'int4'"),
+    (["-m", "tflite_export", "--checkpoint=/no/such/model.keras", "--output=o"],
+     "error: checkpoint not found: /no/such/model.keras"),
+    (["-m", "benchmarks", "--rounds=0"], "flag --rounds=0"),
+    (["-m", "benchmarks", "--algorithms=nope"], "error: unknown --algorithms nope"),
+    (["-m", "benchmarks.speed", "--rounds=1"], "--rounds must be >= 2"),
+]
+
+
+@pytest.mark.parametrize("command, message", FAST_FLAG_ERRORS, ids=[" ".join(c[0]) for c in FAST_FLAG_ERRORS])
+def test_a_flag_error_answers_before_tensorflow_is_imported(command, message, tmp_path):
+  """`-X importtime` lists every module the command imported (on stderr)."""
+  if command[0] == "run.py":
+    command = [str(RUN_PY), *command[1:]]
+  result = subprocess.run(
+      [sys.executable, "-X", "importtime", *command],
+      cwd=tmp_path, env=dict(ENV, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True,
+      timeout=120,
+  )
+  imported = re.findall(r"^import time:.*\|\s*([\w.]+)$", result.stderr, re.M)
+  others = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert any(message in line for line in others), others
+  assert "Traceback" not in result.stderr
+  assert "absl" in imported  # the listing is there
+  heavy = sorted({m for m in imported if m.split(".")[0] in ("tensorflow", "tensorflow_federated", "keras")})
+  assert not heavy, heavy[:5]

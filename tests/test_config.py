@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import importlib
 import json
 import pathlib
 import re
@@ -163,3 +164,36 @@ def test_structured_feddst_float16_charges_16_bits_only_in_phase_two(tmp_path, f
     expected = 3 * 16 * (kept + summary["num_unmasked"])
     expected += int(row["clients_mask_uploaded"]) * summary["num_prunable"]
     assert int(row["round_upload_bits"]) == expected
+
+
+def test_every_registry_entry_names_a_builder_and_phase_maker_that_exist():
+  """The registry names its builders (`builders` imports TensorFlow, it does not)."""
+  from tff_feddst import builders  # pylint: disable=g-import-not-at-top
+
+  for entry in (*algorithms.REGISTRY.values(), algorithms.STRUCTURED_SEARCH):
+    assert callable(entry.build), entry.name
+    assert entry.build is getattr(builders, entry.builder)
+    if entry.phase_maker is not None:
+      assert callable(entry.make_phase), entry.name
+  assert algorithms.get("snip").make_phase.keywords["criterion"] != (
+      algorithms.get("grasp").make_phase.keywords["criterion"]
+  )
+
+
+def test_the_tensorflow_free_names_are_those_of_the_modules_that_use_them():
+  import keras_models  # pylint: disable=g-import-not-at-top
+  from keras_models import networks  # pylint: disable=g-import-not-at-top
+  from tff_feddst import data, masks, remote, unit_graph  # pylint: disable=g-import-not-at-top
+  import tflite_export  # pylint: disable=g-import-not-at-top
+
+  convert_module = importlib.import_module("tflite_export.convert")
+
+  assert tuple(networks._BUILDERS) == keras_models.MODEL_NAMES  # pylint: disable=protected-access
+  assert keras_models.build_model is networks.build_model
+  assert data.DATASETS == config_lib.CHOICES["dataset"]
+  assert masks.DISTRIBUTIONS == config_lib.CHOICES["sparsity_distribution"]
+  assert unit_graph.RULES == config_lib.CHOICES["structured_rule"]
+  assert remote.parse_workers("a:1, b:2") == ("a:1", "b:2")
+  # The package's `convert` stays the function after its submodule is imported.
+  assert tflite_export.convert is convert_module.convert and callable(tflite_export.convert)
+  assert tflite_export.QUANTIZATION_MODES == convert_module.QUANTIZATION_MODES

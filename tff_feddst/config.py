@@ -11,33 +11,31 @@ go through it, and `config.json` stores the resolved settings.
 import dataclasses
 import typing
 
-import keras_models
+from keras_models import names as model_names
 from tff_feddst import algorithms
-from tff_feddst import data as data_lib
-from tff_feddst import masks as masks_lib
-from tff_feddst import unit_graph
+from tff_feddst import names
+import tflite_export
 
 
 class ConfigError(ValueError):
   """A setting that is out of range or does not fit the data (one line)."""
 
 
-QUANTIZATION_MODES = ("float32", "float16", "int8")
 CLIENT_EXECUTION = ("cohort", "per_client")
 
 # The values a string setting may take.
 CHOICES = {
     "algorithm": algorithms.ALGORITHMS,
-    "dataset": data_lib.DATASETS,
-    "model": keras_models.MODEL_NAMES,
-    "partition": data_lib.PARTITIONS,
-    "sparsity_distribution": masks_lib.DISTRIBUTIONS,
+    "dataset": names.DATASETS,
+    "model": model_names.MODEL_NAMES,
+    "partition": names.PARTITIONS,
+    "sparsity_distribution": names.DISTRIBUTIONS,
     "upload_dtype": ("float32", "float16"),
-    "tflite_quantization": QUANTIZATION_MODES,
-    "structured_relative_to": unit_graph.RELATIVE_TO,
-    "structured_rule": unit_graph.RULES,
+    "tflite_quantization": tflite_export.QUANTIZATION_MODES,
+    "structured_relative_to": names.RELATIVE_TO,
+    "structured_rule": names.RULES,
     "client_execution": CLIENT_EXECUTION,
-    "readjustment_schedule": masks_lib.SCHEDULES,
+    "readjustment_schedule": names.SCHEDULES,
 }
 
 # (setting, test, what it must be) for every numeric setting.
@@ -118,7 +116,7 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
   # structured*: phase 2 starts from fresh seeded weights.
   structured_reinit: bool = False
   # structured*: the search also removes dense neurons (None: the rule's
-  # default, `unit_graph.PRUNES_DENSE`).
+  # default, `names.PRUNES_DENSE`).
   structured_prune_dense: bool | None = None
   # Clients per cohort with --client_execution=cohort (0: one cohort a round,
   # one per worker with --workers).
@@ -132,7 +130,7 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
 
   @property
   def model_name(self) -> str:
-    return self.model or keras_models.default_model_for_dataset(self.dataset)
+    return self.model or model_names.default_model_for_dataset(self.dataset)
 
   def phase_rounds(self) -> tuple[int, ...]:
     """The last round of each phase."""
@@ -143,7 +141,7 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
   def resolve(self) -> "ExperimentConfig":
     """These settings checked, with the algorithm's defaults filled in.
 
-    Raises ConfigError naming the first setting that is out of range.
+    Needs no TensorFlow (a flag error answers at once). Raises ConfigError naming the first setting that is out of range.
     """
     self._check()
     spec = self.spec
@@ -157,7 +155,7 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
       has_cohorts = any(phase.cohort for phase in spec.phases)
       values["client_execution"] = "cohort" if has_cohorts else "per_client"
     if self.structured_prune_dense is None:
-      values["structured_prune_dense"] = unit_graph.PRUNES_DENSE[self.structured_rule]
+      values["structured_prune_dense"] = names.PRUNES_DENSE[self.structured_rule]
     if self.readjustment_end_round is None:
       retrain_rounds = self.rounds - (self.phase_rounds()[0] if spec.two_phase else 0)
       values["readjustment_end_round"] = retrain_rounds // 2
@@ -202,9 +200,9 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
           f"--clients_per_round={self.clients_per_round} must not exceed "
           f"--total_clients={self.total_clients}"
       )
-    if self.partition == "natural" and self.dataset not in data_lib.NATURAL_DATASETS:
+    if self.partition == "natural" and self.dataset not in names.NATURAL_DATASETS:
       raise ConfigError(
-          f"--partition=natural needs --dataset={' or '.join(data_lib.NATURAL_DATASETS)}"
+          f"--partition=natural needs --dataset={' or '.join(names.NATURAL_DATASETS)}"
       )
     if self.upload_dtype != "float32" and not self.spec.float16_upload:
       allowed = [a.name for a in algorithms.REGISTRY.values() if a.float16_upload]
@@ -231,9 +229,7 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
   @property
   def worker_addresses(self) -> tuple[str, ...]:
     """The addresses of --workers (empty: the clients run on this machine)."""
-    from tff_feddst import remote  # pylint: disable=g-import-not-at-top
-
-    return remote.parse_workers(self.workers or "")
+    return names.parse_workers(self.workers or "")
 
   def _check_workers(self) -> None:
     try:

@@ -19,9 +19,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-DISTRIBUTIONS = ("uniform", "er", "erk")
-# How the readjustment ratio alpha_r moves over the rounds (section 3.3).
-SCHEDULES = ("cosine", "constant")
+from tff_feddst.names import DISTRIBUTIONS, SCHEDULES  # noqa: F401
 
 
 def _raw_density(shape: Sequence[int], distribution: str) -> float:

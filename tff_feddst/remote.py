@@ -26,7 +26,6 @@ forever).
 
 import asyncio
 import contextlib
-import re
 import threading
 
 import grpc
@@ -37,6 +36,8 @@ from tensorflow_federated.proto.v0 import executor_pb2_grpc
 from tensorflow_federated.python.common_libs import async_utils
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 
+from tff_feddst.names import parse_workers  # noqa: F401  (where the addresses are checked)
+
 # Seconds to wait for every worker to accept a connection at start.
 CONNECT_TIMEOUT_S = 5.0
 _MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
@@ -45,26 +46,10 @@ _CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
 )
-_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
 
 
 class WorkerError(RuntimeError):
   """A worker that cannot be reached or stopped answering (one line)."""
-
-
-def parse_workers(text: str) -> tuple[str, ...]:
-  """`host:port,host:port` as a tuple of addresses; ValueError naming a bad one."""
-  if not text.strip():
-    return ()
-  addresses = tuple(part.strip() for part in text.split(","))
-  for address in addresses:
-    match = _ADDRESS.match(address)
-    if match is None or not 1 <= int(match.group(2)) <= 65535:
-      raise ValueError(f"{address!r} is not host:port (port in 1..65535)")
-  duplicates = sorted({a for a in addresses if addresses.count(a) > 1})
-  if duplicates:
-    raise ValueError(f"{', '.join(duplicates)} listed twice")
-  return addresses
 
 
 class CountingStub(tff.framework.RemoteExecutorStub):

@@ -167,13 +167,17 @@ _installed = False
 def install_shutdown_handlers() -> None:
   """Stops the TFF worker at interpreter exit and on SIGTERM (idempotent).
 
-  Workers started afterwards are also killed by the kernel if this process
-  is killed outright.
+  Needs no TensorFlow: a command line installs it before checking its
+  flags. If TFF is imported already, workers started afterwards are also
+  killed by the kernel should this process be killed outright;
+  `managed_runtime` (or `tie_workers_to_this_process`) sees to that
+  otherwise.
   """
   global _installed
+  if "tensorflow_federated" in sys.modules:
+    tie_workers_to_this_process()
   if _installed:
     return
-  tie_workers_to_this_process()
   # A run started in the background by a non-interactive shell inherits an
   # ignored SIGINT; Ctrl-C / kill -INT must still end it (cleanly).
   if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
@@ -186,8 +190,10 @@ def install_shutdown_handlers() -> None:
 
 @contextlib.contextmanager
 def managed_runtime():
-  """Context in which TFF may start its worker; it is stopped on the way out."""
+  """Context in which TFF may start its worker; it is stopped on the way out
+  (and killed by the kernel if this process is)."""
   install_shutdown_handlers()
+  tie_workers_to_this_process()
   try:
     yield
   finally:

@@ -383,23 +383,23 @@ def search_rule(config) -> SearchRule:
 
 def build_search_algorithm(config, keras_fn, input_spec):
   """The registry's builder of the search (`algorithms.STRUCTURED_SEARCH`)."""
-  from tff_feddst import algorithms  # pylint: disable=g-import-not-at-top
+  from tff_feddst import builders  # pylint: disable=g-import-not-at-top
 
   layout = build_structured_layout(sparse_model.wrap_prunable(keras_fn()))
   initial = initial_search_weights(keras_fn, config.seed, layout)
-  cohort = algorithms.cohort_settings(config, keras_fn, input_spec)
+  cohort = builders.cohort_settings(config, keras_fn, input_spec)
   process = build_structured_search(
       sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True),
       layout,
       initial,
-      algorithms.build_client_optimizer(config),
+      builders.build_client_optimizer(config),
       local_epochs=config.local_epochs,
       rule=search_rule(config),
       prox_mu=config.prox_mu,
       cohort=cohort,
   )
   size = costs.ModelSize(int(keras_fn().count_params()), 0)
-  return algorithms.BuiltAlgorithm(
+  return builders.BuiltAlgorithm(
       process, initial, None, size, epochs_in_process=True, structured=layout,
       cohort=cohort,
   )

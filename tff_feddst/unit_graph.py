@@ -49,18 +49,8 @@ import tensorflow as tf
 import keras_models
 from tff_feddst import costs
 from tff_feddst import wrappers
+from tff_feddst.names import DEFAULT_STD_K, PRUNES_DENSE, RELATIVE_TO, RULES  # noqa: F401
 
-# What a layer's importances are compared with; the first is the default
-# (`algorithms.AlgorithmConfig.structured_relative_to`).
-RELATIVE_TO = ("original_mean", "mean", "max")
-# How the units that stay are chosen; the first is the default
-# (`algorithms.AlgorithmConfig.structured_rule`).
-RULES = ("boundary", "std_band")
-# Paper 2's k for the std band (its FEMNIST configuration).
-DEFAULT_STD_K = 2.2
-# Whether a rule removes hidden dense neurons unless told otherwise: paper
-# 2's code applies the std band to convolution filters only.
-PRUNES_DENSE = {"boundary": True, "std_band": False}
 LINK_MODES = ("conv", "flatten", "dense")
 
 _layers = tf.keras.layers

@@ -15,48 +15,64 @@ The function `convert` shadows the submodule of the same name as an attribute
 of this package: import from the submodule with
 `from tflite_export.convert import ...`, not
 `import tflite_export.convert as m`.
+
+The names load their submodule (and TensorFlow) when first used, so that
+`python -m tflite_export` checks its flags before importing TensorFlow.
 """
 
-from tflite_export.convert import QUANTIZATION_MODES
-from tflite_export.convert import check_quantization
-from tflite_export.convert import convert
-from tflite_export.convert import export_model
-from tflite_export.evaluate import accuracy_of
-from tflite_export.evaluate import batch1_latency_ms
-from tflite_export.evaluate import evaluate_tflite
-from tflite_export.evaluate import litert_interpreter
-from tflite_export.evaluate import mean_client_accuracy
-from tflite_export.evaluate import per_client_accuracy
-from tflite_export.evaluate import predict
-from tflite_export.evaluate import predict_logits
-from tflite_export.evaluate import tf_interpreter
-from tflite_export.inspect_model import TensorInfo
-from tflite_export.inspect_model import count_sparse_tensors
-from tflite_export.inspect_model import sparse_tensors
-from tflite_export.inspect_model import summarize
-from tflite_export.inspect_model import tensor_infos
-from tflite_export.report import export_and_report
-from tflite_export.report import weight_sparsity
+import importlib
+import sys
+import types
 
-__all__ = [
-    "QUANTIZATION_MODES",
-    "TensorInfo",
-    "accuracy_of",
-    "batch1_latency_ms",
-    "check_quantization",
-    "convert",
-    "count_sparse_tensors",
-    "evaluate_tflite",
-    "export_and_report",
-    "export_model",
-    "litert_interpreter",
-    "mean_client_accuracy",
-    "per_client_accuracy",
-    "predict",
-    "predict_logits",
-    "sparse_tensors",
-    "summarize",
-    "tensor_infos",
-    "tf_interpreter",
-    "weight_sparsity",
-]
+QUANTIZATION_MODES = ("float32", "float16", "int8")
+
+# Each public name and the submodule that defines it.
+_SOURCES = {
+    "check_quantization": "convert",
+    "convert": "convert",
+    "export_model": "convert",
+    "accuracy_of": "evaluate",
+    "batch1_latency_ms": "evaluate",
+    "evaluate_tflite": "evaluate",
+    "litert_interpreter": "evaluate",
+    "mean_client_accuracy": "evaluate",
+    "per_client_accuracy": "evaluate",
+    "predict": "evaluate",
+    "predict_logits": "evaluate",
+    "tf_interpreter": "evaluate",
+    "TensorInfo": "inspect_model",
+    "count_sparse_tensors": "inspect_model",
+    "sparse_tensors": "inspect_model",
+    "summarize": "inspect_model",
+    "tensor_infos": "inspect_model",
+    "export_and_report": "report",
+    "weight_sparsity": "report",
+}
+
+__all__ = ["QUANTIZATION_MODES", *sorted(_SOURCES)]
+
+
+def _load(name: str):
+  return getattr(importlib.import_module(f"tflite_export.{_SOURCES[name]}"), name)
+
+
+def __getattr__(name: str):
+  if name in _SOURCES:
+    return _load(name)
+  raise AttributeError(f"module 'tflite_export' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+  """This package; its attribute `convert` stays the function even after
+  the import system sets it to the submodule `tflite_export.convert`."""
+
+  @property
+  def convert(self):
+    return _load("convert")
+
+  @convert.setter
+  def convert(self, value):
+    del value  # the submodule stays in sys.modules["tflite_export.convert"]
+
+
+sys.modules[__name__].__class__ = _Package

@@ -24,7 +24,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from tflite_export.convert import QUANTIZATION_MODES
+from tflite_export import QUANTIZATION_MODES
 
 CHECKPOINT_FILE = "final_model.keras"
 REPORT_FILE = "tflite_report.json"
@@ -172,6 +172,7 @@ def run(argv_flags) -> dict:
         "beside the checkpoint"
     )
   data_dir = argv_flags["data_dir"] or config.get("data_dir")
+  _quiet_logs()  # imports TensorFlow: every check above answers without it
   model = load_checkpoint(checkpoint)
   data = load_data(dataset, data_dir)
   check_fits(model, data, dataset)
@@ -238,7 +239,6 @@ def _quiet_logs() -> None:
 
 
 def main(argv) -> None:
-  _quiet_logs()
   if len(argv) > 1:
     raise CliError(f"unexpected arguments: {' '.join(argv[1:])}")
   names = (

@@ -61,9 +61,9 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from tff_feddst import wrappers as wrappers_lib
+from tflite_export import QUANTIZATION_MODES
 from tflite_export import inspect_model
 
-QUANTIZATION_MODES = ("float32", "float16", "int8")
 # How many representative images the int8 calibration uses at most.
 MAX_REPRESENTATIVE_EXAMPLES = 500
 

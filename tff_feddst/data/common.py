@@ -5,17 +5,7 @@ from typing import Optional
 
 import numpy as np
 
-DATASETS = (
-    "fashion_mnist",
-    "mnist",
-    "cifar10",
-    "cifar100",
-    "emnist",
-    "femnist",
-)
-PARTITIONS = ("pathological", "dirichlet", "iid", "natural")
-# Data sets with a natural (per-writer) partition.
-NATURAL_DATASETS = ("emnist", "femnist")
+from tff_feddst.names import DATASETS, NATURAL_DATASETS, PARTITIONS  # noqa: F401
 
 
 class DataError(Exception):

@@ -1,0 +1,54 @@
+"""The choices of the run's string settings, without TensorFlow.
+
+`config.ExperimentConfig` checks every flag against these, so a command line
+answers a typo before TensorFlow is imported. The modules that use them
+(`data`, `masks`, `unit_graph`, `remote`) import them from here.
+"""
+
+import re
+
+DATASETS = (
+    "fashion_mnist",
+    "mnist",
+    "cifar10",
+    "cifar100",
+    "emnist",
+    "femnist",
+)
+PARTITIONS = ("pathological", "dirichlet", "iid", "natural")
+# Data sets with a natural (per-writer) partition.
+NATURAL_DATASETS = ("emnist", "femnist")
+
+# Layer-wise density distributions (masks.layer_densities).
+DISTRIBUTIONS = ("uniform", "er", "erk")
+# How the readjustment ratio alpha_r moves over the rounds (section 3.3).
+SCHEDULES = ("cosine", "constant")
+
+# Structured search (unit_graph): what a layer's importances are compared
+# with; the first is the default (`algorithms.AlgorithmConfig.structured_relative_to`).
+RELATIVE_TO = ("original_mean", "mean", "max")
+# How the units that stay are chosen; the first is the default
+# (`algorithms.AlgorithmConfig.structured_rule`).
+RULES = ("boundary", "std_band")
+# Paper 2's k for the std band (its FEMNIST configuration).
+DEFAULT_STD_K = 2.2
+# Whether a rule removes hidden dense neurons unless told otherwise: paper
+# 2's code applies the std band to convolution filters only.
+PRUNES_DENSE = {"boundary": True, "std_band": False}
+
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
+
+
+def parse_workers(text: str) -> tuple[str, ...]:
+  """`host:port,host:port` as a tuple of addresses; ValueError naming a bad one."""
+  if not text.strip():
+    return ()
+  addresses = tuple(part.strip() for part in text.split(","))
+  for address in addresses:
+    match = _ADDRESS.match(address)
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+      raise ValueError(f"{address!r} is not host:port (port in 1..65535)")
+  duplicates = sorted({a for a in addresses if addresses.count(a) > 1})
+  if duplicates:
+    raise ValueError(f"{', '.join(duplicates)} listed twice")
+  return addresses
