@@ -26,6 +26,10 @@ FASHION_MNIST_IDX_FILES = (
 
 @pytest.fixture(scope="session", autouse=True)
 def _stop_tff_worker_at_end():
+  # TensorFlow sets TF2_BEHAVIOR=1 in os.environ when imported (here, while
+  # the tests were collected); the commands the tests start must see the
+  # environment of a fresh shell, where `tff_feddst` sets it (its __init__).
+  os.environ.pop("TF2_BEHAVIOR", None)
   runtime.install_shutdown_handlers()
   runtime.tie_workers_to_this_process()
   yield
