@@ -2,11 +2,12 @@
 
 Every case runs `python run.py ...` and expects: a non-zero exit status, a
 one-line style error that names the offending flag or problem, no Python
-traceback on stderr, and nothing written into --output_dir. The cases run
-through `tests/cli_runner.py`, which makes run.py's imports once and forks a
-child per case (a case that gets past the flags, a data error say, takes
-the import time of TensorFlow alone, about 6 s); one test checks that the
-runner's child gives what a plain `python run.py` gives. Flag errors of every
+traceback on stderr, and nothing written into --output_dir. Flag errors run
+as plain `python run.py` (0.1 s each); cases that get past the flags (a data
+error, say) run through `tests/cli_runner.py`, which makes run.py's imports
+once and forks a child per case (each alone would take TensorFlow's import
+time, about 6 s); one test checks that the runner's child gives what a
+plain `python run.py` gives. Flag errors of every
 command line answer before TensorFlow is imported (checked with
 `python -X importtime`).
 """
@@ -117,11 +118,17 @@ def _assert_rejected(result, out_dir, mentions):
 
 @pytest.fixture(scope="module")
 def rejected(tmp_path_factory):
-  """{case id: (its result, its --output_dir)} for every case of BAD_INPUTS."""
+  """{case id: (its result, its --output_dir)} for every case of BAD_INPUTS.
+
+  Plain `python run.py` processes: a flag error answers before TensorFlow is
+  imported, in about 0.1 s.
+  """
   root = tmp_path_factory.mktemp("cli")
   out_dirs = {name: root / name / "out" for name, _, _ in BAD_INPUTS}
-  results = _run_all([[*args, f"--output_dir={out_dirs[name]}"] for name, args, _ in BAD_INPUTS])
-  return {name: (r, out_dirs[name]) for (name, _, _), r in zip(BAD_INPUTS, results)}
+  return {
+      name: (_run([*args, f"--output_dir={out_dirs[name]}"], timeout=60), out_dirs[name])
+      for name, args, _ in BAD_INPUTS
+  }
 
 
 @pytest.mark.parametrize(
@@ -132,61 +139,75 @@ def test_bad_flag_is_rejected(name, mentions, rejected):
   _assert_rejected(result, out_dir, mentions)
 
 
-@pytest.mark.parametrize("name", ["sparsity_one", "unknown_flag", "positional_argument"])
-def test_the_runner_gives_what_a_plain_run_gives(name, rejected, tmp_path):
-  """A range error (our ConfigError), a flag absl rejects, a usage error."""
-  (args,) = [c[1] for c in BAD_INPUTS if c[0] == name]
-  runner_result, runner_out = rejected[name]
-  plain = _run([*args, f"--output_dir={runner_out}"])
-  assert (plain.returncode, plain.stdout, plain.stderr) == (
-      runner_result.returncode, runner_result.stdout, runner_result.stderr
-  )
+@pytest.fixture(scope="module")
+def past_the_flags(tmp_path_factory):
+  """Cases that fail after TensorFlow's import, all in one runner call.
 
-
-def test_missing_data_is_a_one_line_error(tmp_path):
-  empty = tmp_path / "empty_data"
-  empty.mkdir()
-  missing = tmp_path / "no_such_dir"
-  out_dirs = [tmp_path / "out1", tmp_path / "out2"]
-  results = _run_all([
-      ["--dataset=mnist", f"--data_dir={empty}", f"--output_dir={out_dirs[0]}"],
-      ["--dataset=mnist", f"--data_dir={missing}", f"--output_dir={out_dirs[1]}"],
-  ])
-  _assert_rejected(results[0], out_dirs[0], [str(empty)])
-  assert "MNIST" in results[0].stderr
-  assert "error:" in results[0].stderr
-  # A --data_dir that does not exist.
-  _assert_rejected(results[1], out_dirs[1], [str(missing)])
-
-
-def test_a_wrong_data_dir_or_output_dir_is_one_line(tmp_path):
-  empty = tmp_path / "empty_data"
-  empty.mkdir()
-  a_file = tmp_path / "a_file"
-  a_file.write_text("keep me")
-  out = tmp_path / "out"
+  {case id: (result, its paths)}; the paths hold `empty` (an empty data
+  directory), `missing` (none), `a_file` (a file) and `out` (an output prefix).
+  """
+  root = tmp_path_factory.mktemp("past_flags")
+  paths = {"empty": root / "empty_data", "missing": root / "no_such_dir", "a_file": root / "a_file",
+           "out": root / "out"}
+  paths["empty"].mkdir()
+  paths["a_file"].write_text("keep me")
+  empty, missing, a_file, out = (str(paths[k]) for k in ("empty", "missing", "a_file", "out"))
   cases = {
+      "mnist_empty": ["--dataset=mnist", f"--data_dir={empty}", f"--output_dir={out}1"],
+      "mnist_missing": ["--dataset=mnist", f"--data_dir={missing}", f"--output_dir={out}2"],
       # Fashion-MNIST has built-in places, used only without --data_dir.
-      "fashion_mnist_empty": ["--dataset=fashion_mnist", f"--data_dir={empty}", f"--output_dir={out}1"],
-      "fashion_mnist_missing": [
-          "--dataset=fashion_mnist", f"--data_dir={tmp_path / 'nope'}", f"--output_dir={out}2",
-      ],
+      "fashion_mnist_empty": ["--dataset=fashion_mnist", f"--data_dir={empty}", f"--output_dir={out}3"],
+      "fashion_mnist_missing": ["--dataset=fashion_mnist", f"--data_dir={missing}", f"--output_dir={out}4"],
       "output_dir_is_a_file": [f"--output_dir={a_file}"],
-      "output_dir_under_a_file": [f"--output_dir={a_file / 'run'}"],
+      "output_dir_under_a_file": [f"--output_dir={a_file}/run"],
+      # Flag errors too, to compare the runner with plain runs.
+      **{name: [*args, f"--output_dir={out}_{name}"] for name, args, _ in BAD_INPUTS
+         if name in ("sparsity_one", "unknown_flag", "positional_argument")},
   }
   results = dict(zip(cases, _run_all(list(cases.values()))))
-  for name, result in results.items():
+  return {name: (results[name], cases[name]) for name in cases}, paths
+
+
+def test_the_runner_gives_what_a_plain_run_gives(past_the_flags):
+  """A range error (our ConfigError), a flag absl rejects, a usage error, and
+  a data error (after TensorFlow's import: what the runner is used for)."""
+  results, _ = past_the_flags
+  for name in ("sparsity_one", "unknown_flag", "positional_argument", "mnist_missing"):
+    got, args = results[name]
+    plain = _run(args)
+    assert (got.returncode, got.stdout, got.stderr) == (plain.returncode, plain.stdout, plain.stderr)
+    assert got.returncode == 1 and got.stderr.strip(), name
+
+
+def test_missing_data_is_a_one_line_error(past_the_flags):
+  results, paths = past_the_flags
+  empty, missing, out = paths["empty"], paths["missing"], paths["out"]
+  _assert_rejected(results["mnist_empty"][0], pathlib.Path(f"{out}1"), [str(empty)])
+  assert "MNIST" in results["mnist_empty"][0].stderr
+  assert "error:" in results["mnist_empty"][0].stderr
+  # A --data_dir that does not exist.
+  _assert_rejected(results["mnist_missing"][0], pathlib.Path(f"{out}2"), [str(missing)])
+
+
+def test_a_wrong_data_dir_or_output_dir_is_one_line(past_the_flags):
+  results, paths = past_the_flags
+  empty, missing, a_file, out = (paths[k] for k in ("empty", "missing", "a_file", "out"))
+  names = ("fashion_mnist_empty", "fashion_mnist_missing", "output_dir_is_a_file",
+           "output_dir_under_a_file")
+  for name in names:
+    result = results[name][0]
     assert result.returncode == 1, (name, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), (name, result.stderr)
-  assert f"error: {empty} has none of the Fashion-MNIST IDX files" in results["fashion_mnist_empty"].stderr
-  assert f"error: {tmp_path / 'nope'} is not a directory with" in results["fashion_mnist_missing"].stderr
-  for written in (pathlib.Path(f"{out}1"), pathlib.Path(f"{out}2")):
+  stderr = {name: results[name][0].stderr for name in names}
+  assert f"error: {empty} has none of the Fashion-MNIST IDX files" in stderr["fashion_mnist_empty"]
+  assert f"error: {missing} is not a directory with" in stderr["fashion_mnist_missing"]
+  for written in (pathlib.Path(f"{out}3"), pathlib.Path(f"{out}4")):
     assert not written.exists() or not any(written.iterdir())
-  assert results["output_dir_is_a_file"].stderr.strip() == (
+  assert stderr["output_dir_is_a_file"].strip() == (
       f"error: --output_dir {a_file} is a file, not a directory"
   )
-  assert results["output_dir_under_a_file"].stderr.strip() == (
+  assert stderr["output_dir_under_a_file"].strip() == (
       f"error: --output_dir {a_file / 'run'} cannot be created: Not a directory"
   )
   assert a_file.read_text() == "keep me"

@@ -20,9 +20,9 @@ from tff_feddst import feddst
 from tff_feddst import optimizers
 from tff_feddst import sparse_model
 
-# Compares training results within tolerances: also run under another
-# instruction set (`make test`; see the marker in pyproject.toml).
-pytestmark = pytest.mark.portability
+# `portability` (pyproject.toml), on the tests that compare floating-point
+# results within tolerances: they also run under another instruction set
+# (`make test`). The run's budget, mask and bit checks are exact.
 
 
 # ---------------------------------------------------------------- aggregation
@@ -65,6 +65,7 @@ BIASES = [[1.0, -1.0], [2.0, 0.0], [4.0, 3.0]]
 WEIGHTS = [10.0, 20.0, 30.0]
 
 
+@pytest.mark.portability
 def test_voting_average_matches_hand_computation():
   values = [[k, b] for k, b in zip(KERNELS, BIASES)]
   masks = [[m, 1.0] for m in KERNEL_MASKS]
@@ -104,6 +105,7 @@ def test_position_pruned_by_every_client_is_zero_not_nan():
   assert result["masks"][0][0, 2] == 0.0
 
 
+@pytest.mark.portability
 def test_pruned_value_does_not_pull_towards_zero():
   # Client 2 pruned (0,1) and sends 0 there; a plain average would give
   # (10*2 + 20*0 + 30*7)/60; voting ignores client 2.
@@ -138,6 +140,7 @@ def test_client_with_zero_weight_has_no_vote():
   assert result["values"][0][1, 2] == pytest.approx((10 * 6 + 30 * 3) / 40)
 
 
+@pytest.mark.portability
 def test_all_ones_masks_give_the_plain_weighted_average():
   values = [[k] for k in KERNELS]
   ones = [[np.ones((2, 3))] for _ in KERNELS]
@@ -334,6 +337,7 @@ def _tiny_client_data(seed, num_clients=3):
   return out
 
 
+@pytest.mark.portability
 def test_zero_sparsity_feddst_equals_tff_fed_avg():
   epochs = 2
   spec = _input_spec((8, 8, 1))

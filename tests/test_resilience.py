@@ -32,7 +32,9 @@ from tff_feddst import aggregation
 from tff_feddst import algorithms
 from tff_feddst import checkpoint
 from tff_feddst import config as config_lib
+from tff_feddst import data as data_lib
 from tff_feddst import outputs
+from tff_feddst import remote
 from tff_feddst import rounds
 from tff_feddst import training
 
@@ -359,10 +361,10 @@ def test_sigkill_at_a_random_round_then_resume_is_identical(tmp_path, uninterrup
   # The killed run's lock file is left behind; the rerun takes it over.
   assert (out / outputs.LOCK_FILE).read_text().strip() == str(proc.pid)
 
-  proc = _start(out)
-  stdout, stderr = proc.communicate(timeout=900)
-  assert proc.returncode == 0, stderr[-3000:]
-  assert f"resumed from {out / 'checkpoints'} at round {resumed_from}" in stdout
+  # The rerun (in this process: what run.py does after its flags).
+  lines = []
+  training.run_experiment(_cli_config(out), log=lines.append)
+  assert f"resumed from {out / 'checkpoints'} at round {resumed_from}" in "\n".join(lines)
 
   rows = _rows(out)
   assert [int(r["round"]) for r in rows] == list(range(1, 7))  # no duplicates
@@ -378,9 +380,9 @@ def test_sigkill_at_a_random_round_then_resume_is_identical(tmp_path, uninterrup
     np.testing.assert_array_equal(a, b)
 
   # Rerunning a finished run does nothing.
-  proc = _start(out)
-  stdout, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0 and "nothing to do" in stdout
+  lines = []
+  training.run_experiment(_cli_config(out), log=lines.append)
+  assert any("nothing to do" in line for line in lines), lines
   assert len(_rows(out)) == 6
 
 
@@ -445,38 +447,59 @@ def _truncate_index(out):
     f.write_bytes(f.read_bytes()[:20])
 
 
+# (id, damage, changed settings of the rerun, substrings of its error)
 DAMAGE = [
-    ("corrupt_checkpoint", _corrupt_checkpoint, ["--rounds=3"], ["cannot be read"]),
-    ("truncated_checkpoint", _truncate_index, ["--rounds=3"], ["cannot be read"]),
-    ("missing_metrics", lambda o: (o / "metrics.csv").unlink(), ["--rounds=3"], ["metrics.csv"]),
+    ("corrupt_checkpoint", _corrupt_checkpoint, {}, ["cannot be read"]),
+    ("truncated_checkpoint", _truncate_index, {}, ["cannot be read"]),
+    ("missing_metrics", lambda o: (o / "metrics.csv").unlink(), {}, ["metrics.csv"]),
     (
         "truncated_metrics",
         lambda o: (o / "metrics.csv").write_text((o / "metrics.csv").read_text()[:200]),
-        ["--rounds=3"],
+        {},
         ["metrics.csv"],
     ),
-    ("corrupt_config", lambda o: (o / "config.json").write_text("{"), ["--rounds=3"], ["config.json"]),
-    ("changed_sparsity", lambda o: None, ["--rounds=3", "--sparsity=0.5"], ["--sparsity=0.5"]),
-    ("changed_algorithm", lambda o: None, ["--rounds=3", "--algorithm=randommask"], ["--algorithm=randommask"]),
-    ("changed_failure_rate", lambda o: None, ["--rounds=3", "--client_failure_rate=0.1"], ["client_failure_rate"]),
-    ("rounds_below_checkpoint", lambda o: None, ["--rounds=1"], ["past --rounds=1"]),
+    ("corrupt_config", lambda o: (o / "config.json").write_text("{"), {}, ["config.json"]),
+    ("changed_sparsity", lambda o: None, {"sparsity": 0.5}, ["--sparsity=0.5"]),
+    ("changed_algorithm", lambda o: None, {"algorithm": "randommask"}, ["--algorithm=randommask"]),
+    ("changed_failure_rate", lambda o: None, {"client_failure_rate": 0.1}, ["client_failure_rate"]),
+    ("rounds_below_checkpoint", lambda o: None, {"rounds": 1}, ["past --rounds=1"]),
 ]
+# What run.py turns into one `error:` line (tests/test_cli.py checks it does).
+ONE_LINE_ERRORS = (
+    config_lib.ConfigError, data_lib.DataError, checkpoint.CheckpointError, remote.WorkerError,
+)
+
+
+def _file_list(out):
+  return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
 
 
 @pytest.mark.parametrize(
-    "damage, extra, mentions", [d[1:] for d in DAMAGE], ids=[d[0] for d in DAMAGE]
+    "damage, changes, mentions", [d[1:] for d in DAMAGE], ids=[d[0] for d in DAMAGE]
 )
-def test_damaged_or_mismatched_resume_is_one_line(finished_run, tmp_path, damage, extra, mentions):
+def test_damaged_or_mismatched_resume_is_one_line(finished_run, tmp_path, damage, changes, mentions):
+  """In this process: the rerun raises one of the errors run.py prints as one line."""
   out = _damaged_copy(finished_run, tmp_path, damage)
-  before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-  result = _cli(out, *extra)
-  assert result.returncode != 0, result.stdout[-2000:]
-  assert any(m in result.stderr for m in mentions), result.stderr[-2000:]
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(error_lines) == 1, result.stderr[-2000:]
+  before = _file_list(out)
+  config = _tiny_config(out, **{"rounds": 3, "seed": 4, **changes})
+  with pytest.raises(ONE_LINE_ERRORS) as raised:
+    training.run_experiment(config, log=lambda line: None)
+  message = str(raised.value)
+  assert any(m in message for m in mentions), message
+  assert "\n" not in message, message
   # Nothing was trained or overwritten.
-  assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+  assert _file_list(out) == before
+
+
+def test_a_damaged_checkpoint_is_one_line_from_the_command_line(finished_run, tmp_path):
+  out = _damaged_copy(finished_run, tmp_path, _corrupt_checkpoint)
+  before = _file_list(out)
+  result = _cli(out, "--rounds=3")
+  assert result.returncode == 1, result.stdout[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "cannot be read" in lines[0], lines
+  assert _file_list(out) == before
 
 
 def test_truncated_data_file_is_one_line(tmp_path, fashion_mnist_available):

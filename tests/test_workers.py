@@ -36,9 +36,10 @@ from tff_feddst import rounds
 from tff_feddst import runtime
 from tff_feddst import training
 
-# Compares training results within tolerances: also run under another
-# instruction set (`make test`; see the marker in pyproject.toml).
-pytestmark = pytest.mark.portability
+# `portability` (pyproject.toml): the test that compares the remote run's
+# training results with the local one's, within tolerances, also runs under
+# another instruction set (`make test`); the fault tests compare the same way
+# and need not run twice.
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MARK = "FEDDST_WORKERS_TEST_MARK"
@@ -214,6 +215,7 @@ def test_the_worker_launcher_forwards_signals_and_passes_on_onednn(signum, monke
 # ------------------------------------------------- same run, two workers
 
 
+@pytest.mark.portability
 @pytest.mark.parametrize("algorithm", ["fedavg", "feddst"])
 def test_two_workers_give_the_local_run(tmp_path, local_runs, algorithm):
   reference = local_runs(algorithm)
