@@ -5,7 +5,7 @@ from typing import Callable, Mapping
 import numpy as np
 import tensorflow as tf
 
-from keras_models.names import MODEL_NAMES, default_model_for_dataset  # noqa: F401
+from keras_models.names import MODEL_NAMES
 
 layers = tf.keras.layers
 
@@ -119,7 +119,6 @@ _DEFAULT_WIDTHS: dict[str, dict[str, int]] = {
     "leaf_cnn": {"conv1": 32, "conv2": 64, "dense1": 2048},
     "paper2_cnn": {"conv1": 32, "conv2": 64},
 }
-
 
 
 def _check_name(name: str) -> None:

@@ -183,7 +183,7 @@ def test_every_registry_entry_names_a_builder_and_phase_maker_that_exist():
 def test_the_tensorflow_free_names_are_those_of_the_modules_that_use_them():
   import keras_models  # pylint: disable=g-import-not-at-top
   from keras_models import networks  # pylint: disable=g-import-not-at-top
-  from tff_feddst import data, masks, remote, unit_graph  # pylint: disable=g-import-not-at-top
+  from tff_feddst import data, masks, names, unit_graph  # pylint: disable=g-import-not-at-top
   import tflite_export  # pylint: disable=g-import-not-at-top
 
   convert_module = importlib.import_module("tflite_export.convert")
@@ -193,7 +193,7 @@ def test_the_tensorflow_free_names_are_those_of_the_modules_that_use_them():
   assert data.DATASETS == config_lib.CHOICES["dataset"]
   assert masks.DISTRIBUTIONS == config_lib.CHOICES["sparsity_distribution"]
   assert unit_graph.RULES == config_lib.CHOICES["structured_rule"]
-  assert remote.parse_workers("a:1, b:2") == ("a:1", "b:2")
+  assert names.parse_workers("a:1, b:2") == ("a:1", "b:2")
   # The package's `convert` stays the function after its submodule is imported.
   assert tflite_export.convert is convert_module.convert and callable(tflite_export.convert)
   assert tflite_export.QUANTIZATION_MODES == convert_module.QUANTIZATION_MODES

@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from tff_feddst import checkpoint
 from tff_feddst import config as config_lib
+from tff_feddst import names
 from tff_feddst import remote
 from tff_feddst import rounds
 from tff_feddst import runtime
@@ -177,8 +178,8 @@ def local_runs(tmp_path_factory, fashion_mnist_available):
 
 
 def test_workers_flag_is_validated():
-  assert remote.parse_workers("") == ()
-  assert remote.parse_workers("a.example:1, 10.0.0.2:8000,[::1]:9") == (
+  assert names.parse_workers("") == ()
+  assert names.parse_workers("a.example:1, 10.0.0.2:8000,[::1]:9") == (
       "a.example:1", "10.0.0.2:8000", "[::1]:9",
   )
   for bad in ("host", "host:0", "host:70000", ":80", "a:1,,b:2", "a:1,a:1", "a b:1"):

@@ -73,6 +73,11 @@ class AlgorithmConfig:
   client_execution: str = "per_client"
 
 
+def _from_builders(name: str) -> Callable:
+  """Function `name` of `builders` (imported on first use: it imports TensorFlow)."""
+  return getattr(importlib.import_module("tff_feddst.builders"), name)
+
+
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
   """One registry entry.
@@ -103,13 +108,11 @@ class Algorithm:
   @property
   def build(self) -> Callable:
     """Its builder: (AlgorithmConfig, Keras model function, input spec) -> BuiltAlgorithm."""
-    return getattr(importlib.import_module("tff_feddst.builders"), self.builder)
+    return _from_builders(self.builder)
 
   @property
   def make_phase(self) -> Callable | None:
-    if self.phase_maker is None:
-      return None
-    return getattr(importlib.import_module("tff_feddst.builders"), self.phase_maker)
+    return None if self.phase_maker is None else _from_builders(self.phase_maker)
 
   @property
   def phases(self) -> tuple["Algorithm", ...]:

@@ -141,7 +141,8 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
   def resolve(self) -> "ExperimentConfig":
     """These settings checked, with the algorithm's defaults filled in.
 
-    Needs no TensorFlow (a flag error answers at once). Raises ConfigError naming the first setting that is out of range.
+    Needs no TensorFlow (a flag error answers at once). Raises ConfigError
+    naming the first setting that is out of range.
     """
     self._check()
     spec = self.spec

@@ -36,8 +36,6 @@ from tensorflow_federated.proto.v0 import executor_pb2_grpc
 from tensorflow_federated.python.common_libs import async_utils
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 
-from tff_feddst.names import parse_workers  # noqa: F401  (where the addresses are checked)
-
 # Seconds to wait for every worker to accept a connection at start.
 CONNECT_TIMEOUT_S = 5.0
 _MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
