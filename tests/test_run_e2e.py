@@ -99,3 +99,74 @@ def test_feddst_run_writes_outputs_and_leaves_no_worker(tmp_path, fashion_mnist_
 
   # The run stopped its TFF worker.
   assert _worker_pids(mark) == set()
+
+
+def test_a_run_on_a_process_built_earlier_equals_one_on_a_fresh_build(
+    tmp_path, fashion_mnist_available
+):
+  """`phases.build_algorithm` hands a second run with the same settings the
+  process built for the first; it trains exactly as a freshly built one."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from tff_feddst import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tff_feddst import phases  # pylint: disable=g-import-not-at-top
+  from tff_feddst import training  # pylint: disable=g-import-not-at-top
+
+  def run(name, **changes):
+    settings = dict(
+        algorithm="feddst", total_clients=20, clients_per_round=3, local_epochs=1,
+        rounds=1, eval_every=1, rounds_between_readjustments=1,
+        readjustment_end_round=2, seed=6, output_dir=str(tmp_path / name),
+    )
+    training.run_experiment(
+        config_lib.ExperimentConfig(**{**settings, **changes}), log=lambda line: None
+    )
+    with open(tmp_path / name / "metrics.csv") as f:
+      rows = [{k: v for k, v in r.items() if k != "round_seconds"} for r in csv.DictReader(f)]
+    model = tf.keras.models.load_model(tmp_path / name / "final_model.keras")
+    return rows, model.get_weights()
+
+  phases.clear_built_cache()
+  fresh = run("fresh")
+  (key,) = phases._BUILT  # pylint: disable=protected-access
+  built = phases._BUILT[key]  # pylint: disable=protected-access
+  reused = run("reused")
+  assert list(phases._BUILT) == [key] and phases._BUILT[key] is built  # pylint: disable=protected-access
+  assert reused[0] == fresh[0]
+  for a, b in zip(reused[1], fresh[1]):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_the_build_key_holds_what_the_build_reads():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
+
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  import keras_models  # pylint: disable=g-import-not-at-top
+  from tff_feddst import algorithms  # pylint: disable=g-import-not-at-top
+  from tff_feddst import phases  # pylint: disable=g-import-not-at-top
+
+  def spec_of(shape):
+    return {"x": tf.TensorSpec([None, *shape], tf.float32), "y": tf.TensorSpec([None], tf.int32)}
+
+  def key(algorithm="feddst", config=algorithms.AlgorithmConfig(), model="mnist_cnn",
+          shape=(28, 28, 1), classes=10, widths=None):
+    keras_fn = functools.partial(keras_models.build_model, model, shape, classes, widths=widths)
+    return phases._build_key(algorithms.get(algorithm), config, keras_fn, spec_of(shape))  # pylint: disable=protected-access
+
+  base = key()
+  assert key() == base
+  assert hash(key(widths={"conv1": 4, "dense1": 20})) == hash(key(widths={"dense1": 20, "conv1": 4}))
+  others = [
+      key(algorithm="randommask"),
+      key(config=dataclasses.replace(algorithms.AlgorithmConfig(), seed=1)),
+      key(config=dataclasses.replace(algorithms.AlgorithmConfig(), readjustment_ratio=0.1)),
+      key(config=dataclasses.replace(algorithms.AlgorithmConfig(), client_execution="cohort")),
+      key(model="cifar10_cnn"),
+      key(shape=(32, 32, 3)),
+      key(classes=62),
+      key(widths={"conv1": 4}),
+  ]
+  assert len({base, *others}) == 1 + len(others)
