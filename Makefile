@@ -36,11 +36,14 @@ run: venv data
 # floating-point training results (marker `portability`) with oneDNN held to
 # SSE4.1: its matrix kernels then add in another order, as another
 # processor's would, so an assertion that only holds on this processor fails
-# here. Ends with the 15 slowest tests.
+# here. Each test module runs in one process (--dist loadfile): its module
+# fixtures run once, and its runs share the processes they build. Ends with
+# the 15 slowest tests.
 PORTABILITY_ISA ?= SSE41
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 test: venv data
-	ONEDNN_MAX_CPU_ISA=$(PORTABILITY_ISA) $(PY) -m pytest -q -n 2 -m portability tests
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	ONEDNN_MAX_CPU_ISA=$(PORTABILITY_ISA) $(PYTEST) -m portability tests
+	$(PYTEST) --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -11,8 +11,9 @@
 """
 
 import collections
-import dataclasses
 import csv
+import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -34,6 +35,7 @@ from tff_feddst import checkpoint
 from tff_feddst import config as config_lib
 from tff_feddst import data as data_lib
 from tff_feddst import outputs
+from tff_feddst import phases
 from tff_feddst import remote
 from tff_feddst import rounds
 from tff_feddst import training
@@ -248,17 +250,20 @@ def test_failed_clients_upload_nothing_and_an_empty_round_is_skipped(
   assert int(rows[2]["round_skipped"]) == 1
   assert rows[2]["clients_accuracy"] == rows[1]["clients_accuracy"]
   # Round 3 kept round 2's weights, and its round counter still advanced.
-  template = None
   spec = collections.OrderedDict(
       x=tf.TensorSpec([None, 28, 28, 1], tf.float32), y=tf.TensorSpec([None], tf.int32)
   )
   import keras_models  # pylint: disable=g-import-not-at-top
 
-  built = algorithms.get(config.algorithm).build(
+  # The run's own process (built with these arguments, so kept by `phases`).
+  kept = len(phases._BUILT)  # pylint: disable=protected-access
+  built = phases.build_algorithm(
+      algorithms.get(config.algorithm),
       config.resolve().algorithm_config(),
-      lambda: keras_models.build_model("mnist_cnn", (28, 28, 1), 10),
+      functools.partial(keras_models.build_model, "mnist_cnn", (28, 28, 1), 10, widths=None),
       spec,
   )
+  assert len(phases._BUILT) == kept  # pylint: disable=protected-access
   template = built.process.initialize()
   r2 = ckpts.restore(2, template).state
   r3 = ckpts.restore(3, template).state
