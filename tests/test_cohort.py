@@ -79,6 +79,53 @@ def test_pack_pads_short_clients_and_marks_the_first_epoch():
       np.testing.assert_array_equal(step[key], getattr(packed, key)[t, :, :w])
 
 
+def test_clients_packed_from_the_arrays_read_what_their_data_sets_give(fashion_mnist_available):
+  """The driver packs cohorts from the data arrays, in the order each
+  client's shuffled data set would give its batches (`rounds.client_dataset`):
+  unequal clients (a Dirichlet split), sizes that are and are not multiples
+  of the batch, a client smaller than one batch; the packed cohorts are equal."""
+  from tff_feddst import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tff_feddst import rounds  # pylint: disable=g-import-not-at-top
+
+  fed = data_lib.load_federated_data(
+      "fashion_mnist", "dirichlet", total_clients=1000, dirichlet_beta=0.5, seed=3
+  )
+  # A run sets TensorFlow's global seed (its initial weights), and
+  # tf.data's shuffle then seeds from the pair (global seed, op seed).
+  tf.keras.utils.set_random_seed(5)
+  ids = list(fed.nonempty_train_client_ids)
+  sizes = {cid: fed.num_train_examples(cid) for cid in ids}
+  batch, epochs = 32, 3
+  chosen = [
+      next(c for c in ids if sizes[c] % batch == 0),
+      next(c for c in ids if sizes[c] % batch and sizes[c] > batch),
+      next(c for c in ids if sizes[c] < batch),
+      ids[0],
+  ]
+  clients = [(cid, 1000 + i) for i, cid in enumerate(chosen)]
+  from_arrays = cohort_work.client_epochs_from_arrays(fed, clients, epochs, batch)
+  for (cid, shuffle_seed), got in zip(clients, from_arrays):
+    want = list(
+        rounds.client_dataset(fed, cid, batch, shuffle_seed, 1).repeat(epochs).as_numpy_iterator()
+    )
+    got = [b for epoch in got for b in epoch]
+    assert len(got) == len(want) == epochs * -(-sizes[cid] // batch)
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(a["x"], b["x"])
+      np.testing.assert_array_equal(a["y"], b["y"])
+  per_epoch = [-(-sizes[cid] // batch) for cid, _ in clients]
+  datasets = [rounds.client_dataset(fed, cid, batch, s, 1) for cid, s in clients]
+  from_sets = cohort_work.pack_cohorts(datasets, epochs, per_epoch, batch, 3)
+  from_arrays = cohort_work.pack_cohorts_from_arrays(fed, clients, epochs, batch, 3)
+  assert len(from_sets) == len(from_arrays) == 2
+  for a, b in zip(from_sets, from_arrays):
+    steps_a, steps_b = list(a.as_numpy_iterator()), list(b.as_numpy_iterator())
+    assert len(steps_a) == len(steps_b)
+    for step_a, step_b in zip(steps_a, steps_b):
+      for key in ("x", "y", "valid", "first"):
+        np.testing.assert_array_equal(step_a[key], step_b[key])
+
+
 def test_batched_readjust_equals_the_per_client_rule():
   from tff_feddst import masks as masks_lib  # pylint: disable=g-import-not-at-top
 

@@ -190,14 +190,15 @@ class RoundStep:
     )
     return [self.population[i] for i in sorted(chosen)]
 
+  def client_seeds(self, round_num: int, count: int) -> list[int]:
+    """The shuffle seeds of the round's sampled clients' data, in order."""
+    return [seed(self.config.seed, 3, round_num, i) for i in range(count)]
+
   def client_datasets(self, client_ids, round_num: int) -> list:
     epochs = 1 if self.phase.built.epochs_in_process else self.config.local_epochs
     return [
-        client_dataset(
-            self.fed_data, cid, self.config.batch_size,
-            seed(self.config.seed, 3, round_num, i), epochs,
-        )
-        for i, cid in enumerate(client_ids)
+        client_dataset(self.fed_data, cid, self.config.batch_size, shuffle_seed, epochs)
+        for cid, shuffle_seed in zip(client_ids, self.client_seeds(round_num, len(client_ids)))
     ]
 
   def draw_failures(self, round_num: int, num_clients: int) -> np.ndarray:
@@ -210,20 +211,21 @@ class RoundStep:
 
   def client_inputs(self, survivors) -> list:
     """The TFF client values of the round: a data set per client, or
-    per cohort of clients when the process trains cohorts."""
-    datasets = [dataset for _, dataset in survivors]
+    per cohort of clients when the process trains cohorts.
+
+    `survivors`: (client id, its data set, its shuffle seed) triples. A
+    cohort is packed from the data arrays in the order the data set would
+    give (`cohort_work.pack_cohorts_from_arrays`), without reading it.
+    """
     settings = self.phase.built.cohort
-    if settings is None or not datasets:
-      return datasets
+    if settings is None or not survivors:
+      return [dataset for _, dataset, _ in survivors]
     from tff_feddst import cohort_work  # pylint: disable=g-import-not-at-top
 
-    batch = self.config.batch_size
-    per_epoch = [
-        -(-self.fed_data.num_train_examples(cid) // batch) for cid, _ in survivors
-    ]
-    return cohort_work.pack_cohorts(
-        datasets, self.config.local_epochs, per_epoch, batch,
-        self.config.cohort_size or self._default_cohort_size(len(datasets)),
+    return cohort_work.pack_cohorts_from_arrays(
+        self.fed_data, [(cid, shuffle_seed) for cid, _, shuffle_seed in survivors],
+        self.config.local_epochs, self.config.batch_size,
+        self.config.cohort_size or self._default_cohort_size(len(survivors)),
     )
 
   def _default_cohort_size(self, num_clients: int) -> int:
@@ -233,7 +235,7 @@ class RoundStep:
 
   def run_clients(self, state, survivors):
     """(state, outcome, skipped): `process.next` on the surviving
-    (client id, data set) pairs, accepted or not."""
+    (client id, data set, shuffle seed) triples, accepted or not."""
     built = self.phase.built
     if not survivors:
       return _advance_client_round(state), _ClientsOutcome(), True
@@ -251,11 +253,14 @@ class RoundStep:
     built, ledger = self.phase.built, self.ledger
     client_ids = self.sample_clients()
     datasets = self.client_datasets(client_ids, round_num)
+    seeds = self.client_seeds(round_num, len(client_ids))
     failed = self.draw_failures(round_num, len(client_ids))
     download_bits = ledger.download(
         client_ids, built.kept_in_round(process_round(state)) if built.sparse else None
     )
-    survivors = [(c, d) for c, d, f in zip(client_ids, datasets, failed) if not f]
+    survivors = [
+        (c, d, s) for c, d, s, f in zip(client_ids, datasets, seeds, failed) if not f
+    ]
     state, outcome, skipped = self.run_clients(state, survivors)
     upload_bits = 0
     if survivors:
