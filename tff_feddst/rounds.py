@@ -213,7 +213,8 @@ class RoundStep:
     """The TFF client values of the round: a data set per client, or
     per cohort of clients when the process trains cohorts.
 
-    `survivors`: (client id, its data set, its shuffle seed) triples. A
+    `survivors`: (client id, its data set (None for cohorts), its shuffle
+    seed) triples. A
     cohort is packed from the data arrays in the order the data set would
     give (`cohort_work.pack_cohorts_from_arrays`), without reading it.
     """
@@ -252,7 +253,12 @@ class RoundStep:
     wire_start = remote.wire_bytes()
     built, ledger = self.phase.built, self.ledger
     client_ids = self.sample_clients()
-    datasets = self.client_datasets(client_ids, round_num)
+    # Cohorts are packed from the data arrays (`client_inputs`), not read
+    # from the clients' data sets.
+    datasets = (
+        self.client_datasets(client_ids, round_num)
+        if built.cohort is None else [None] * len(client_ids)
+    )
     seeds = self.client_seeds(round_num, len(client_ids))
     failed = self.draw_failures(round_num, len(client_ids))
     download_bits = ledger.download(
