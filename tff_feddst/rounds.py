@@ -214,9 +214,8 @@ class RoundStep:
     per cohort of clients when the process trains cohorts.
 
     `survivors`: (client id, its data set (None for cohorts), its shuffle
-    seed) triples. A
-    cohort is packed from the data arrays in the order the data set would
-    give (`cohort_work.pack_cohorts_from_arrays`), without reading it.
+    seed) triples. A cohort is packed from the data arrays in the order the
+    data set would give (`cohort_work.pack_cohorts_from_arrays`).
     """
     settings = self.phase.built.cohort
     if settings is None or not survivors:
