@@ -1,7 +1,7 @@
 """The cohort client work: a TFF client is a cohort of clients trained at once.
 
 With `--client_execution=cohort` the driver packs the round's clients into
-cohorts (`pack_cohorts`); each cohort is one value at `tff.CLIENTS`: a
+cohorts (`pack_cohorts_from_arrays`); each cohort is one value at `tff.CLIENTS`: a
 sequence of steps, each holding every client's batch of that step
 (`cohort.Packed`). The cohort's TF computation trains its clients as one
 computation (`cohort.train`), readjusts each client's mask (batched prune
@@ -67,7 +67,9 @@ def pack_cohorts(datasets, epochs: int, batches_per_epoch: Sequence[int], batch_
 
   `datasets[c]` is client c's one-epoch data set (shuffled anew each
   epoch); its E epochs are read in the order the per-client computation
-  would read them (`dataset.repeat(E)`).
+  would read them (`dataset.repeat(E)`). Runs pack from the data arrays
+  instead (`pack_cohorts_from_arrays`, the same cohorts without reading
+  the data sets); this is its reference in the tests.
   """
   client_epochs = []
   for dataset, per_epoch in zip(datasets, batches_per_epoch):
