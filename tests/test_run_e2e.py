@@ -113,15 +113,13 @@ def test_a_run_on_a_process_built_earlier_equals_one_on_a_fresh_build(
   from tff_feddst import phases  # pylint: disable=g-import-not-at-top
   from tff_feddst import training  # pylint: disable=g-import-not-at-top
 
-  def run(name, **changes):
-    settings = dict(
+  def run(name):
+    config = config_lib.ExperimentConfig(
         algorithm="feddst", total_clients=20, clients_per_round=3, local_epochs=1,
         rounds=1, eval_every=1, rounds_between_readjustments=1,
         readjustment_end_round=2, seed=6, output_dir=str(tmp_path / name),
     )
-    training.run_experiment(
-        config_lib.ExperimentConfig(**{**settings, **changes}), log=lambda line: None
-    )
+    training.run_experiment(config, log=lambda line: None)
     with open(tmp_path / name / "metrics.csv") as f:
       rows = [{k: v for k, v in r.items() if k != "round_seconds"} for r in csv.DictReader(f)]
     model = tf.keras.models.load_model(tmp_path / name / "final_model.keras")
