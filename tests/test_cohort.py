@@ -271,6 +271,10 @@ def test_cohort_gradual_sparsification_equals_per_client():
 
 # ------------------------------------------- dense: FedAvg, FedAvgM, FedProx
 
+# Large enough that the proximal term moves the weights well past the
+# tolerance within two rounds (FedProx's default is 0.01).
+PROX_MU = 0.5
+
 
 def _dense_pair(name):
   """(the per-client process, the cohort process, their initial states)."""
@@ -281,11 +285,16 @@ def _dense_pair(name):
   client = optimizers.build_sgdw(0.05, 0.9, 0.001)
   momentum = 0.9 if name == "fedavgm" else None
   server = lambda: tff.learning.optimizers.build_sgdm(1.0, momentum=momentum)  # noqa: E731
-  # The reference: TFF's own FedAvg.
-  ref = tff.learning.algorithms.build_weighted_fed_avg(
-      model_fn, client_optimizer_fn=client, server_optimizer_fn=server()
-  )
-  coh = cohort_work.build_dense_cohort_process(model_fn, initial, _settings(), server())
+  if name == "fedprox":
+    # The reference: our per-client FedProx (TFF 0.87's has the wrong sign).
+    ref = feddst.build_fedprox(model_fn, initial, client, server(), PROX_MU)
+  else:
+    # The reference: TFF's own FedAvg.
+    ref = tff.learning.algorithms.build_weighted_fed_avg(
+        model_fn, client_optimizer_fn=client, server_optimizer_fn=server()
+    )
+  mu = PROX_MU if name == "fedprox" else 0.0
+  coh = cohort_work.build_dense_cohort_process(model_fn, initial, _settings(), server(), prox_mu=mu)
   return ref, coh, ref.set_model_weights(ref.initialize(), initial), coh.initialize()
 
 
@@ -295,7 +304,7 @@ def _assert_same_dense_round(ref, coh, out_ref, out_coh):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedavgm"])
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedprox"])
 def test_cohort_fedavg_equals_tff_fedavg(name):
   ref, coh, s_ref, s_coh = _dense_pair(name)
   for round_num in (1, 2):

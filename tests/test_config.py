@@ -34,15 +34,17 @@ def test_algorithm_defaults_come_from_the_registry():
   assert _resolve(algorithm="structured_feddst", sparsity=0.9).sparsity == 0.9
 
 
-def test_client_execution_defaults_to_cohorts_where_the_algorithm_has_them():
-  assert _resolve(algorithm="feddst").client_execution == "cohort"
-  assert _resolve(algorithm="structured").client_execution == "cohort"  # its search
-  assert _resolve(algorithm="fedavg").client_execution == "cohort"
-  assert _resolve(algorithm="fedprox").client_execution == "per_client"  # no cohort engine
+def test_client_execution_defaults_to_cohorts_where_the_algorithm_has_them(monkeypatch):
+  for name in algorithms.ALGORITHMS:  # every algorithm has a cohort engine
+    assert _resolve(algorithm=name).client_execution == "cohort", name
   assert _resolve(algorithm="feddst", client_execution="per_client").client_execution == "per_client"
   structured = _resolve(algorithm="structured")
   assert structured.algorithm_config("structured_search").client_execution == "cohort"
   assert structured.algorithm_config("fedavg").client_execution == "cohort"
+  # An algorithm without one runs per client, and refuses cohorts.
+  without = dataclasses.replace(algorithms.REGISTRY["fedprox"], cohort=False)
+  monkeypatch.setattr(algorithms, "REGISTRY", {**algorithms.REGISTRY, "fedprox": without})
+  assert _resolve(algorithm="fedprox").client_execution == "per_client"
   with pytest.raises(config_lib.ConfigError, match="--client_execution=cohort is implemented for"):
     _resolve(algorithm="fedprox", client_execution="cohort")
 

@@ -15,9 +15,9 @@ module branches on an algorithm's name.
   has the proximal gradient's sign reversed). The dense algorithms
   aggregate through `aggregation.ValidatingMeanFactory` (TFF's weighted
   mean after the server's check of every update).
-- with `--client_execution=cohort` (the default) fedavg / fedavgm
-  are `cohort_work.build_dense_cohort_process`: the same blocks, a cohort
-  of clients trained as one computation per TFF client.
+- with `--client_execution=cohort` (the default) fedavg / fedavgm /
+  fedprox are `cohort_work.build_dense_cohort_process`: the same blocks, a
+  cohort of clients trained as one computation per TFF client.
 - feddst: `feddst.build_feddst` (sparse client work with readjustment, sparse
   voting aggregation, server re-prune); randommask: the same with
   readjustment ratio 0; snip / grasp: RandomMask whose fixed mask is chosen
@@ -143,9 +143,7 @@ _ENTRIES = (
     ),
     Algorithm(
         "fedprox", "FedProx (mu 0.01 unless --prox_mu)",
-        # No cohort engine yet: its cohort rounds differ from the per-client
-        # FedProx by up to 1e-4 in the weights (issue: cohorts for every algorithm).
-        "build_fedprox",
+        "build_fedprox", cohort=True,
         defaults=types.MappingProxyType({"prox_mu": 0.01}),
     ),
     Algorithm(
