@@ -7,8 +7,10 @@
 For each pool size N (--pools), clients per round K
 (--clients_per_round_list) and number of workers W (--worker_counts; 0:
 the one-machine run), runs `run.py --algorithm=fedavg` with one Fashion-MNIST
-training image per client (`--partition=pathological --classes_per_client=1
---examples_per_class=1`: 60,000 clients use the whole training split) and,
+training image per client (`_partition_flags`: up to 10,000 clients
+`--partition=pathological --classes_per_client=1 --examples_per_class=1`,
+which needs a test image of the client's class for each; 60,000 clients
+`--partition=iid`, one image each of the whole training split) and,
 for W > 0, W workers started with `python -m tff_feddst.worker` on loopback
 ports. Records the median `round_seconds` of the rounds after the first, the
 median `round_grpc_bytes`, and the peak RSS of the driver process alone
@@ -43,11 +45,16 @@ COLUMNS = (
     "round_grpc_bytes", "driver_peak_rss_mib", "wall_seconds",
 )
 
-_POOLS = flags.DEFINE_list("pools", ["400", "6000", "60000"], "Pool sizes N.")
-_KS = flags.DEFINE_list("clients_per_round_list", ["20", "100"], "Clients per round K.")
-_WORKERS = flags.DEFINE_list("worker_counts", ["0", "1", "2"], "Loopback workers (0: local).")
-_ROUNDS = flags.DEFINE_integer("rounds", 6, "Rounds per case (the first is not measured).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/workers", "Where outputs go.")
+
+
+def define_flags():
+  """The command line's flags (defined when run, not on import, so that a
+  test may import this module next to others that define flags)."""
+  flags.DEFINE_list("pools", ["400", "6000", "60000"], "Pool sizes N.")
+  flags.DEFINE_list("clients_per_round_list", ["20", "100"], "Clients per round K.")
+  flags.DEFINE_list("worker_counts", ["0", "1", "2"], "Loopback workers (0: local).")
+  flags.DEFINE_integer("rounds", 6, "Rounds per case (the first is not measured).")
+  flags.DEFINE_string("output_dir", "runs/workers", "Where outputs go.")
 
 
 @contextlib.contextmanager
@@ -73,11 +80,27 @@ def loopback_workers(count: int):
       proc.wait(timeout=60)
 
 
+# Fashion-MNIST: training images, and test images of each of its 10 classes.
+TRAIN_IMAGES, TEST_IMAGES_PER_CLASS = 60000, 1000
+
+
+def _partition_flags(pool: int) -> list[str]:
+  """run.py flags that give each of `pool` clients one training image."""
+  if pool == TRAIN_IMAGES:
+    return ["--partition=iid"]
+  if pool <= 10 * TEST_IMAGES_PER_CLASS:
+    return ["--partition=pathological", "--classes_per_client=1", "--examples_per_class=1"]
+  raise ValueError(
+      f"pool {pool}: one image per client needs at most {10 * TEST_IMAGES_PER_CLASS}"
+      f" clients (pathological) or exactly {TRAIN_IMAGES} (iid)"
+  )
+
+
 def _driver_run(pool, k, addresses, out_dir, rounds) -> float:
   """Runs the driver; returns its peak RSS in MiB."""
   cmd = [
-      sys.executable, "run.py", "--algorithm=fedavg", "--partition=pathological",
-      "--classes_per_client=1", "--examples_per_class=1", f"--total_clients={pool}",
+      sys.executable, "run.py", "--algorithm=fedavg", *_partition_flags(pool),
+      f"--total_clients={pool}",
       f"--clients_per_round={k}", f"--rounds={rounds}", f"--eval_every={rounds}",
       f"--checkpoint_every={rounds}", f"--workers={','.join(addresses)}",
       f"--output_dir={out_dir}",
@@ -113,21 +136,25 @@ def measure(pool: int, k: int, workers: int, rounds: int, output_dir: str) -> di
 
 def main(argv):
   del argv
+  opts = flags.FLAGS
+  for pool in map(int, opts.pools):
+    _partition_flags(pool)  # a pool it cannot measure fails before any run
   results = []
-  for pool in map(int, _POOLS.value):
-    for k in map(int, _KS.value):
-      for workers in map(int, _WORKERS.value):
+  for pool in map(int, opts.pools):
+    for k in map(int, opts.clients_per_round_list):
+      for workers in map(int, opts.worker_counts):
         if k > pool:
           continue
-        results.append(measure(pool, k, workers, _ROUNDS.value, _OUTPUT_DIR.value))
+        results.append(measure(pool, k, workers, opts.rounds, opts.output_dir))
         print(results[-1], flush=True)
   text = io.StringIO()
   writer = csv.DictWriter(text, COLUMNS)
   writer.writeheader()
   writer.writerows(results)
-  files.write_atomic(os.path.join(_OUTPUT_DIR.value, "workers.csv"), text.getvalue())
+  files.write_atomic(os.path.join(opts.output_dir, "workers.csv"), text.getvalue())
   print(text.getvalue())
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

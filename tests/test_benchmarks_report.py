@@ -89,3 +89,22 @@ def test_quick_settings_readjust_and_are_described_as_run(tmp_path):
       "Fashion-MNIST, pathological split (400 clients x 2 classes), 20 clients per round, "
       "10 local epochs"
   )
+
+
+def test_the_pool_benchmark_gives_every_client_one_training_image(fashion_mnist_available):
+  """`benchmarks.workers` measures pools of clients of one image each."""
+  from benchmarks import workers  # pylint: disable=g-import-not-at-top
+  from tff_feddst import data  # pylint: disable=g-import-not-at-top
+
+  for pool in (400, 10000, 60000):
+    values = dict(
+        flag.removeprefix("--").split("=") for flag in workers._partition_flags(pool)  # pylint: disable=protected-access
+    )
+    fed = data.load_federated_data(
+        "fashion_mnist", values.pop("partition"), total_clients=pool,
+        **{k: int(v) for k, v in values.items()},
+    )
+    assert len(fed.client_ids) == pool
+    assert {len(idx) for idx in fed.partition.train} == {1}, pool
+  with pytest.raises(ValueError, match="one image per client"):
+    workers._partition_flags(20000)  # pylint: disable=protected-access
