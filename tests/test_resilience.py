@@ -482,11 +482,19 @@ def _file_list(out):
 @pytest.mark.parametrize(
     "damage, changes, mentions", [d[1:] for d in DAMAGE], ids=[d[0] for d in DAMAGE]
 )
-def test_damaged_or_mismatched_resume_is_one_line(finished_run, tmp_path, damage, changes, mentions):
-  """In this process: the rerun raises one of the errors run.py prints as one line."""
+def test_damaged_or_mismatched_resume_is_one_line(
+    finished_run, tmp_path, monkeypatch, damage, changes, mentions
+):
+  """In this process: the rerun raises one of the errors run.py prints as
+  one line, before it builds the learning process."""
   out = _damaged_copy(finished_run, tmp_path, damage)
   before = _file_list(out)
   config = _tiny_config(out, **{"rounds": 3, "seed": 4, **changes})
+
+  def not_before_the_checks(*args, **kwargs):
+    raise AssertionError("the process was built before the resume checks")
+
+  monkeypatch.setattr(phases, "build_phase", not_before_the_checks)
   with pytest.raises(ONE_LINE_ERRORS) as raised:
     training.run_experiment(config, log=lambda line: None)
   message = str(raised.value)

@@ -70,6 +70,27 @@ class RunCheckpoints:
     }
     asyncio.run(self._manager.save(program_state, round_num))
 
+  def _unreadable(self, path: str, e: Exception) -> CheckpointError:
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return CheckpointError(
+        f"checkpoint {path} cannot be read ({type(e).__name__}: {first_line}); "
+        "delete it to resume from an earlier one, or delete the output "
+        "directory to start over"
+    )
+
+  def check_readable(self, round_num: int) -> None:
+    """Reads every saved array of version `round_num` (CheckpointError if
+    one cannot be read), before the process it restores is built: a
+    damaged checkpoint answers in seconds. `restore` checks the rest
+    (structure, shapes, the round)."""
+    path = os.path.join(self.root_dir, f"{PREFIX}{round_num}")
+    try:
+      reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+      for name in reader.get_variable_to_shape_map():
+        reader.get_tensor(name)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unreadable(path, e) from None
+
   def restore(self, round_num: int, template_state) -> Restored:
     """Loads version `round_num` into the structure of `template_state`."""
     template = [np.asarray(x) for x in tf.nest.flatten(template_state)]
@@ -92,12 +113,7 @@ class RunCheckpoints:
       extras = json.loads(extras)
       saved_round = int(loaded["round"])
     except Exception as e:  # pylint: disable=broad-except
-      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      raise CheckpointError(
-          f"checkpoint {path} cannot be read ({type(e).__name__}: {first_line}); "
-          "delete it to resume from an earlier one, or delete the output "
-          "directory to start over"
-      ) from None
+      raise self._unreadable(path, e) from None
     if saved_round != round_num:
       raise CheckpointError(f"checkpoint {path} holds round {saved_round}")
     state = tf.nest.pack_sequence_as(template_state, arrays)

@@ -151,6 +151,9 @@ def _start(context: RunContext, checkpoints) -> Run:
   number, found = 1, None
   if resume_round is not None:
     _check_resumable(context, resume_round)
+    # Damaged files answer before the process is built (seconds, not minutes).
+    checkpoints.check_readable(resume_round)
+    outputs.check_metrics(config.output_dir, resume_round)
     number += sum(resume_round > last for last in config.phase_rounds()[:-1])
     if number > 1:
       from tff_feddst import structured  # pylint: disable=g-import-not-at-top
@@ -163,7 +166,6 @@ def _start(context: RunContext, checkpoints) -> Run:
   extras = {}
   if resume_round is not None:
     restored = checkpoints.restore(resume_round, state)
-    outputs.check_metrics(config.output_dir, resume_round)
     state, extras = restored.state, restored.extras
     ledger.load_state(extras["ledger"])
     sampler.bit_generator.state = extras["sampler"]
