@@ -13,8 +13,11 @@ S = 0.8, alpha 0.05, Delta_R 10, R_end 100):
   --clients_per_round_list entry, with 7 examples per class (14 per client)
   so that 4000 clients fit in Fashion-MNIST's 6,000 images per class: the
   round cost should depend on K, not N;
-- local examples processed per second, peak RSS (Python plus its children,
-  i.e. TFF's worker_binary), the cost of one `phases.Evaluator.evaluate`;
+- local examples processed per second, the training arithmetic's GFLOP/s
+  (3 x the dense network's forward FLOPs per example) and its share of the
+  float32 matmul rate measured at the start of the same run, peak RSS
+  (Python plus its children, i.e. TFF's worker_binary), the cost of one
+  `phases.Evaluator.evaluate`;
 - a decomposition of a round (see METHOD below) and a cProfile attribution
   of the driver-side Python time.
 
@@ -248,6 +251,9 @@ CSV_COLUMNS = (
     "readjust_round_seconds_median",
     "plain_round_seconds_median",
     "examples_per_second",
+    "training_gflops_per_second",
+    "matmul_gflops_per_second",
+    "matmul_share",
     "start_rss_mib",
     "peak_rss_mib",
     "peak_worker_rss_mib",
@@ -773,6 +779,8 @@ def time_evaluation(bench: Bench, settings: SpeedSettings) -> float:
 
 def _speed_figures(bench: Bench, case: Case, settings: SpeedSettings, rounds) -> dict:
   """The speed.csv columns read off the timed rounds."""
+  from tff_feddst import costs  # pylint: disable=g-import-not-at-top
+
   measured = rounds[1:]
   seconds = [r["round_seconds"] for r in measured]
   round_median = _median(seconds)
@@ -800,7 +808,38 @@ def _speed_figures(bench: Bench, case: Case, settings: SpeedSettings, rounds) ->
       "readjust_round_seconds_median": _median(readjust_times) if readjust_times else "",
       "plain_round_seconds_median": _median(plain_times) if plain_times else "",
       "examples_per_second": examples_per_round * settings.local_epochs / round_median,
+      "training_gflops_per_second": (
+          TRAINING_FLOPS_PER_FORWARD * costs.forward_flops(bench.phase.dense_flops)
+          * examples_per_round * settings.local_epochs / round_median / 1e9
+      ),
   }
+
+
+# A training example's arithmetic: the forward pass, the gradient with
+# respect to the activations and the gradient with respect to the weights,
+# each about the forward pass's FLOPs. Both client engines compute every
+# layer dense (a mask multiplies, it does not skip), so the dense network's
+# forward FLOPs count at every sparsity.
+TRAINING_FLOPS_PER_FORWARD = 3
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 20, trials: int = 3) -> float:
+  """This machine's float32 matmul rate now (GFLOP/s, best of `trials`):
+  the yardstick of the achieved rates, measured in the same run because the
+  machine's speed varies from day to day."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  a = tf.random.stateless_normal([size, size], seed=[0, 1])
+  b = tf.random.stateless_normal([size, size], seed=[0, 2])
+  tf.matmul(a, b).numpy()
+  best = 0.0
+  for _ in range(trials):
+    start = time.perf_counter()
+    for _ in range(repeats):
+      c = tf.matmul(a, b)
+    c.numpy()
+    best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9)
+  return best
 
 
 def measure_case(algorithm: str, case: Case, context, settings: SpeedSettings,
@@ -840,7 +879,8 @@ def measure_case(algorithm: str, case: Case, context, settings: SpeedSettings,
   round_rows = [{"algorithm": algorithm, **data_columns, **r} for r in rounds]
   log(
       f"[speed] {bench.tag}: {row['round_seconds_median']:.2f} s/round (median of "
-      f"{row['measured_rounds']}), {row['examples_per_second']:.0f} examples/s, peak RSS "
+      f"{row['measured_rounds']}), {row['examples_per_second']:.0f} examples/s "
+      f"({row['training_gflops_per_second']:.1f} GFLOP/s), peak RSS "
       f"{peak:.0f} MiB (worker {peak_workers:.0f} MiB)"
       + (f", readjusted in round(s) {row['readjusted_rounds']}" if row["readjusted_rounds"] else "")
   )
@@ -1068,8 +1108,9 @@ def _speed_table(rows) -> list[str]:
       "## Seconds per round",
       "",
       "| algorithm | N | K | ex/client | s/round (median) | min-max | rounds (readjusted) "
-      "| readjust / plain s | examples/s | peak RSS MiB (worker; at start) | eval s | eval / round |",
-      "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+      "| readjust / plain s | examples/s | GFLOP/s (share of matmul) "
+      "| peak RSS MiB (worker; at start) | eval s | eval / round |",
+      "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
   ]
   for r in rows:
     readj = r["readjusted_rounds"]
@@ -1080,6 +1121,8 @@ def _speed_table(rows) -> list[str]:
         f"| {r['process_rounds']}{f' ({readj})' if readj else ''} "
         f"| {_fmt(r['readjust_round_seconds_median'])} / {_fmt(r['plain_round_seconds_median'])} "
         f"| {_fmt(r['examples_per_second'], '.0f')} "
+        f"| {_fmt(r['training_gflops_per_second'], '.1f')} "
+        f"({_fmt(100 * r['matmul_share'], '.0f')}% of {_fmt(r['matmul_gflops_per_second'], '.0f')}) "
         f"| {_fmt(r['peak_rss_mib'], '.0f')} ({_fmt(r['peak_worker_rss_mib'], '.0f')}; "
         f"{_fmt(r['start_rss_mib'], '.0f')}) "
         f"| {_fmt(r['eval_seconds'], '.3f')} | {_fmt(r['eval_to_round_ratio'], '.3f')} |"
@@ -1232,6 +1275,8 @@ def run_speed(settings: SpeedSettings, output_dir: str,
   t_start = time.perf_counter()
   check_partitions(settings)
   rows, round_rows, profiles = [], [], []
+  matmul = matmul_gflops()
+  log(f"[speed] float32 matmul: {matmul:.0f} GFLOP/s")
   with MemorySampler() as memory:
     for case in cases(settings):
       # The data (one load per configuration, shared by the algorithms).
@@ -1241,6 +1286,10 @@ def run_speed(settings: SpeedSettings, output_dir: str,
       for algorithm in settings.algorithms:
         row, rounds, profile_text = measure_case(
             algorithm, case, context, settings, memory, log
+        )
+        row.update(
+            matmul_gflops_per_second=matmul,
+            matmul_share=row["training_gflops_per_second"] / matmul,
         )
         rows.append(row)
         round_rows += rounds

@@ -94,6 +94,15 @@ def test_quick_speed_run_writes_positive_finite_figures(tmp_path, fashion_mnist_
   for column in finite:
     if row[column] != "":
       assert math.isfinite(float(row[column])), (column, row[column])
+  # mnist_cnn's forward pass by hand (2 FLOPs a multiply-add): conv1
+  # 5*5*1*10 at 24x24, conv2 5*5*10*20 at 18x18, dense 5120*50 and 50*10;
+  # a training example is 3 forward passes.
+  forward = 2 * (25 * 10 * 24 * 24 + 25 * 10 * 20 * 18 * 18 + 5120 * 50 + 50 * 10)
+  assert forward == 4_041_000
+  gflops = float(row["training_gflops_per_second"])
+  assert gflops == pytest.approx(3 * forward * float(row["examples_per_second"]) / 1e9, rel=1e-4)
+  matmul = float(row["matmul_gflops_per_second"])
+  assert matmul > 0 and float(row["matmul_share"]) == pytest.approx(gflops / matmul, abs=1e-6)
   parts = sum(float(row[f"{key}_seconds"]) for key, _ in speed.DECOMPOSITION)
   # The CSV rounds to 6 decimals.
   assert parts == pytest.approx(float(row["decomp_total_seconds"]), abs=1e-5)
