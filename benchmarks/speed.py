@@ -736,6 +736,9 @@ def build_bench(algorithm: str, case: Case, context, settings: SpeedSettings, lo
       f"{2 * case.examples_per_class} ex/client E={settings.local_epochs}"
   )
   start = time.perf_counter()
+  # Every configuration builds its own process: the blocks are captured as
+  # they are composed, and the build time is part of the figures.
+  phases.clear_built_cache()
   with capture_composed_blocks() as captured:
     phase = phases.build_phase(1, config, context, lambda line: log(f"[speed] {line}"))
   if not captured:

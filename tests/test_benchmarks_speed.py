@@ -114,3 +114,19 @@ def test_quick_speed_run_writes_positive_finite_figures(tmp_path, fashion_mnist_
   assert not list(tmp_path.glob("*.tmp"))
   # The worker was stopped after the configuration.
   assert not runtime.tff_worker_processes()
+
+
+def test_each_configuration_builds_and_captures_its_own_process(tmp_path, fashion_mnist_available):
+  """Two K with the same algorithm: the second is not handed the process
+  the first built (`phases.build_algorithm` keeps built processes)."""
+  from tff_feddst import training  # pylint: disable=g-import-not-at-top
+
+  first, second = (speed.Case("clients_per_round", 40, k, 1) for k in (2, 3))
+  context = training.load_context(
+      speed.experiment_config("fedavg", first, TINY, str(tmp_path)), lambda line: None
+  )
+  benches = [speed.build_bench("fedavg", case, context, TINY, lambda line: None)
+             for case in (first, second)]
+  assert benches[0].blocks is not benches[1].blocks
+  assert benches[0].phase.built.process is not benches[1].phase.built.process
+  runtime.stop_tff_workers(restartable=True)
