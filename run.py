@@ -73,6 +73,9 @@ HELP = {
     "this by R_end, in [--sparsity, 1) (default: --sparsity, no change).",
     "remember_old": "Sparse algorithms: a position of the global mask that no client voted "
     "for keeps its previous value instead of 0.",
+    "mask_block": "Sparse algorithms: mask the dense kernels in blocks of 1 output x 4 (or 16) "
+    "inputs, the blocks TFLite's sparse fully-connected kernel runs (float32: 1x4, int8: "
+    "1x16); convolutions and dense kernels whose inputs do not divide stay element-wise.",
     "min_votes": "Clients that must keep a weight for it to survive aggregation.",
     "upload_dtype": "Precision of uploaded weights (float16: "
     + ", ".join(a.name for a in algorithms.REGISTRY.values() if a.float16_upload)

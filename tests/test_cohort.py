@@ -214,6 +214,44 @@ def test_cohort_feddst_equals_per_client_feddst(upload_dtype):
     s_ref, s_coh = out_ref.state, out_coh.state
 
 
+@pytest.mark.parametrize("mask_block", [4, 16])
+def test_block_feddst_cohort_equals_per_client_and_keeps_whole_blocks(mask_block):
+  """--mask_block: dense1 (1024 inputs) is masked in blocks at 1x4 and
+  1x16, logits (8 inputs) at 1x4 only. Two readjusting rounds: both engines
+  agree, and every mask holds whole blocks at exactly its budget."""
+  layout = sparse_model.build_layout(sparse_model.wrap_prunable(_keras()), 0.6, "erk", mask_block)
+  assert layout.all_rows == ((1, 1, 4, 4) if mask_block == 4 else (1, 1, 16, 1))
+  assert layout.budgets[2] < 1024 * 8  # dense1 is sparse: its blocks must move
+  initial = sparse_model.initial_model_weights(_keras, 0, layout)
+  common = dict(
+      local_epochs=EPOCHS, readjustment_ratio=0.3, rounds_between_readjustments=1,
+      readjustment_end_round=5,
+  )
+  model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=True)
+  optimizer = optimizers.build_sgdw(0.05, 0.9, 0.001)
+  ref = feddst.build_feddst(model_fn, layout, initial, optimizer, **common)
+  coh = feddst.build_feddst(model_fn, layout, initial, optimizer, cohort=_settings(), **common)
+  s_ref, s_coh = ref.initialize(), coh.initialize()
+  masks_before = [initial.non_trainable[i] for i in layout.mask_index]
+  for round_num in (1, 2):
+    out_ref = ref.next(s_ref, _datasets(round_num))
+    out_coh = coh.next(s_coh, _cohorts(_datasets(round_num)))
+    assert int(out_coh.metrics["client_work"]["clients"]["mask_changed"]) > 0
+    _assert_same_round(ref, coh, out_ref, out_coh, layout.mask_index)
+    s_ref, s_coh = out_ref.state, out_coh.state
+  weights = ref.get_model_weights(s_ref)
+  for slot, i in enumerate(layout.mask_index):
+    mask, rows = np.asarray(weights.non_trainable[i]), layout.rows(slot)
+    assert mask.sum() == layout.budgets[slot] and layout.budgets[slot] % rows == 0
+    if rows > 1:
+      grid = mask.reshape(mask.shape[0] // rows, rows, -1)
+      np.testing.assert_array_equal(grid.min(axis=1), grid.max(axis=1))
+      if slot == 2:  # dense1's global blocks moved
+        assert not np.array_equal(mask, masks_before[slot])
+    kernel = np.asarray(weights.trainable[layout.kernel_index[slot]])
+    assert np.all(kernel[mask == 0] == 0)
+
+
 def test_a_nan_client_in_a_cohort_is_rejected_like_a_single_client():
   layout = sparse_model.build_layout(sparse_model.wrap_prunable(_keras()), 0.5, "erk")
   initial = sparse_model.initial_model_weights(_keras, 1, layout)

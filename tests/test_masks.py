@@ -578,3 +578,144 @@ def test_sparsity_of_random_erk_masks_is_close_to_target():
       total = sum(_size(sh) for sh in shapes)
       assert masks.sparsity_of(m) == pytest.approx(1 - sum(budgets) / total, abs=1e-12)
       assert s <= masks.sparsity_of(m) <= s + len(shapes) / total
+
+
+# ---------------------------------------------------------------------------
+# Block masks (--mask_block): a block is `rows` consecutive inputs of one
+# output of a dense kernel [n_in, n_out]. References below work on numpy
+# block sums written out here.
+# ---------------------------------------------------------------------------
+
+
+def _block_sums(x, rows):
+  n_in, n_out = x.shape
+  return np.abs(x).reshape(n_in // rows, rows, n_out).sum(axis=1)
+
+
+def _is_blockwise(mask, rows):
+  grid = mask.reshape(mask.shape[0] // rows, rows, mask.shape[1])
+  return bool((grid.min(axis=1) == grid.max(axis=1)).all())
+
+
+def test_block_rows_only_for_dense_kernels_whose_inputs_divide():
+  assert masks.layer_rows(MNIST_SHAPES, 4) == [1, 1, 4, 1]  # 50 inputs: element-wise
+  assert masks.layer_rows(MNIST_SHAPES, 16) == [1, 1, 16, 1]
+  assert masks.layer_rows(CIFAR10_SHAPES, 4) == [1, 1, 4, 4, 4]
+  assert masks.layer_rows(CIFAR10_SHAPES, 16) == [1, 1, 16, 1, 1]
+  assert masks.layer_rows(MNIST_SHAPES, 1) == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("rows", [4, 16])
+def test_block_budgets_are_whole_blocks_of_the_element_budgets(rows):
+  per_layer = masks.layer_rows(CIFAR10_SHAPES, rows)
+  plain = masks.layer_budgets(CIFAR10_SHAPES, 0.8, "erk")
+  blocked = masks.layer_budgets(CIFAR10_SHAPES, 0.8, "erk", per_layer)
+  for b, p, r in zip(blocked, plain, per_layer):
+    assert b % r == 0
+    assert b == r * (p // r)  # floor(d * size / r) blocks (d * size is not an integer here)
+  # The mnist network at 1x4 by hand: dense1 keeps floor(51245.2 / 4) = 12811 blocks.
+  assert masks.layer_budgets(MNIST_SHAPES, 0.8, "erk", [1, 1, 4, 1]) == [208, 396, 4 * 12811, 500]
+
+
+def test_block_random_masks_draw_whole_blocks_with_exact_budgets():
+  rows = masks.layer_rows(MNIST_SHAPES, 4)
+  budgets = masks.layer_budgets(MNIST_SHAPES, 0.8, "erk", rows)
+  drawn = masks.random_masks(MNIST_SHAPES, budgets, 3, rows)
+  for mask, budget, r in zip(drawn, budgets, rows):
+    assert int(mask.sum()) == budget
+    if r > 1:
+      assert _is_blockwise(mask, r)
+  # Element-wise masks of the same seed are not block-structured.
+  plain = masks.random_masks(MNIST_SHAPES, budgets, 3)
+  assert not _is_blockwise(plain[2], 4)
+
+
+def test_block_readjust_by_hand():
+  # Kernel [8, 2] in blocks of 4 rows: a 2 x 2 block grid.
+  w = np.zeros((8, 2), np.float32)
+  w[0:4, 0] = [0.5, -0.5, 0.5, 0.5]  # block (0, 0): sum |w| 2.0
+  w[0:4, 1] = [0.1, 0.1, -0.1, 0.1]  # block (0, 1): 0.4, the smallest
+  w[4:8, 0] = [1.0, 0.0, 0.0, 0.0]  # block (1, 0): 1.0 (one large entry)
+  mask = np.zeros((8, 2), np.float32)
+  mask[0:4, :] = 1.0
+  mask[4:8, 0] = 1.0  # block (1, 1) is inactive
+  g = np.zeros((8, 2), np.float32)
+  g[4:8, 1] = 0.3  # block (1, 1): sum |g| 1.2
+  g[0:4, 1] = [0.2, 0.2, 0.2, -0.2]  # block (0, 1): 0.8
+  g[0:4, 0] = 9.0  # active: never a regrowth candidate
+  new_mask, new_w = (_np(t) for t in masks.readjust(tf.constant(w), tf.constant(mask), tf.constant(g), 4, rows=4))
+  want_mask = np.zeros((8, 2), np.float32)
+  want_mask[0:4, 0] = 1.0
+  want_mask[4:8, :] = 1.0
+  np.testing.assert_array_equal(new_mask, want_mask)
+  want_w = w.copy()
+  want_w[0:4, 1] = 0.0  # pruned
+  np.testing.assert_array_equal(new_w, want_w)  # block (1, 1) enters at zero
+  # The pruned block regrows when its gradient is the largest: it keeps its values.
+  g[0:4, 1] = 0.5
+  new_mask, new_w = (_np(t) for t in masks.readjust(tf.constant(w), tf.constant(mask), tf.constant(g), 4, rows=4))
+  np.testing.assert_array_equal(new_mask, mask)
+  np.testing.assert_array_equal(new_w, w)
+
+
+def _numpy_block_readjust(w, mask, g, k_blocks, rows):
+  """Prune the k active blocks of least sum |w|, then grow the k inactive
+  blocks of largest sum |g| (ties: lower flat block index)."""
+  grid_mask = _block_sums(mask, rows) > 0
+  w_sums = _block_sums(w, rows).ravel()
+  active = np.flatnonzero(grid_mask.ravel())
+  pruned = grid_mask.ravel().copy()
+  pruned[active[np.argsort(w_sums[active], kind="stable")[:k_blocks]]] = False
+  inactive = np.flatnonzero(~pruned)
+  g_sums = _block_sums(g, rows).ravel()
+  grown = pruned.copy()
+  grown[inactive[np.argsort(-g_sums[inactive], kind="stable")[:k_blocks]]] = True
+  new_mask = np.repeat(grown.reshape(grid_mask.shape), rows, axis=0).astype(np.float32)
+  return new_mask, w * new_mask * (1 - new_mask * (1 - mask))
+
+
+@pytest.mark.parametrize("rows", [4, 16])
+def test_block_readjust_random_against_numpy(rows):
+  rng = np.random.default_rng(rows)
+  for _ in range(10):
+    n_in, n_out = rows * 6, 5
+    grid = rng.random((6, n_out)) < 0.4
+    mask = np.repeat(grid, rows, axis=0).astype(np.float32)
+    w = rng.normal(size=(n_in, n_out)).astype(np.float32) * mask
+    g = rng.normal(size=(n_in, n_out)).astype(np.float32)
+    k_blocks = int(rng.integers(0, grid.sum() + 1))
+    got_mask, got_w = masks.readjust(tf.constant(w), tf.constant(mask), tf.constant(g), k_blocks * rows, rows=rows)
+    want_mask, want_w = _numpy_block_readjust(w, mask, g, k_blocks, rows)
+    np.testing.assert_array_equal(_np(got_mask), want_mask)
+    np.testing.assert_array_equal(_np(got_w), want_w)
+    assert _np(got_mask).sum() == mask.sum()  # the budget is kept exactly
+
+
+def test_block_vote_and_reprune_keep_whole_blocks_and_the_budget():
+  """Three clients' block masks voted (support = vote share) and re-pruned
+  to 5 blocks: the supported blocks of largest sum |v|, against numpy."""
+  rng = np.random.default_rng(7)
+  rows, n_in, n_out = 4, 24, 3
+  client_masks = [np.repeat(rng.random((6, n_out)) < 0.35, rows, axis=0).astype(np.float32) for _ in range(3)]
+  client_values = [rng.normal(size=(n_in, n_out)).astype(np.float32) * m for m in client_masks]
+  weights = [3.0, 1.0, 2.0]
+  votes = sum(n * m for n, m in zip(weights, client_masks))
+  values = np.divide(
+      sum(n * v for n, v in zip(weights, client_values)), votes,
+      out=np.zeros_like(votes), where=votes > 0,
+  )
+  support = votes / sum(weights)
+  got = _np(masks.keep_top_k(tf.constant(values), tf.constant(support), 5 * rows, rows=rows))
+  assert _is_blockwise(got, rows) and got.sum() == 5 * rows
+  supported = (_block_sums(support, rows) > 0).ravel()
+  sums = np.where(supported, _block_sums(values, rows).ravel(), -1.0)
+  want = np.zeros(sums.shape, np.float32)
+  want[np.argsort(-sums, kind="stable")[:5]] = 1.0
+  np.testing.assert_array_equal(got, np.repeat(want.reshape(6, n_out), rows, axis=0))
+
+
+def test_num_to_readjust_in_whole_blocks():
+  # alpha 0.05 of 12,811 blocks: round(640.55) = 641 blocks of 4.
+  assert int(masks.num_to_readjust(0.05, 4 * 12811, 4)) == 4 * 641
+  got = masks.num_to_readjust(0.05, tf.constant([208, 51244]), tf.constant([1, 4]))
+  np.testing.assert_array_equal(got, [10, 2564])

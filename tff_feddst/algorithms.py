@@ -58,6 +58,8 @@ class AlgorithmConfig:
   # A position no client voted for keeps its previous global value.
   remember_old: bool = False
   min_votes: int = 1
+  # Masks of dense kernels in blocks (names.MASK_BLOCKS; "none": element-wise).
+  mask_block: str = "none"
   upload_dtype: str = "float32"
   seed: int = 0
   structured_boundary: float = 0.95
@@ -101,6 +103,8 @@ class Algorithm:
   retrain_with: str | None = None
   # Has a cohort client work (`--client_execution=cohort`).
   cohort: bool = False
+  # Accepts `--mask_block` (its masks are drawn and readjusted in blocks).
+  block_masks: bool = False
   # The name of the function in `builders` that makes the driver's
   # `phases.Phase` for this process (None: the plain `phases.Phase`).
   phase_maker: str | None = None
@@ -149,10 +153,12 @@ _ENTRIES = (
     Algorithm(
         "feddst", "FedDST: sparse training with mask readjustment",
         "build_feddst", sparse=True, float16_upload=True, cohort=True,
+        block_masks=True,
     ),
     Algorithm(
         "randommask", "FedDST with readjustment ratio 0 (a fixed random mask)",
         "build_randommask", sparse=True, float16_upload=True, cohort=True,
+        block_masks=True,
     ),
     Algorithm(
         "snip", "SNIP: RandomMask with the mask of largest |g * w| on one mini-batch",

@@ -18,6 +18,7 @@ from tff_feddst import aggregation
 from tff_feddst import costs
 from tff_feddst import feddst
 from tff_feddst import masks
+from tff_feddst import names
 from tff_feddst import optimizers
 from tff_feddst import pruning_init
 from tff_feddst import sparse_model
@@ -138,7 +139,7 @@ def gradual_budgets(config: AlgorithmConfig, layout) -> tuple | None:
     return None
   table = masks.budget_table(
       layout.kernel_shapes, config.sparsity, final, config.readjustment_end_round,
-      config.sparsity_distribution,
+      config.sparsity_distribution, layout.all_rows,
   )
   return tuple(tuple(row) for row in table)
 
@@ -151,6 +152,7 @@ def _build_sparse(readjusts: bool) -> Builder:
         sparse_model.wrap_prunable(keras_fn()),
         config.sparsity,
         config.sparsity_distribution,
+        names.MASK_BLOCK_ROWS[config.mask_block],
     )
     initial = sparse_model.initial_model_weights(keras_fn, config.seed, layout)
     server_optimizer = None
@@ -176,7 +178,7 @@ def _build_sparse(readjusts: bool) -> Builder:
         budget_table=table,
         remember_old=config.remember_old,
     )
-    size = costs.ModelSize(layout.num_prunable, layout.num_unmasked)
+    size = costs.ModelSize(layout.num_prunable, layout.num_unmasked, layout.num_mask_bits)
     value_bits = 16 if config.upload_dtype == "float16" else 32
     return BuiltAlgorithm(
         process, initial, layout, size, epochs_in_process=True,

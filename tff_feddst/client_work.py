@@ -87,9 +87,10 @@ def _train_locally(
 
 def _readjust_masks(
     model, loss_fn, trainable, mask_vars, kernel_index, dataset, num_examples,
-    local_epochs, num_to_readjust,
+    local_epochs, num_to_readjust, block_rows,
 ):
-  """Prunes and regrows num_to_readjust[l] weights of each masked kernel."""
+  """Prunes and regrows num_to_readjust[l] weights of each masked kernel
+  (in blocks of block_rows[l] where that is > 1)."""
   # Mean gradient of the task loss over the local data at the final
   # weights (dense: inactive positions get a gradient too).
   def accumulate(sums, batch):
@@ -108,6 +109,7 @@ def _readjust_masks(
         mask_vars[slot],
         grad_sums[slot] / denominator,
         num_to_readjust[slot],
+        block_rows[slot],
     )
     mask_vars[slot].assign(new_mask)
     trainable[i].assign(new_kernel)
@@ -180,7 +182,7 @@ def build_client_update(
     if tf.reduce_sum(num_to_readjust) > 0:
       _readjust_masks(
           model, loss_fn, trainable, mask_vars, kernel_index, dataset,
-          num_examples, local_epochs, num_to_readjust,
+          num_examples, local_epochs, num_to_readjust, layout.all_rows,
       )
     return _client_outputs(
         model, trainable, mask_vars, initial_masks, slot_of, num_examples,
@@ -240,7 +242,7 @@ def build_schedule(
     on_schedule = tf.equal((r - 1) % rounds_between_readjustments, 0)
     readjust = tf.logical_and(on_schedule, ratio > 0.0)
     budgets = round_budgets(table, r)
-    ks = masks_lib.num_to_readjust(ratio, budgets)
+    ks = masks_lib.num_to_readjust(ratio, budgets, layout.all_rows)
     ks = tf.where(readjust, ks, tf.zeros_like(ks))
     return collections.OrderedDict(
         round_num=r, readjustment_ratio=tf.where(readjust, ratio, 0.0), num_readjusted=ks,

@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from tff_feddst import masks as masks_lib
 from tff_feddst import wrappers
 
 _layers = tf.keras.layers
@@ -410,21 +411,34 @@ def _select_rows(scores, k):
   )
 
 
-def readjust(weights, mask, gradient, k):
+def readjust(weights, mask, gradient, k, rows: int = 1):
   """`masks.readjust` for every client at once (leading axis G).
 
   Per client: deactivate the k active positions of smallest |w|, then
   activate the k inactive ones of largest |gradient|; a newly active
   position starts at zero, one dropped and regrown keeps its value.
+  With block masks (`rows` > 1, k a multiple of rows) whole blocks go and
+  come, by their sums of |w| and |gradient| (`masks.pool_blocks`).
   Returns (new_mask, new_weights).
   """
   shape = tf.shape(weights)
-  w = tf.reshape(weights, [shape[0], -1])
-  m = tf.reshape(mask, [shape[0], -1])
-  grad = tf.reshape(gradient, [shape[0], -1])
+  g = shape[0]
+  if rows > 1:
+    k = tf.cast(k, tf.int32) // rows
+    w = tf.reshape(masks_lib.pool_blocks(weights, rows), [g, -1])
+    m = tf.reshape(tf.cast(masks_lib.pool_blocks(mask, rows) > 0, mask.dtype), [g, -1])
+    grad = tf.reshape(masks_lib.pool_blocks(gradient, rows), [g, -1])
+  else:
+    w = tf.reshape(weights, [g, -1])
+    m = tf.reshape(mask, [g, -1])
+    grad = tf.reshape(gradient, [g, -1])
   neg_inf = tf.constant(-np.inf, w.dtype)
   pruned = m * (1.0 - _select_rows(tf.where(m > 0, -tf.abs(w), neg_inf), k))
   grown = tf.minimum(pruned + _select_rows(tf.where(pruned > 0, neg_inf, tf.abs(grad)), k), 1.0)
-  new_positions = grown * (1.0 - m)
-  new_w = w * grown * (1.0 - new_positions)
-  return tf.reshape(grown, shape), tf.reshape(new_w, shape)
+  if rows > 1:
+    block_shape = tf.concat([shape[:-2], [shape[-2] // rows, shape[-1]]], 0)
+    grown = masks_lib.expand_blocks(tf.reshape(grown, block_shape), rows)
+  grown = tf.reshape(grown, shape)
+  new_positions = grown * (1.0 - mask)
+  new_w = weights * grown * (1.0 - new_positions)
+  return grown, new_w

@@ -168,7 +168,8 @@ def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate):
       for slot, i in enumerate(kernel_index):
         gradient = sums[slot] / tf.reshape(per_epoch, [-1] + [1] * (sums[slot].shape.rank - 1))
         mask, new_params[i] = cohort.readjust(
-            params[i], initial_masks[slot], gradient, num_to_readjust[slot]
+            params[i], initial_masks[slot], gradient, num_to_readjust[slot],
+            layout.rows(slot),
         )
         new_masks.append(mask)
       return tuple(new_params), tuple(new_masks)

@@ -30,6 +30,7 @@ CHOICES = {
     "model": model_names.MODEL_NAMES,
     "partition": names.PARTITIONS,
     "sparsity_distribution": names.DISTRIBUTIONS,
+    "mask_block": names.MASK_BLOCKS,
     "upload_dtype": ("float32", "float16"),
     "tflite_quantization": tflite_export.QUANTIZATION_MODES,
     "structured_relative_to": names.RELATIVE_TO,
@@ -215,6 +216,11 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
           f"--remember_old needs a sparse algorithm "
           f"({', '.join(a.name for a in algorithms.REGISTRY.values() if a.sparse)})"
       )
+    if self.mask_block != "none" and not self.spec.block_masks:
+      allowed = [a.name for a in algorithms.REGISTRY.values() if a.block_masks]
+      raise ConfigError(
+          f"--mask_block={self.mask_block} is implemented for {', '.join(allowed)} only"
+      )
     if self.client_execution == "cohort" and not any(p.cohort for p in self.spec.phases):
       allowed = [a.name for a in algorithms.REGISTRY.values() if any(p.cohort for p in a.phases)]
       raise ConfigError(
@@ -277,7 +283,7 @@ def _saved_before_setting_existed(key: str, saved: dict):
   """The value a run saved before setting `key` existed ran with."""
   if key == "final_sparsity":
     return saved.get("sparsity")
-  return {"readjustment_schedule": "cosine", "remember_old": False}.get(key)
+  return {"readjustment_schedule": "cosine", "remember_old": False, "mask_block": "none"}.get(key)
 
 
 def field_type(name: str) -> type:

@@ -3,7 +3,7 @@
 Bits are counted from what each message holds, not only from the formula:
 - a sparse model message holds the values at the active mask positions, the
   unmasked parameters (biases) and, when the receiver lacks it, the mask
-  (one bit per prunable weight);
+  (one bit per prunable weight, or per block of a block-masked layer);
 - a dense message holds every parameter.
 Download: the server knows which mask version each client last received, so
 the mask is charged only when it changed since then (a client new to
@@ -25,10 +25,19 @@ class ModelSize:
 
   num_prunable: int
   num_unmasked: int
+  # Bits of a mask message (None: one per prunable weight). Block masks
+  # (`--mask_block`) send one bit per block of a blocked layer.
+  mask_bits: int | None = None
 
   @property
   def num_params(self) -> int:
     return self.num_prunable + self.num_unmasked
+
+  @property
+  def mask_message_bits(self) -> int:
+    if self.mask_bits is None:
+      return MASK_BITS_PER_WEIGHT * self.num_prunable
+    return self.mask_bits
 
 
 def sparse_message_bits(
@@ -36,7 +45,7 @@ def sparse_message_bits(
 ) -> int:
   bits = value_bits * (active + size.num_unmasked)
   if with_mask:
-    bits += MASK_BITS_PER_WEIGHT * size.num_prunable
+    bits += size.mask_message_bits
   return bits
 
 
@@ -101,7 +110,7 @@ class CommunicationLedger:
     if self.sparse:
       total = self.upload_value_bits * (
           uploaded_values + num_clients * self.size.num_unmasked
-      ) + masks_sent * MASK_BITS_PER_WEIGHT * self.size.num_prunable
+      ) + masks_sent * self.size.mask_message_bits
     else:
       total = num_clients * dense_message_bits(self.size, self.upload_value_bits)
     self.cumulative_upload_bits += total

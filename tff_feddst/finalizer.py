@@ -102,7 +102,7 @@ def build_sparse_finalizer(
       budgets = [row[slot] for slot in range(len(layout.budgets))]
     new_masks = []
     for slot, i in enumerate(layout.kernel_index):
-      mask = masks_lib.keep_top_k(values[i], voted[i], budgets[slot])
+      mask = masks_lib.keep_top_k(values[i], voted[i], budgets[slot], layout.rows(slot))
       values[i] = values[i] * mask
       new_masks.append(mask)
     new_state, new_values = _server_step(

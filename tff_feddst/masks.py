@@ -11,6 +11,13 @@ Conventions
   fixed for the whole run.
 - Ties (equal magnitudes or gradients) are broken towards the lower flat
   index, as `tf.math.top_k` does, so every choice is deterministic.
+- Block masks (`--mask_block`, docs/algorithms.md section 3.7): a dense
+  kernel whose inputs divide by `rows` is masked in blocks of `rows`
+  consecutive inputs of one output, kernel[r * rows:(r + 1) * rows, o]
+  (TFLite transposes the kernel to [out, in], where this is a 1 x rows
+  block). Every choice is then made on the block grid [n_in / rows, n_out]
+  with a block's score the sum of its entries' |score|, and budgets and k
+  are multiples of `rows`. `rows` = 1 is the element-wise mask.
 """
 
 import math
@@ -68,31 +75,66 @@ def layer_densities(
   return [1.0 if i in dense else scale * raw[i] for i in range(len(shapes))]
 
 
+def block_rows(shape: Sequence[int], rows: int) -> int:
+  """Rows per mask block of a kernel under `--mask_block` with `rows` inputs
+  per block: `rows` for a dense kernel whose inputs divide by it, else 1
+  (convolutions and the other dense kernels stay element-wise)."""
+  if rows > 1 and len(shape) == 2 and shape[0] % rows == 0:
+    return rows
+  return 1
+
+
+def layer_rows(shapes: Sequence[Sequence[int]], rows: int) -> list[int]:
+  """`block_rows` of every layer."""
+  return [block_rows(shape, rows) for shape in shapes]
+
+
 def layer_budgets(
-    shapes: Sequence[Sequence[int]], sparsity: float, distribution: str = "erk"
+    shapes: Sequence[Sequence[int]], sparsity: float, distribution: str = "erk",
+    rows: Sequence[int] | None = None,
 ) -> list[int]:
-  """Integer number of kept weights per layer: floor(d_l * size_l)."""
+  """Integer number of kept weights per layer: floor(d_l * size_l), or with
+  block masks (`rows`, per layer) rows_l * floor(d_l * size_l / rows_l)."""
   densities = layer_densities(shapes, sparsity, distribution)
+  rows = rows or [1] * len(shapes)
   budgets = []
-  for shape, density in zip(shapes, densities):
+  for shape, density, r in zip(shapes, densities, rows):
     size = int(np.prod(shape))
     # The small epsilon keeps floor(0.2 * 250) from landing on 49.
-    budgets.append(min(size, int(math.floor(density * size + 1e-9))))
+    budgets.append(r * min(size // r, int(math.floor(density * size / r + 1e-9))))
   return budgets
 
 
 def random_masks(
-    shapes: Sequence[Sequence[int]], budgets: Sequence[int], seed: int
+    shapes: Sequence[Sequence[int]], budgets: Sequence[int], seed: int,
+    rows: Sequence[int] | None = None,
 ) -> list[np.ndarray]:
-  """Seeded random masks (float32) with exactly `budget` ones per layer."""
+  """Seeded random masks (float32) with exactly `budget` ones per layer
+  (with `rows`: budget / rows whole blocks, drawn on the block grid)."""
   rng = np.random.default_rng(seed)
+  rows = rows or [1] * len(shapes)
   masks = []
-  for shape, budget in zip(shapes, budgets):
-    size = int(np.prod(shape))
+  for shape, budget, r in zip(shapes, budgets, rows):
+    grid = (shape[0] // r, *shape[1:]) if r > 1 else tuple(shape)
+    size = int(np.prod(grid))
     flat = np.zeros(size, np.float32)
-    flat[rng.permutation(size)[:budget]] = 1.0
-    masks.append(flat.reshape(shape))
+    flat[rng.permutation(size)[:budget // r]] = 1.0
+    masks.append(np.repeat(flat.reshape(grid), r, axis=0) if r > 1 else flat.reshape(shape))
   return masks
+
+
+def pool_blocks(x: tf.Tensor, rows: int) -> tf.Tensor:
+  """[..., n_in, n_out] -> [..., n_in / rows, n_out]: each block's sum of |x|."""
+  if rows == 1:
+    return tf.abs(x)
+  shape = tf.shape(x)
+  grid = tf.concat([shape[:-2], [shape[-2] // rows, rows, shape[-1]]], 0)
+  return tf.reduce_sum(tf.abs(tf.reshape(x, grid)), axis=-2)
+
+
+def expand_blocks(grid_mask: tf.Tensor, rows: int) -> tf.Tensor:
+  """[..., n_in / rows, n_out] -> [..., n_in, n_out]: each block's value on its entries."""
+  return grid_mask if rows == 1 else tf.repeat(grid_mask, rows, axis=-2)
 
 
 def largest_magnitude_mask(weights: np.ndarray, k: int) -> np.ndarray:
@@ -167,6 +209,7 @@ def budget_table(
     final_sparsity: float,
     end_round: int,
     distribution: str = "erk",
+    rows: Sequence[int] | None = None,
 ) -> list[list[int]]:
   """Per-layer budgets of every round: row j holds those of round j + 1.
 
@@ -175,14 +218,18 @@ def budget_table(
   """
   last = end_round if end_round > 0 and final_sparsity != sparsity else 0
   return [
-      layer_budgets(shapes, round_sparsity(j + 1, sparsity, final_sparsity, end_round), distribution)
+      layer_budgets(
+          shapes, round_sparsity(j + 1, sparsity, final_sparsity, end_round), distribution, rows
+      )
       for j in range(last + 1)
   ]
 
 
-def num_to_readjust(ratio, budget: int):
-  """k_l = round(alpha_r * budget_l) (tensor in, int32 tensor out)."""
-  k = tf.round(tf.cast(ratio, tf.float64) * tf.cast(budget, tf.float64))
+def num_to_readjust(ratio, budget, rows=1):
+  """k_l = round(alpha_r * budget_l) (tensor in, int32 tensor out); with
+  block masks rows_l * round(alpha_r * budget_l / rows_l): whole blocks."""
+  rows = tf.cast(rows, tf.float64)
+  k = tf.round(tf.cast(ratio, tf.float64) * tf.cast(budget, tf.float64) / rows) * rows
   return tf.cast(k, tf.int32)
 
 
@@ -216,30 +263,48 @@ def grow_largest(scores: tf.Tensor, mask: tf.Tensor, k) -> tf.Tensor:
 
 
 def readjust(
-    weights: tf.Tensor, mask: tf.Tensor, gradient: tf.Tensor, k
+    weights: tf.Tensor, mask: tf.Tensor, gradient: tf.Tensor, k, rows: int = 1
 ) -> tuple[tf.Tensor, tf.Tensor]:
   """Prune k weights by magnitude, then regrow k by gradient magnitude.
 
   Returns (new_mask, new_weights). A position that enters the mask starts at
   zero; a position that was dropped and regrown in the same step keeps its
   value (its connection never left the model). The count of ones is unchanged.
+  With block masks (`rows` > 1; k a multiple of rows) k / rows blocks go and
+  come, chosen by their blocks' sums of |w| and of |gradient|.
   """
-  pruned = prune_smallest(weights, mask, k)
-  grown = grow_largest(gradient, pruned, k)
+  if rows > 1:
+    k_blocks = tf.cast(k, tf.int32) // rows
+    block_mask = tf.cast(pool_blocks(mask, rows) > 0, mask.dtype)
+    pruned = prune_smallest(pool_blocks(weights, rows), block_mask, k_blocks)
+    grown = expand_blocks(grow_largest(pool_blocks(gradient, rows), pruned, k_blocks), rows)
+  else:
+    pruned = prune_smallest(weights, mask, k)
+    grown = grow_largest(gradient, pruned, k)
   new_positions = grown * (1.0 - mask)
   new_weights = weights * grown * (1.0 - new_positions)
   return grown, new_weights
 
 
-def keep_top_k(values: tf.Tensor, support: tf.Tensor, k: int) -> tf.Tensor:
+def keep_top_k(values: tf.Tensor, support: tf.Tensor, k: int, rows: int = 1) -> tf.Tensor:
   """Server re-prune: the k positions of largest |v| where support > 0.
 
   `support` is the aggregated mask, 0 where no client voted and otherwise
   the vote share (any positive number). Ties in |v| (typically weights that
   clients regrew at zero) go to the larger support, then the lower index.
   If fewer than k positions have support, all of them are kept. Returns a 0/1
-  float mask.
+  float mask. With block masks (`rows` > 1; k a multiple of rows): the k /
+  rows blocks of largest sum of |v|, a block's support its largest entry's.
   """
+  if rows > 1:
+    grid = tf.shape(values)[-2] // rows
+    shares = tf.reshape(support, [grid, rows, -1])
+    block_support = tf.reduce_max(tf.cast(shares, tf.float32), axis=1)
+    block_values = tf.ensure_shape(
+        pool_blocks(values, rows), [values.shape[0] // rows, values.shape[1]]
+    )
+    kept = keep_top_k(block_values, block_support, tf.cast(k, tf.int32) // rows)
+    return expand_blocks(kept, rows)
   size = int(np.prod(values.shape))
   k = tf.minimum(tf.cast(k, tf.int32), size)  # a Python int or a tensor
   supported = tf.reshape(support > 0, [-1])

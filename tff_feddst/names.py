@@ -24,6 +24,13 @@ DISTRIBUTIONS = ("uniform", "er", "erk")
 # How the readjustment ratio alpha_r moves over the rounds (section 3.3).
 SCHEDULES = ("cosine", "constant")
 
+# Block masks (`--mask_block`): the block on TFLite's [out, in] weight, and
+# the inputs per block of a dense kernel it means (Keras' [in, out] kernel:
+# a block is `rows` consecutive inputs of one output). 1x4 is what TFLite's
+# float32 sparse fully-connected kernel runs, 1x16 its int8 one.
+MASK_BLOCKS = ("none", "1x4", "1x16")
+MASK_BLOCK_ROWS = {"none": 1, "1x4": 4, "1x16": 16}
+
 # Structured search (unit_graph): what a layer's importances are compared
 # with; the first is the default (`algorithms.AlgorithmConfig.structured_relative_to`).
 RELATIVE_TO = ("original_mean", "mean", "max")

@@ -56,6 +56,17 @@ class SparseLayout:
   step_index: tuple[int, ...]  # pruning_step variables, non_trainable
   budgets: tuple[int, ...]
   trainable_sizes: tuple[int, ...]
+  # Rows per mask block of each layer (`masks.block_rows`; empty: all 1,
+  # element-wise masks).
+  block_rows: tuple[int, ...] = ()
+
+  def rows(self, slot: int) -> int:
+    """Rows per mask block of layer `slot` (1: element-wise)."""
+    return self.block_rows[slot] if self.block_rows else 1
+
+  @property
+  def all_rows(self) -> tuple[int, ...]:
+    return tuple(self.rows(slot) for slot in range(len(self.layer_names)))
 
   @property
   def num_prunable(self) -> int:
@@ -66,6 +77,11 @@ class SparseLayout:
   def num_unmasked(self) -> int:
     """b: parameters that are never masked (biases)."""
     return int(sum(self.trainable_sizes)) - self.num_prunable
+
+  @property
+  def num_mask_bits(self) -> int:
+    """Bits of a mask message: one per weight, or per block of a blocked layer."""
+    return int(sum(np.prod(s) // r for s, r in zip(self.kernel_shapes, self.all_rows)))
 
   @property
   def num_kept(self) -> int:
@@ -81,9 +97,13 @@ class SparseLayout:
 
 
 def build_layout(
-    wrapped: tf.keras.Model, sparsity: float, distribution: str = "erk"
+    wrapped: tf.keras.Model, sparsity: float, distribution: str = "erk", mask_block: int = 1
 ) -> SparseLayout:
-  """Reads variable positions off a wrapped model and computes budgets."""
+  """Reads variable positions off a wrapped model and computes budgets.
+
+  `mask_block`: inputs per mask block of the dense kernels (`--mask_block`;
+  1: element-wise masks everywhere).
+  """
   trainable = wrapped.trainable_weights
   non_trainable = wrapped.non_trainable_weights
   t_pos = {id(v): i for i, v in enumerate(trainable)}
@@ -98,7 +118,8 @@ def build_layout(
     k_idx.append(t_pos[id(inner.kernel)])
     m_idx.append(n_pos[id(wrappers.mask_variable(layer))])
     s_idx.append(n_pos[id(wrappers.step_variable(layer))])
-  budgets = masks_lib.layer_budgets(shapes, sparsity, distribution)
+  rows = masks_lib.layer_rows(shapes, mask_block)
+  budgets = masks_lib.layer_budgets(shapes, sparsity, distribution, rows)
   return SparseLayout(
       layer_names=tuple(names),
       kernel_shapes=tuple(shapes),
@@ -107,6 +128,7 @@ def build_layout(
       step_index=tuple(s_idx),
       budgets=tuple(budgets),
       trainable_sizes=tuple(int(np.prod(v.shape)) for v in trainable),
+      block_rows=tuple(rows) if mask_block > 1 else (),
   )
 
 
@@ -162,7 +184,7 @@ def initial_model_weights(
     # The mask draw has its own stream, independent of the Keras initialisers.
     mask_seed = np.random.SeedSequence([seed, 1]).generate_state(1)[0]
     initial_masks = masks_lib.random_masks(
-        layout.kernel_shapes, layout.budgets, int(mask_seed)
+        layout.kernel_shapes, layout.budgets, int(mask_seed), layout.all_rows
     )
   else:
     initial_masks = [np.asarray(m, np.float32) for m in masks_fn(model)]

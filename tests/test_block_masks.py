@@ -1,0 +1,89 @@
+"""Block-sparse FedDST (`--mask_block`): settings, a run, and its TFLite export.
+
+The mask arithmetic in blocks is tested in test_masks.py (against numpy) and
+the two client engines in test_cohort.py; here a whole run keeps whole
+blocks at the layout's budgets and its export runs dense1 sparse.
+"""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from tff_feddst.config import ConfigError
+from tff_feddst.config import ExperimentConfig
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(algorithm="fedavg", mask_block="1x4"), "--mask_block=1x4 is implemented for feddst, randommask only"),
+        (dict(algorithm="snip", mask_block="1x16"), "--mask_block=1x16 is implemented for feddst, randommask only"),
+        (dict(algorithm="structured_feddst", mask_block="1x4"), "is implemented for feddst, randommask only"),
+        (dict(mask_block="2x2"), "--mask_block=2x2 is not one of none, 1x4, 1x16"),
+    ],
+)
+def test_bad_mask_block_settings_are_one_line_errors(settings, message):
+  with pytest.raises(ConfigError) as error:
+    ExperimentConfig(**settings).resolve()
+  assert message in str(error.value)
+  assert "\n" not in str(error.value)
+
+
+def test_a_run_saved_before_mask_block_existed_resumes_as_element_wise():
+  config = ExperimentConfig(rounds=10).resolve()
+  saved = {k: v for k, v in config.__dict__.items() if k != "mask_block"}
+  assert config.differences_from(saved) == []
+  blocked = ExperimentConfig(rounds=10, mask_block="1x4").resolve()
+  assert blocked.differences_from(saved) == ["--mask_block=1x4 (was none)"]
+
+
+def test_block_feddst_run_keeps_whole_blocks_and_exports_dense1_sparse(
+    tmp_path, fashion_mnist_available
+):
+  """Two readjusting rounds at S = 0.8 with 1x4 blocks: dense1's non-zero
+  weights lie in at most its budget of blocks; a mask upload costs a bit per
+  block; its TFLite tensor is
+  block-encoded and read by FULLY_CONNECTED without DENSIFY, and the export
+  computes the Keras model's logits."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from tflite_export import evaluate as tfl_eval  # pylint: disable=g-import-not-at-top
+  from tff_feddst import training  # pylint: disable=g-import-not-at-top
+
+  config = ExperimentConfig(
+      algorithm="feddst", mask_block="1x4", total_clients=20, clients_per_round=3,
+      local_epochs=1, rounds=2, eval_every=2, rounds_between_readjustments=1,
+      readjustment_end_round=3, seed=4, export_tflite=True, output_dir=str(tmp_path),
+  )
+  training.run_experiment(config, log=lambda line: None)
+  with open(tmp_path / "summary.json") as f:
+    summary = json.load(f)
+  budget = summary["layer_budgets"]["dense1"]
+  assert budget == 4 * 12811  # ERK at 0.8: 51,245.2 weights, 12,811 whole blocks (test_masks)
+  model = tf.keras.models.load_model(tmp_path / "final_model.keras")
+  kernel = model.get_layer("dense1").kernel.numpy()
+  blocks = np.abs(kernel).reshape(5120 // 4, 4, 50).sum(axis=1) > 0
+  # Non-zero values lie in at most the budget's 12,811 blocks (element-wise
+  # masks at 20% density would touch 1 - 0.8^4 = 59% of the 64,000 blocks);
+  # a kept block may hold zeros (a regrown block whose inputs never fired).
+  assert 0.95 * budget <= 4 * blocks.sum() <= budget
+
+  # The ledger charges a mask one bit per weight of conv1, conv2 and logits
+  # and one per 1x4 block of dense1: 250 + 5,000 + 64,000 + 500 bits.
+  with open(tmp_path / "metrics.csv") as f:
+    rows = list(csv.DictReader(f))
+  values = 32 * (sum(summary["layer_budgets"].values()) + summary["num_unmasked"])
+  assert [int(r["round_upload_bits"]) for r in rows] == [
+      3 * values + int(r["clients_mask_uploaded"]) * 69_750 for r in rows
+  ]
+  assert int(rows[0]["clients_mask_uploaded"]) == 3
+
+  report = summary["tflite"]
+  (dense1,) = [t for t in report["exports"]["sparse"]["sparse_tensors"] if "dense1" in t["name"]]
+  assert dense1["kept_sparse"] and dense1["block_map"] == [1] and dense1["shape"] == [50, 5120]
+  x = np.random.default_rng(0).random((64, 28, 28, 1), np.float32)
+  with open(tmp_path / "model.tflite", "rb") as f:
+    logits = tfl_eval.predict_logits(f.read(), x)
+  np.testing.assert_allclose(logits, model(x).numpy(), atol=1e-5, rtol=1e-5)
