@@ -176,11 +176,13 @@ def main(argv):
   if _FLAGS.clients > _FLAGS.total_clients:
     sys.exit(f"error: --clients={_FLAGS.clients} must not exceed --total_clients={_FLAGS.total_clients}")
   importlib.import_module("tff_feddst")  # sets up oneDNN before TensorFlow loads
+  from tff_feddst import runtime  # pylint: disable=g-import-not-at-top
 
   os.makedirs(_FLAGS.output_dir, exist_ok=True)
-  figures = run_profile(
-      _FLAGS.clients, _FLAGS.total_clients, _FLAGS.sparsity, _FLAGS.repeats, _FLAGS.output_dir
-  )
+  with runtime.managed_runtime():
+    figures = run_profile(
+        _FLAGS.clients, _FLAGS.total_clients, _FLAGS.sparsity, _FLAGS.repeats, _FLAGS.output_dir
+    )
   text = report(figures, _FLAGS.clients, _FLAGS.sparsity)
   with open(os.path.join(_FLAGS.output_dir, "profile.md"), "w") as f:
     f.write(text)
