@@ -273,14 +273,11 @@ def readjust(
   With block masks (`rows` > 1; k a multiple of rows) k / rows blocks go and
   come, chosen by their blocks' sums of |w| and of |gradient|.
   """
-  if rows > 1:
-    k_blocks = tf.cast(k, tf.int32) // rows
-    block_mask = tf.cast(pool_blocks(mask, rows) > 0, mask.dtype)
-    pruned = prune_smallest(pool_blocks(weights, rows), block_mask, k_blocks)
-    grown = expand_blocks(grow_largest(pool_blocks(gradient, rows), pruned, k_blocks), rows)
-  else:
-    pruned = prune_smallest(weights, mask, k)
-    grown = grow_largest(gradient, pruned, k)
+  # The choices are made on blocks (single entries when rows = 1).
+  k_blocks = tf.cast(k, tf.int32) // rows
+  block_mask = tf.cast(pool_blocks(mask, rows) > 0, mask.dtype)
+  pruned = prune_smallest(pool_blocks(weights, rows), block_mask, k_blocks)
+  grown = expand_blocks(grow_largest(pool_blocks(gradient, rows), pruned, k_blocks), rows)
   new_positions = grown * (1.0 - mask)
   new_weights = weights * grown * (1.0 - new_positions)
   return grown, new_weights
