@@ -114,6 +114,10 @@ HELP = {
     "run the clients, split across them; empty: on this machine. May change on resume.",
     "structured_reinit": "structured*: phase 2 starts from fresh weights instead of the "
     "surviving ones.",
+    "prunefl_initial_rounds": "prunefl: local rounds (of --local_epochs) the seeded first "
+    "client trains the dense model before it picks the initial mask.",
+    "prunefl_costs": "prunefl: the per-layer time costs (prunefl_costs.json of an earlier "
+    "run) to use instead of measuring them on this machine; resuming uses the run's own.",
 }
 
 

@@ -13,7 +13,9 @@ from typing import Callable
 
 from tff_feddst.config import ExperimentConfig
 
-ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "randommask", "snip", "grasp", "feddst")
+ALGORITHMS = (
+    "fedavg", "fedavgm", "fedprox", "randommask", "snip", "grasp", "prunefl", "feddst",
+)
 
 
 @dataclasses.dataclass(frozen=True)

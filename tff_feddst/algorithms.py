@@ -21,7 +21,10 @@ module branches on an algorithm's name.
 - feddst: `feddst.build_feddst` (sparse client work with readjustment, sparse
   voting aggregation, server re-prune); randommask: the same with
   readjustment ratio 0; snip / grasp: RandomMask whose fixed mask is chosen
-  at initialisation from one mini-batch (`pruning_init`).
+  at initialisation from one mini-batch (`pruning_init`); prunefl:
+  `prunefl.build_process` (masked training, dense gradients uploaded every
+  Delta_R rounds, the server re-selecting the mask by g^2 / t), starting
+  from one client's initial pruning (`prunefl.PruneFLPhase`).
 - structured / structured_feddst: two phases, the structured search
   (`structured.build_structured_search`) and then fedavg / feddst on the
   smaller network it found.
@@ -73,6 +76,8 @@ class AlgorithmConfig:
   structured_max_prune_rounds: int = 50
   # "cohort": each TFF client trains a cohort of clients as one computation.
   client_execution: str = "per_client"
+  # PruneFL: local rounds of the initial pruning on one client.
+  prunefl_initial_rounds: int = 5
 
 
 def _from_builders(name: str) -> Callable:
@@ -108,6 +113,9 @@ class Algorithm:
   # The name of the function in `builders` that makes the driver's
   # `phases.Phase` for this process (None: the plain `phases.Phase`).
   phase_maker: str | None = None
+  # Settings only this algorithm reads (other algorithms ignore them, also
+  # when a run resumes).
+  own_settings: tuple[str, ...] = ()
 
   @property
   def build(self) -> Callable:
@@ -169,6 +177,12 @@ _ENTRIES = (
         "grasp", "GraSP: RandomMask with the mask kept by the gradient-flow score -w * (H g)",
         "build_randommask", sparse=True, float16_upload=True, cohort=True,
         phase_maker="grasp_phase",
+    ),
+    Algorithm(
+        "prunefl",
+        "PruneFL: one client prunes first; the server re-selects the mask by g^2/t every Delta_R rounds",
+        "build_prunefl", sparse=True, phase_maker="prunefl_phase",
+        own_settings=("prunefl_initial_rounds", "prunefl_costs"),
     ),
     Algorithm(
         "structured",

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -192,6 +193,39 @@ build_fedavg = _build_dense(tff.learning.algorithms.build_weighted_fed_avg)
 build_fedprox = _build_dense(None, proximal_strength="prox_mu")
 build_feddst = _build_sparse(readjusts=True)
 build_randommask = _build_sparse(readjusts=False)
+
+
+def build_prunefl(config, keras_fn, input_spec, per_weight=None) -> BuiltAlgorithm:
+  """PruneFL (docs/algorithms.md section 4.2) at the layers' costs per kept
+  weight `per_weight` (None: measured now, on a random batch). Its initial
+  weights are RandomMask's until the phase puts the initial pruning's."""
+  from tff_feddst import prunefl  # pylint: disable=g-import-not-at-top
+
+  layout = sparse_model.build_layout(
+      sparse_model.wrap_prunable(keras_fn()), config.sparsity, config.sparsity_distribution
+  )
+  if per_weight is None:
+    shape = tuple(input_spec["x"].shape[1:])
+    x = np.random.default_rng(config.seed).random((32, *shape), np.float32)
+    per_weight = prunefl.measure_layer_costs(keras_fn, x).per_weight
+  initial = sparse_model.initial_model_weights(keras_fn, config.seed, layout)
+  process = prunefl.build_process(
+      sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True),
+      layout, initial, build_client_optimizer(config),
+      per_weight=tuple(per_weight),
+      local_epochs=config.local_epochs,
+      rounds_between=config.rounds_between_readjustments,
+      end_round=config.readjustment_end_round,
+      min_votes=config.min_votes,
+  )
+  size = costs.ModelSize(layout.num_prunable, layout.num_unmasked, layout.num_mask_bits)
+  return BuiltAlgorithm(process, initial, layout, size, epochs_in_process=True)
+
+
+def prunefl_phase(*args, **kwargs):
+  from tff_feddst import prunefl  # pylint: disable=g-import-not-at-top
+
+  return prunefl.PruneFLPhase(*args, **kwargs)
 
 
 def build_structured_search(config, keras_fn, input_spec) -> BuiltAlgorithm:

@@ -85,14 +85,13 @@ def _train_locally(
   return num_examples
 
 
-def _readjust_masks(
-    model, loss_fn, trainable, mask_vars, kernel_index, dataset, num_examples,
-    local_epochs, num_to_readjust, block_rows,
+def mean_kernel_gradients(
+    model, loss_fn, trainable, kernel_index, dataset, num_examples, local_epochs,
 ):
-  """Prunes and regrows num_to_readjust[l] weights of each masked kernel
-  (in blocks of block_rows[l] where that is > 1)."""
-  # Mean gradient of the task loss over the local data at the final
-  # weights (dense: inactive positions get a gradient too).
+  """The mean gradient of the task loss over the local data at the current
+  weights, for every kernel (dense: inactive positions get a gradient too).
+  `loss_fn` sums over a batch; `num_examples` counts all E epochs."""
+
   def accumulate(sums, batch):
     with tf.GradientTape() as tape:
       logits = model.predict_on_batch(batch["x"], training=False)
@@ -103,11 +102,23 @@ def _readjust_masks(
   zeros = tuple(tf.zeros_like(trainable[i]) for i in kernel_index)
   grad_sums = dataset.reduce(zeros, accumulate)
   denominator = tf.cast(tf.maximum(num_examples // local_epochs, 1), tf.float32)
+  return tuple(g / denominator for g in grad_sums)
+
+
+def _readjust_masks(
+    model, loss_fn, trainable, mask_vars, kernel_index, dataset, num_examples,
+    local_epochs, num_to_readjust, block_rows,
+):
+  """Prunes and regrows num_to_readjust[l] weights of each masked kernel
+  (in blocks of block_rows[l] where that is > 1)."""
+  gradients = mean_kernel_gradients(
+      model, loss_fn, trainable, kernel_index, dataset, num_examples, local_epochs
+  )
   for slot, i in enumerate(kernel_index):
     new_mask, new_kernel = masks_lib.readjust(
         trainable[i],
         mask_vars[slot],
-        grad_sums[slot] / denominator,
+        gradients[slot],
         num_to_readjust[slot],
         block_rows[slot],
     )

@@ -71,14 +71,18 @@ _RANGES = (
     ("structured_patience", lambda v: v >= 0, ">= 0 (0: no patience stop)"),
     ("structured_max_prune_rounds", lambda v: v >= 1, ">= 1"),
     ("cohort_size", lambda v: v >= 0, ">= 0 (0: all of a round's clients)"),
+    ("prunefl_initial_rounds", lambda v: v >= 1, ">= 1"),
 )
+
+# Settings that some algorithm owns (`algorithms.Algorithm.own_settings`).
+OWNED_SETTINGS = frozenset(k for a in algorithms.REGISTRY.values() for k in a.own_settings)
 
 # Settings that may differ when a run is resumed: they do not change what
 # is trained (`rounds` may grow as long as R_end stays the same).
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "data_dir", "rounds", "eval_every", "checkpoint_every",
     "export_tflite", "tflite_quantization", "client_execution", "cohort_size",
-    "workers",
+    "workers", "prunefl_costs",
 })
 
 
@@ -124,6 +128,8 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
   cohort_size: int = 0
   # host:port,... of TFF workers that run the clients (empty: this machine).
   workers: str = ""
+  # PruneFL: a costs file of an earlier run to use (empty: measure them).
+  prunefl_costs: str = ""
 
   @property
   def spec(self) -> algorithms.Algorithm:
@@ -264,6 +270,8 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
         continue
       if key.startswith("structured_") and not self.spec.two_phase:
         continue
+      if key in OWNED_SETTINGS and key not in self.spec.own_settings:
+        continue
       was = saved.get(key, _saved_before_setting_existed(key, saved))
       if was == value:
         continue
@@ -283,7 +291,10 @@ def _saved_before_setting_existed(key: str, saved: dict):
   """The value a run saved before setting `key` existed ran with."""
   if key == "final_sparsity":
     return saved.get("sparsity")
-  return {"readjustment_schedule": "cosine", "remember_old": False, "mask_block": "none"}.get(key)
+  return {
+      "readjustment_schedule": "cosine", "remember_old": False, "mask_block": "none",
+      "prunefl_initial_rounds": 5, "prunefl_costs": "",
+  }.get(key)
 
 
 def field_type(name: str) -> type:

@@ -100,17 +100,20 @@ class CommunicationLedger:
       num_clients: int,
       uploaded_values: int | None = None,
       masks_sent: int = 0,
+      gradients_sent: int = 0,
   ) -> int:
     """Bits received from the clients of a round.
 
     `uploaded_values` is the total number of active kernel positions over the
     clients (sparse only); `masks_sent` the number of clients whose mask
-    changed.
+    changed; `gradients_sent` the number of clients that also sent the dense
+    gradient of every kernel weight (PruneFL: 32 n bits each).
     """
     if self.sparse:
       total = self.upload_value_bits * (
           uploaded_values + num_clients * self.size.num_unmasked
       ) + masks_sent * self.size.mask_message_bits
+      total += gradients_sent * 32 * self.size.num_prunable
     else:
       total = num_clients * dense_message_bits(self.size, self.upload_value_bits)
     self.cumulative_upload_bits += total

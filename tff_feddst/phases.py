@@ -144,9 +144,7 @@ class Phase:
         keras_models.build_model, config.model_name, fed_data.input_shape,
         fed_data.num_classes, widths=widths,
     )
-    self.built = build_algorithm(
-        spec, config.algorithm_config(spec.name), self.keras_fn, context.input_spec
-    )
+    self.built = self.build_process(spec, config.algorithm_config(spec.name), context)
     # Built after the process: TFF traces Keras models inside graphs, which
     # invalidates models made earlier.
     model = self.keras_fn()
@@ -155,6 +153,10 @@ class Phase:
     self.evaluator = Evaluator(model, fed_data, context.test_indices)
     if found is not None and found.weights is not None and not config.structured_reinit:
       self.built.initial_weights = found.initial_weights(self.built)
+
+  def build_process(self, spec, algorithm_config, context):
+    """The phase's `BuiltAlgorithm` (built once per setting in this process)."""
+    return build_algorithm(spec, algorithm_config, self.keras_fn, context.input_spec)
 
   def describe(self) -> str:
     if not self.config.spec.two_phase:

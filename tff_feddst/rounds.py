@@ -120,6 +120,8 @@ class _ClientsOutcome:
   masks_uploaded: int = 0
   readjusted: int = 0
   rejected: int = 0
+  # Clients that also sent dense gradients (PruneFL's re-selection rounds).
+  gradients_uploaded: int = 0
 
 
 def _advance_client_round(state):
@@ -144,6 +146,14 @@ def process_round(state) -> int:
   return 1
 
 
+def _readjusted(plan) -> int:
+  """1 if the round changed masks on schedule (FedDST's readjustment,
+  PruneFL's re-selection), else 0."""
+  if "reselect" in plan:
+    return int(plan["reselect"])
+  return int(np.sum(plan["num_readjusted"]) > 0)
+
+
 def _read_metrics(metrics, sparse: bool) -> _ClientsOutcome:
   train = metrics["client_work"]["train"]
   aggregator = metrics["aggregator"]
@@ -158,9 +168,8 @@ def _read_metrics(metrics, sparse: bool) -> _ClientsOutcome:
     outcome.update(
         uploaded_values=int(clients["uploaded_values"]),
         masks_uploaded=int(clients["mask_changed"]),
-        readjusted=int(
-            np.sum(metrics["client_work"]["readjustment"]["num_readjusted"]) > 0
-        ),
+        readjusted=_readjusted(metrics["client_work"]["readjustment"]),
+        gradients_uploaded=int(clients.get("gradients_uploaded", 0)),
     )
   return _ClientsOutcome(**outcome)
 
@@ -270,7 +279,8 @@ class RoundStep:
     upload_bits = 0
     if survivors:
       upload_bits = ledger.upload(
-          len(survivors), outcome.uploaded_values, outcome.masks_uploaded
+          len(survivors), outcome.uploaded_values, outcome.masks_uploaded,
+          outcome.gradients_uploaded,
       )
     weights = built.process.get_model_weights(state)
     self.sparsity, self.flops, masks = self.phase.stats(weights, ledger)
