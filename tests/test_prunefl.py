@@ -19,9 +19,11 @@ from tff_feddst import optimizers
 from tff_feddst import prunefl
 from tff_feddst import sparse_model
 
-# Compares training results within tolerances: also run under another
-# instruction set (`make test`; see the marker in pyproject.toml).
-pytestmark = pytest.mark.portability
+# `portability` (pyproject.toml) marks the tests that compare TensorFlow's
+# training arithmetic with numpy within tolerances: they also run under
+# another instruction set (`make test`). The others compare exactly (masks,
+# bits, a resumed run against its own uninterrupted one) or float64 scores,
+# which every processor rounds alike.
 
 
 def test_masks_keep_the_largest_g2_over_t_of_the_whole_network():
@@ -105,6 +107,7 @@ def _numpy_gradient(w, b, x, y):
   return x.T @ d, d.sum(axis=0)
 
 
+@pytest.mark.portability
 def test_a_local_round_is_the_clients_sgd_and_the_gradient_its_mean_loss():
   lr, momentum, wd = 0.1, 0.9, 0.01
   rng = np.random.default_rng(3)
@@ -244,6 +247,7 @@ def test_the_server_reselects_by_g2_over_t_only_in_its_rounds():
   assert int(out.measurements["mask_changed"]) == 0
 
 
+@pytest.mark.portability
 def test_the_aggregator_votes_the_values_and_averages_the_gradients():
   from tff_feddst import aggregation  # pylint: disable=g-import-not-at-top
 
