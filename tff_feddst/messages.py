@@ -1,0 +1,214 @@
+"""Compact sparse messages: what a sparse model's message holds, as tensors
+of a fixed type (docs/algorithms.md section 6.1).
+
+Every layer keeps exactly its budget of kernel weights, so a message has a
+static type. Per prunable layer (kernel of `size` weights, budget k):
+
+    values     float32[k] (float16[k] for half-precision uploads): the kept
+               weights in increasing flat (row-major) order of the kernel
+    mask_bits  uint8[ceil(units / 8)]: the mask packed 8 to a byte, the
+               first position in the byte's highest bit (numpy's packbits
+               order), the last byte padded with zeros; `units` is the
+               kernel's size, or with block masks (rows r > 1, blocks of r
+               consecutive inputs of one output) its number of blocks, one
+               bit per block
+
+plus the other trainable values (biases) whole, in the values' dtype. The mask part is left out
+of messages that do not carry it (`encode(..., with_mask=False)`); the
+receiver then decodes against the mask it already holds.
+
+`encode` / `decode` are TensorFlow functions (they run inside TFF
+computations); `encode_np` / `decode_np` are their numpy references, and
+`message_bits` counts a message's bits from its tensors' shapes and dtypes.
+"""
+
+import collections
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+# Bits of one element of each dtype a message may hold.
+DTYPE_BITS = {
+    np.dtype(np.float32): 32,
+    np.dtype(np.float16): 16,
+    np.dtype(np.uint8): 8,
+    np.dtype(np.int32): 32,
+}
+
+
+def mask_units(shape: Sequence[int], rows: int = 1) -> int:
+  """The mask's bits before packing: one per weight, or one per block of
+  `rows` consecutive inputs of one output (a [in, out] kernel)."""
+  size = int(np.prod(shape))
+  return size // rows
+
+
+def packed_size(units: int) -> int:
+  return -(-units // 8)
+
+
+# ------------------------------------------------------------------- numpy
+
+
+def _block_grid_np(mask: np.ndarray, rows: int) -> np.ndarray:
+  """The block mask of an [in, out] mask in blocks of `rows` inputs (flat)."""
+  if rows == 1:
+    return np.asarray(mask).ravel()
+  grid = np.asarray(mask).reshape(mask.shape[0] // rows, rows, -1)
+  return grid[:, 0, :].ravel()
+
+
+def _expand_np(units: np.ndarray, shape, rows: int) -> np.ndarray:
+  if rows == 1:
+    return units.reshape(shape)
+  grid = units.reshape(shape[0] // rows, 1, shape[1])
+  return np.broadcast_to(grid, (shape[0] // rows, rows, shape[1])).reshape(shape)
+
+
+def pack_bits_np(mask: np.ndarray, rows: int = 1) -> np.ndarray:
+  """uint8[ceil(units / 8)]: the mask (or its block mask) packed."""
+  return np.packbits(_block_grid_np(mask, rows) > 0, bitorder="big")
+
+
+def unpack_bits_np(packed: np.ndarray, shape, rows: int = 1) -> np.ndarray:
+  units = mask_units(shape, rows)
+  bits = np.unpackbits(np.asarray(packed, np.uint8), count=units, bitorder="big")
+  return _expand_np(bits.astype(np.float32), tuple(shape), rows)
+
+
+def encode_layer_np(kernel, mask, budget: int, value_dtype=np.float32, rows: int = 1,
+                    with_mask: bool = True):
+  kept = np.asarray(mask).ravel() > 0
+  if int(kept.sum()) != budget:
+    raise ValueError(f"the mask keeps {int(kept.sum())} weights, the budget is {budget}")
+  layer = collections.OrderedDict(values=np.asarray(kernel).ravel()[kept].astype(value_dtype))
+  if with_mask:
+    layer["mask_bits"] = pack_bits_np(mask, rows)
+  return layer
+
+
+def decode_layer_np(layer, shape, rows: int = 1, mask=None):
+  """(kernel float32, mask float32) of an encoded layer; `mask` is the
+  receiver's own when the message carries none."""
+  if "mask_bits" in layer:
+    mask = unpack_bits_np(layer["mask_bits"], shape, rows)
+  mask = np.asarray(mask, np.float32)
+  kernel = np.zeros(int(np.prod(shape)), np.float32)
+  kernel[mask.ravel() > 0] = np.asarray(layer["values"], np.float32)
+  return kernel.reshape(shape), mask
+
+
+# -------------------------------------------------------------- TensorFlow
+
+
+def _block_grid(mask, shape, rows: int):
+  flat = tf.reshape(mask, [-1])
+  if rows == 1:
+    return flat
+  grid = tf.reshape(mask, [shape[0] // rows, rows, shape[1]])
+  return tf.reshape(grid[:, 0, :], [-1])
+
+
+def _expand(units, shape, rows: int):
+  if rows == 1:
+    return tf.reshape(units, shape)
+  grid = tf.reshape(units, [shape[0] // rows, 1, shape[1]])
+  return tf.reshape(tf.tile(grid, [1, rows, 1]), shape)
+
+
+# The value of each bit of a byte, the first position highest.
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def pack_bits(mask, shape, rows: int = 1):
+  """`pack_bits_np` in TensorFlow: uint8[ceil(units / 8)]."""
+  units = mask_units(shape, rows)
+  bits = tf.cast(_block_grid(mask, shape, rows) > 0, tf.int32)
+  bits = tf.pad(bits, [[0, packed_size(units) * 8 - units]])
+  weights = tf.constant(_BIT_WEIGHTS, tf.int32)
+  packed = tf.reduce_sum(tf.reshape(bits, [-1, 8]) * weights, axis=1)
+  return tf.cast(packed, tf.uint8)
+
+
+def unpack_bits(packed, shape, rows: int = 1):
+  """float32 mask of `shape` from `pack_bits`' bytes."""
+  units = mask_units(shape, rows)
+  bytes_ = tf.cast(tf.reshape(packed, [-1, 1]), tf.int32)
+  bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bytes_, tf.range(7, -1, -1)), 1)
+  bits = tf.reshape(bits, [-1])[:units]
+  return _expand(tf.cast(bits, tf.float32), list(shape), rows)
+
+
+def encode_layer(kernel, mask, budget: int, value_dtype=tf.float32, rows: int = 1,
+                 with_mask: bool = True):
+  """One layer's part of a message (static shapes: values [budget])."""
+  shape = kernel.shape.as_list()
+  kept = tf.reshape(mask, [-1]) > 0
+  values = tf.boolean_mask(tf.reshape(kernel, [-1]), kept)
+  values = tf.ensure_shape(tf.cast(values, value_dtype), [budget])
+  layer = collections.OrderedDict(values=values)
+  if with_mask:
+    layer["mask_bits"] = pack_bits(mask, shape, rows)
+  return layer
+
+
+def decode_layer(layer, shape, rows: int = 1, mask=None):
+  """(kernel float32, mask float32) of an encoded layer (`decode_layer_np`)."""
+  if "mask_bits" in layer:
+    mask = unpack_bits(layer["mask_bits"], shape, rows)
+  mask = tf.cast(mask, tf.float32)
+  flat_mask = tf.reshape(mask, [-1])
+  positions = tf.where(flat_mask > 0)
+  values = tf.cast(layer["values"], tf.float32)
+  kernel = tf.scatter_nd(positions, values, tf.shape(flat_mask, out_type=tf.int64))
+  return tf.reshape(kernel, shape), mask
+
+
+# ---------------------------------------------------------- whole messages
+
+
+def encode(trainable, masks, layout, value_dtype=tf.float32, with_mask: bool = True,
+           budgets=None):
+  """A model's message: OrderedDict(layers=[per prunable layer, in layout
+  order], other=[the other trainable values, in order]). `budgets`: the
+  layers' budgets (default `layout.budgets`)."""
+  budgets = layout.budgets if budgets is None else budgets
+  layers = [
+      encode_layer(
+          trainable[i], masks[slot], budgets[slot], value_dtype, layout.rows(slot), with_mask
+      )
+      for slot, i in enumerate(layout.kernel_index)
+  ]
+  kernels = set(layout.kernel_index)
+  other = [tf.cast(v, value_dtype) for i, v in enumerate(trainable) if i not in kernels]
+  return collections.OrderedDict(layers=layers, other=other)
+
+
+def decode(message, layout, masks=None):
+  """(trainable list, masks list) of `encode`'s message; `masks`: the
+  receiver's own, for a message without them."""
+  trainable = [None] * (len(layout.kernel_index) + len(message["other"]))
+  decoded_masks = []
+  for slot, i in enumerate(layout.kernel_index):
+    kernel, mask = decode_layer(
+        message["layers"][slot], layout.kernel_shapes[slot], layout.rows(slot),
+        None if masks is None else masks[slot],
+    )
+    trainable[i] = kernel
+    decoded_masks.append(mask)
+  others = (tf.cast(v, tf.float32) for v in message["other"])
+  for i in range(len(trainable)):
+    if trainable[i] is None:
+      trainable[i] = next(others)
+  return trainable, decoded_masks
+
+
+def message_bits(message) -> int:
+  """The bits of a message (tensors, arrays or TFF/TF specs with shapes
+  and dtypes): the sum over its leaves of elements times bits per element."""
+  total = 0
+  for leaf in tf.nest.flatten(message):
+    dtype = np.dtype(getattr(getattr(leaf, "dtype", None), "as_numpy_dtype", None) or leaf.dtype)
+    total += int(np.prod(leaf.shape)) * DTYPE_BITS[dtype]
+  return total
