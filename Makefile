@@ -37,10 +37,11 @@ run: venv data
 # SSE4.1: its matrix kernels then add in another order, as another
 # processor's would, so an assertion that only holds on this processor fails
 # here. Each test module runs in one process (--dist loadfile): its module
-# fixtures run once, and its runs share the processes they build. Ends with
-# the 15 slowest tests.
+# fixtures run once, and its runs share the processes they build. Modules
+# start longest first (tests/conftest.py, MODULE_SECONDS), so both processes
+# finish together. Ends with the 15 slowest tests.
 PORTABILITY_ISA ?= SSE41
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 test: venv data
 	ONEDNN_MAX_CPU_ISA=$(PORTABILITY_ISA) $(PYTEST) -m portability tests
 	$(PYTEST) --durations=15 tests
