@@ -327,6 +327,8 @@ def test_a_run_counts_the_gradients_and_resumes_identically(tmp_path, fashion_mn
     assert int(row["round_upload_bits"]) == 5 * 32 * (num_kept + biases) + gradients
     assert float(row["sparsity"]) == pytest.approx(1 - num_kept / n, abs=1e-12)
     assert int(row["clients_mask_uploaded"]) == 0
+  # The final mask keeps the total; which layer keeps how many is PruneFL's.
+  assert sum(summary["final_layer_kept"].values()) == num_kept
   section = summary["prunefl"]
   assert sum(section["initial_layer_kept"].values()) == num_kept
   assert section["initial_upload_bits"] == 32 * (num_kept + biases) + n

@@ -89,25 +89,26 @@ _BUILT = collections.OrderedDict()
 BUILT_CACHE_SIZE = 4
 
 
-def _build_key(spec, algorithm_config, keras_fn: functools.partial, input_spec):
-  """What `spec.build(algorithm_config, keras_fn, input_spec)` depends on."""
+def _build_key(spec, algorithm_config, keras_fn: functools.partial, input_spec, extra=()):
+  """What `spec.build(algorithm_config, keras_fn, input_spec, **extra)` depends on."""
   widths = keras_fn.keywords.get("widths")
   return (
       spec.builder, algorithm_config, keras_fn.func, keras_fn.args,
       None if widths is None else tuple(sorted(widths.items())),
-      repr(input_spec),
+      repr(input_spec), tuple(sorted(dict(extra).items())),
   )
 
 
-def build_algorithm(spec, algorithm_config, keras_fn: functools.partial, input_spec):
+def build_algorithm(spec, algorithm_config, keras_fn: functools.partial, input_spec, **extra):
   """`spec.build(...)`, or a copy of the same build made earlier in this process.
 
+  `extra`: further (hashable) arguments of the builder, part of the key.
   The copy is shallow: the caller may replace its `initial_weights`.
   """
-  key = _build_key(spec, algorithm_config, keras_fn, input_spec)
+  key = _build_key(spec, algorithm_config, keras_fn, input_spec, extra)
   built = _BUILT.pop(key, None)
   if built is None:
-    built = spec.build(algorithm_config, keras_fn, input_spec)
+    built = spec.build(algorithm_config, keras_fn, input_spec, **extra)
   _BUILT[key] = built
   while len(_BUILT) > BUILT_CACHE_SIZE:
     _BUILT.popitem(last=False)

@@ -666,10 +666,9 @@ class PruneFLPhase(phases.Phase):
     )
 
   def build_process(self, spec, algorithm_config, context):
-    from tff_feddst import builders  # pylint: disable=g-import-not-at-top
-
-    return builders.build_prunefl(
-        algorithm_config, self.keras_fn, context.input_spec, self.costs.per_weight
+    return phases.build_algorithm(
+        spec, algorithm_config, self.keras_fn, context.input_spec,
+        per_weight=tuple(self.costs.per_weight),
     )
 
   def summary(self) -> dict:

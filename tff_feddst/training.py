@@ -32,6 +32,7 @@ from tff_feddst import outputs
 from tff_feddst import phases
 from tff_feddst import remote
 from tff_feddst import rounds as rounds_lib
+from tff_feddst import sparse_model
 from tff_feddst.config import ConfigError, ExperimentConfig
 
 
@@ -230,6 +231,15 @@ def _train(run: Run, context: RunContext, releaser, checkpoints) -> None:
       )
 
 
+def _layer_kept(phase, weights) -> dict | None:
+  """The final global mask's kept weights per layer (sparse algorithms;
+  PruneFL's differ from `layer_budgets`, which fix only their total)."""
+  if not phase.built.sparse:
+    return None
+  _, masks = sparse_model.kernels_and_masks(weights, phase.built.layout)
+  return dict(zip(phase.built.layout.layer_names, (int(np.sum(m)) for m in masks)))
+
+
 def _summary(run: Run, context: RunContext, started: float) -> dict:
   """summary.json: final figures (and a TFLite export's report)."""
   config, phase, ledger = context.config, run.phase, run.step.ledger
@@ -245,6 +255,7 @@ def _summary(run: Run, context: RunContext, started: float) -> dict:
       "final_sparsity": run.step.sparsity,
       "forward_flops": run.step.flops,
       **phase.summary(),
+      "final_layer_kept": _layer_kept(phase, weights),
       "cumulative_upload_bits": ledger.cumulative_upload_bits,
       "cumulative_download_bits": ledger.cumulative_download_bits,
   }
