@@ -304,16 +304,18 @@ def build_feddst_client_work(
 
 
 def scheduled_client_work(
-    schedule, update_tf, weights_type, data_type, aggregate_train, with_budgets=False
+    schedule, update_tf, weights_type, data_type, aggregate_train, with_budgets=False,
+    broadcast="num_readjusted",
 ) -> tff.learning.templates.ClientWorkProcess:
   """The ClientWorkProcess around a client computation and the schedule.
 
   `schedule` is `build_schedule`'s (init_tf, plan_round, advance);
   `update_tf(weights, data, k)` returns (ClientResult, train metrics, client
-  statistics); `aggregate_train` turns the clients' train metrics into the
-  round's (a federated computation). The per-client and the cohort client
-  work differ only in these. `with_budgets`: `update_tf` takes the round's
-  per-layer budgets as a fourth argument (the cohort validates its updates).
+  statistics), k the plan's field `broadcast`; `aggregate_train` turns the
+  clients' train metrics into the round's (a federated computation). The
+  per-client and the cohort client work differ only in these.
+  `with_budgets`: `update_tf` takes the round's per-layer budgets as a
+  fourth argument (the cohort validates its updates).
   """
   init_tf, plan_round, advance = schedule
 
@@ -328,7 +330,7 @@ def scheduled_client_work(
   )
   def next_fn(state, weights, client_data):
     plan = tff.federated_map(plan_round, state)
-    ks = tff.federated_broadcast(plan.num_readjusted)
+    ks = tff.federated_broadcast(getattr(plan, broadcast))
     if with_budgets:
       budgets = tff.federated_broadcast(plan.budgets)
       result, train, stats = tff.federated_map(update_tf, (weights, client_data, ks, budgets))

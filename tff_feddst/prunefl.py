@@ -335,38 +335,12 @@ def is_reselection_round(round_num, rounds_between: int, end_round: int):
   )
 
 
-def build_client_work(
-    model_fn, layout, optimizer, *, local_epochs: int, rounds_between: int, end_round: int,
-):
-  """PruneFL's clients: masked training under the global mask (RandomMask's
-  client work); in re-selection rounds each client also sends the mean
-  gradient of its task loss over its local data at its trained weights
-  (dense, every kernel position). The update is OrderedDict(values, masks,
-  gradients); TFF's types are static, so outside re-selection rounds the
-  gradients are zeros and the ledger does not count them."""
+def _client_update_tf(model_fn, layout, optimizer, local_epochs: int, weights_type, data_type):
+  """One client's computation: (weights, data, reselect) -> (ClientResult,
+  train metrics, statistics)."""
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
   from tff_feddst import client_work as cw  # pylint: disable=g-import-not-at-top
-
-  metrics_aggregation_fn, weights_type, data_type = cw.model_types(model_fn)
-
-  @tff.tensorflow.computation
-  def init_tf():
-    return collections.OrderedDict(round_num=tf.constant(1, tf.int32))
-
-  state_type = init_tf.type_signature.result
-
-  @tff.tensorflow.computation(state_type)
-  def plan_round(state):
-    r = state["round_num"]
-    return collections.OrderedDict(
-        round_num=r,
-        reselect=tf.cast(is_reselection_round(r, rounds_between, end_round), tf.int32),
-    )
-
-  @tff.tensorflow.computation(state_type)
-  def advance(state):
-    return collections.OrderedDict(round_num=state["round_num"] + 1)
 
   @tff.tensorflow.computation(weights_type, data_type, np.int32)
   def client_update_tf(initial_weights, dataset, reselect):
@@ -409,31 +383,47 @@ def build_client_work(
 
     return update(initial_weights, dataset, reselect)
 
-  @tff.federated_computation
-  def init_fn():
-    return tff.federated_eval(init_tf, tff.SERVER)
+  return client_update_tf
 
-  @tff.federated_computation(
-      init_fn.type_signature.result,
-      tff.FederatedType(weights_type, tff.CLIENTS),
-      tff.FederatedType(data_type, tff.CLIENTS),
+
+def build_client_work(
+    model_fn, layout, optimizer, *, local_epochs: int, rounds_between: int, end_round: int,
+):
+  """PruneFL's clients: masked training under the global mask (RandomMask's
+  client work); in re-selection rounds each client also sends the mean
+  gradient of its task loss over its local data at its trained weights
+  (dense, every kernel position). The update is OrderedDict(values, masks,
+  gradients); TFF's types are static, so outside re-selection rounds the
+  gradients are zeros and the ledger does not count them."""
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  from tff_feddst import client_work as cw  # pylint: disable=g-import-not-at-top
+
+  metrics_aggregation_fn, weights_type, data_type = cw.model_types(model_fn)
+
+  @tff.tensorflow.computation
+  def init_tf():
+    return collections.OrderedDict(round_num=tf.constant(1, tf.int32))
+
+  state_type = init_tf.type_signature.result
+
+  @tff.tensorflow.computation(state_type)
+  def plan_round(state):
+    r = state["round_num"]
+    return collections.OrderedDict(
+        round_num=r,
+        reselect=tf.cast(is_reselection_round(r, rounds_between, end_round), tf.int32),
+    )
+
+  @tff.tensorflow.computation(state_type)
+  def advance(state):
+    return collections.OrderedDict(round_num=state["round_num"] + 1)
+
+  update_tf = _client_update_tf(model_fn, layout, optimizer, local_epochs, weights_type, data_type)
+  return cw.scheduled_client_work(
+      (init_tf, plan_round, advance), update_tf, weights_type, data_type,
+      metrics_aggregation_fn, broadcast="reselect",
   )
-  def next_fn(state, weights, client_data):
-    plan = tff.federated_map(plan_round, state)
-    flag = tff.federated_broadcast(plan.reselect)
-    result, train, stats = tff.federated_map(client_update_tf, (weights, client_data, flag))
-    measurements = tff.federated_zip(
-        collections.OrderedDict(
-            train=metrics_aggregation_fn(train),
-            clients=tff.federated_sum(stats),
-            readjustment=plan,
-        )
-    )
-    return tff.templates.MeasuredProcessOutput(
-        tff.federated_map(advance, state), result, measurements
-    )
-
-  return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
 
 
 def build_aggregator(value_type, weight_type, layout, min_votes: int = 1):
