@@ -157,6 +157,25 @@ def _client_outputs(
   )
 
 
+def train_under_mask(model, layout, optimizer, initial_weights, dataset, local_epochs, prox_mu):
+  """Loads the broadcast weights and masks into `model` and trains E masked
+  local epochs. Returns (trainable variables, mask variables, the masks as
+  received, examples seen); masked kernel positions are exactly zero."""
+  weights = tff.learning.models.ModelWeights.from_model(model)
+  tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
+  trainable = list(weights.trainable)
+  mask_vars = [weights.non_trainable[i] for i in layout.mask_index]
+  initial_masks = [initial_weights.non_trainable[i] for i in layout.mask_index]
+  num_examples = _train_locally(
+      model, optimizer, trainable, mask_vars, layout.mask_slot(),
+      list(initial_weights.trainable), dataset, local_epochs, prox_mu,
+  )
+  # Steps already keep masked weights at zero; this makes it explicit.
+  for slot, i in enumerate(layout.kernel_index):
+    trainable[i].assign(trainable[i] * mask_vars[slot])
+  return trainable, mask_vars, initial_masks, num_examples
+
+
 def build_client_update(
     model_fn,
     layout: SparseLayout,
@@ -176,20 +195,9 @@ def build_client_update(
   @tf.function
   def client_update(initial_weights, dataset, num_to_readjust):
     dataset = without_autotune(dataset)
-    weights = tff.learning.models.ModelWeights.from_model(model)
-    tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
-    trainable = list(weights.trainable)
-    mask_vars = [weights.non_trainable[i] for i in layout.mask_index]
-    initial_masks = [initial_weights.non_trainable[i] for i in layout.mask_index]
-    global_params = list(initial_weights.trainable)
-    num_examples = _train_locally(
-        model, optimizer, trainable, mask_vars, slot_of, global_params,
-        dataset, local_epochs, prox_mu,
+    trainable, mask_vars, initial_masks, num_examples = train_under_mask(
+        model, layout, optimizer, initial_weights, dataset, local_epochs, prox_mu
     )
-    # Steps already keep masked weights at zero; this makes it explicit.
-    for slot, i in enumerate(kernel_index):
-      trainable[i].assign(trainable[i] * mask_vars[slot])
-
     if tf.reduce_sum(num_to_readjust) > 0:
       _readjust_masks(
           model, loss_fn, trainable, mask_vars, kernel_index, dataset,

@@ -354,17 +354,9 @@ def _client_update_tf(model_fn, layout, optimizer, local_epochs: int, weights_ty
     @tf.function
     def update(initial_weights, dataset, reselect):
       dataset = cw.without_autotune(dataset)
-      weights = tff.learning.models.ModelWeights.from_model(model)
-      tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
-      trainable = list(weights.trainable)
-      mask_vars = [weights.non_trainable[i] for i in layout.mask_index]
-      initial_masks = [initial_weights.non_trainable[i] for i in layout.mask_index]
-      num_examples = cw._train_locally(  # pylint: disable=protected-access
-          model, optimizer, trainable, mask_vars, slot_of,
-          list(initial_weights.trainable), dataset, local_epochs, 0.0,
+      trainable, mask_vars, initial_masks, num_examples = cw.train_under_mask(
+          model, layout, optimizer, initial_weights, dataset, local_epochs, 0.0
       )
-      for slot, i in enumerate(kernel_index):
-        trainable[i].assign(trainable[i] * mask_vars[slot])
       if reselect > 0:
         gradients = list(cw.mean_kernel_gradients(
             model, loss_fn, trainable, kernel_index, dataset, num_examples, local_epochs
