@@ -266,7 +266,7 @@ def test_the_aggregator_votes_the_values_and_averages_the_gradients():
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
   weight_type = tff.TensorType(np.float32)
-  process = prunefl.build_aggregator(value_type, weight_type, layout=None)
+  process = prunefl.build_aggregator(value_type, weight_type)
   out = process.next(process.initialize(), clients, weights)
   accepted = [0, 2]
   total = sum(weights[c] for c in accepted)

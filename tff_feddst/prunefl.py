@@ -30,6 +30,7 @@ import collections
 import dataclasses
 import functools
 import json
+import os
 import time
 from typing import Callable, Sequence
 
@@ -418,7 +419,7 @@ def build_client_work(
   )
 
 
-def build_aggregator(value_type, weight_type, layout, min_votes: int = 1):
+def build_aggregator(value_type, weight_type, min_votes: int = 1):
   """The voting average of (values, masks), as FedDST's, and the checked
   example-weighted mean of the clients' gradients. Measurements: the
   voting's."""
@@ -556,7 +557,7 @@ def build_process(
   )
   weights_type = client_work.next.type_signature.parameter[1].member
   result_type = client_work.next.type_signature.result.result.member
-  aggregator = build_aggregator(result_type.update, result_type.update_weight, layout, min_votes)
+  aggregator = build_aggregator(result_type.update, result_type.update_weight, min_votes)
   update_type = aggregator.next.type_signature.result.result.member
   finalizer = build_finalizer(
       weights_type, update_type, layout, per_weight, layout.num_kept, rounds_between, end_round,
@@ -590,8 +591,6 @@ def run_costs(config, fed_data, keras_fn, log) -> LayerCosts:
   """The run's layer costs: its output directory's file (a resumed run),
   else `--prunefl_costs`, else measured here on a seeded batch of training
   images; written to the output directory before the first round."""
-  import os  # pylint: disable=g-import-not-at-top
-
   path = os.path.join(config.output_dir, COSTS_FILE)
   if os.path.exists(path):
     return read_costs(path)
