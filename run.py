@@ -116,6 +116,10 @@ HELP = {
     "surviving ones.",
     "prunefl_initial_rounds": "prunefl: local rounds (of --local_epochs) the seeded first "
     "client trains the dense model before it picks the initial mask.",
+    "lotteryfl_accuracy_threshold": "lotteryfl: a sampled client prunes when the global model "
+    "under its mask reaches this accuracy on its local test set, in [0, 1].",
+    "lotteryfl_prune_rate": "lotteryfl: the share of its kept weights a client prunes in each "
+    "layer (down to the layer's budget at --sparsity), in (0, 1).",
     "prunefl_costs": "prunefl: the per-layer time costs (prunefl_costs.json of an earlier "
     "run) to use instead of measuring them on this machine; resuming uses the run's own.",
 }

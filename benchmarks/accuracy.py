@@ -14,7 +14,8 @@ from typing import Callable
 from tff_feddst.config import ExperimentConfig
 
 ALGORITHMS = (
-    "fedavg", "fedavgm", "fedprox", "randommask", "snip", "grasp", "prunefl", "feddst",
+    "fedavg", "fedavgm", "fedprox", "randommask", "snip", "grasp", "prunefl", "lotteryfl",
+    "feddst",
 )
 
 

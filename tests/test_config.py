@@ -35,11 +35,13 @@ def test_algorithm_defaults_come_from_the_registry():
 
 
 def test_client_execution_defaults_to_cohorts_where_the_algorithm_has_them(monkeypatch):
-  for name in algorithms.ALGORITHMS:  # all but PruneFL have a cohort engine
-    want = "per_client" if name == "prunefl" else "cohort"
+  for name in algorithms.ALGORITHMS:  # all but PruneFL and LotteryFL have a cohort engine
+    want = "per_client" if name in ("prunefl", "lotteryfl") else "cohort"
     assert _resolve(algorithm=name).client_execution == want, name
   with pytest.raises(config_lib.ConfigError, match="--client_execution=cohort is implemented for"):
     _resolve(algorithm="prunefl", client_execution="cohort")
+  with pytest.raises(config_lib.ConfigError, match="--client_execution=cohort is implemented for"):
+    _resolve(algorithm="lotteryfl", client_execution="cohort")
   assert _resolve(algorithm="feddst", client_execution="per_client").client_execution == "per_client"
   structured = _resolve(algorithm="structured")
   assert structured.algorithm_config("structured_search").client_execution == "cohort"

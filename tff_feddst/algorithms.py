@@ -24,7 +24,9 @@ module branches on an algorithm's name.
   at initialisation from one mini-batch (`pruning_init`); prunefl:
   `prunefl.build_process` (masked training, dense gradients uploaded every
   Delta_R rounds, the server re-selecting the mask by g^2 / t), starting
-  from one client's initial pruning (`prunefl.PruneFLPhase`).
+  from one client's initial pruning (`prunefl.PruneFLPhase`); lotteryfl:
+  `lotteryfl.build_process` (every client trains under a mask of its own,
+  which the driver stores by client id, `lotteryfl.LotteryFLPhase`).
 - structured / structured_feddst: two phases, the structured search
   (`structured.build_structured_search`) and then fedavg / feddst on the
   smaller network it found.
@@ -78,6 +80,10 @@ class AlgorithmConfig:
   client_execution: str = "per_client"
   # PruneFL: local rounds of the initial pruning on one client.
   prunefl_initial_rounds: int = 5
+  # LotteryFL: a client prunes when the global model under its mask reaches
+  # this accuracy on its validation data, by this share of its kept weights.
+  lotteryfl_accuracy_threshold: float = 0.5
+  lotteryfl_prune_rate: float = 0.2
 
 
 def _from_builders(name: str) -> Callable:
@@ -183,6 +189,13 @@ _ENTRIES = (
         "PruneFL: one client prunes first; the server re-selects the mask by g^2/t every Delta_R rounds",
         "build_prunefl", sparse=True, phase_maker="prunefl_phase",
         own_settings=("prunefl_initial_rounds", "prunefl_costs"),
+    ),
+    Algorithm(
+        "lotteryfl",
+        "LotteryFL: every client keeps its own mask and prunes it when the global model "
+        "does well on its data",
+        "build_lotteryfl", sparse=True, phase_maker="lotteryfl_phase",
+        own_settings=("lotteryfl_accuracy_threshold", "lotteryfl_prune_rate"),
     ),
     Algorithm(
         "structured",

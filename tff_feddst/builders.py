@@ -228,6 +228,38 @@ def prunefl_phase(*args, **kwargs):
   return prunefl.PruneFLPhase(*args, **kwargs)
 
 
+def build_lotteryfl(config, keras_fn, input_spec, slots: int) -> BuiltAlgorithm:
+  """LotteryFL (docs/algorithms.md section 4.3): the dense seeded initial
+  weights (the global model has no mask; the clients' own masks start all
+  ones), the layers' budgets at the target sparsity, rounds of at most
+  `slots` clients."""
+  from tff_feddst import lotteryfl  # pylint: disable=g-import-not-at-top
+
+  layout = sparse_model.build_layout(
+      sparse_model.wrap_prunable(keras_fn()), config.sparsity, config.sparsity_distribution
+  )
+  initial = sparse_model.initial_model_weights(
+      keras_fn, config.seed, layout,
+      masks_fn=lambda _: [np.ones(s, np.float32) for s in layout.kernel_shapes],
+  )
+  process = lotteryfl.build_process(
+      sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True),
+      layout, initial, build_client_optimizer(config),
+      local_epochs=config.local_epochs,
+      threshold=config.lotteryfl_accuracy_threshold,
+      prune_rate=config.lotteryfl_prune_rate,
+      slots=slots, min_votes=config.min_votes,
+  )
+  size = costs.ModelSize(layout.num_prunable, layout.num_unmasked, layout.num_mask_bits)
+  return BuiltAlgorithm(process, initial, layout, size, epochs_in_process=True)
+
+
+def lotteryfl_phase(*args, **kwargs):
+  from tff_feddst import lotteryfl  # pylint: disable=g-import-not-at-top
+
+  return lotteryfl.LotteryFLPhase(*args, **kwargs)
+
+
 def build_structured_search(config, keras_fn, input_spec) -> BuiltAlgorithm:
   from tff_feddst import structured  # pylint: disable=g-import-not-at-top
 

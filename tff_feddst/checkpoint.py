@@ -39,6 +39,8 @@ class Restored:
   round_num: int
   state: object
   extras: dict
+  # The driver's own arrays (`phases.Phase.driver_arrays`).
+  arrays: list = dataclasses.field(default_factory=list)
 
 
 class RunCheckpoints:
@@ -61,13 +63,16 @@ class RunCheckpoints:
     versions = asyncio.run(self._manager.get_versions())
     return versions[-1] if versions else None
 
-  def save(self, round_num: int, state, extras: dict) -> None:
+  def save(self, round_num: int, state, extras: dict, arrays=()) -> None:
+    """`arrays`: the driver's own arrays (`phases.Phase.driver_arrays`)."""
     leaves = [np.asarray(x) for x in tf.nest.flatten(state)]
     program_state = {
         "round": np.int64(round_num),
         "state": leaves,
         "extras": json.dumps(extras, sort_keys=True),
     }
+    if arrays:
+      program_state["driver"] = [np.asarray(a) for a in arrays]
     asyncio.run(self._manager.save(program_state, round_num))
 
   def _unreadable(self, path: str, e: Exception) -> CheckpointError:
@@ -91,22 +96,22 @@ class RunCheckpoints:
     except Exception as e:  # pylint: disable=broad-except
       raise self._unreadable(path, e) from None
 
-  def restore(self, round_num: int, template_state) -> Restored:
-    """Loads version `round_num` into the structure of `template_state`."""
+  def restore(self, round_num: int, template_state, template_arrays=()) -> Restored:
+    """Loads version `round_num` into the structure of `template_state`
+    (and the driver's arrays into `template_arrays`' shapes: `Restored.arrays`)."""
     template = [np.asarray(x) for x in tf.nest.flatten(template_state)]
     structure = {"round": np.int64(0), "state": template, "extras": ""}
+    driver_template = [np.asarray(a) for a in template_arrays]
+    if driver_template:
+      structure["driver"] = driver_template
     path = os.path.join(self.root_dir, f"{PREFIX}{round_num}")
     try:
       loaded = asyncio.run(self._manager.load(round_num, structure))
       leaves = loaded["state"]
       if len(leaves) != len(template):
         raise ValueError(f"{len(leaves)} arrays, expected {len(template)}")
-      arrays = []
-      for value, like in zip(leaves, template):
-        value = np.asarray(value)
-        if value.shape != like.shape:
-          raise ValueError(f"an array of shape {value.shape}, expected {like.shape}")
-        arrays.append(value.astype(like.dtype))
+      arrays = _like(leaves, template)
+      driver = _like(loaded["driver"], driver_template) if driver_template else []
       extras = loaded["extras"]
       if isinstance(extras, bytes):
         extras = extras.decode()
@@ -117,4 +122,15 @@ class RunCheckpoints:
     if saved_round != round_num:
       raise CheckpointError(f"checkpoint {path} holds round {saved_round}")
     state = tf.nest.pack_sequence_as(template_state, arrays)
-    return Restored(round_num, state, extras)
+    return Restored(round_num, state, extras, driver)
+
+
+def _like(values, template) -> list[np.ndarray]:
+  """`values` as arrays of `template`'s dtypes (ValueError on another shape)."""
+  arrays = []
+  for value, like in zip(values, template):
+    value = np.asarray(value)
+    if value.shape != like.shape:
+      raise ValueError(f"an array of shape {value.shape}, expected {like.shape}")
+    arrays.append(value.astype(like.dtype))
+  return arrays

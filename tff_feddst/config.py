@@ -72,6 +72,8 @@ _RANGES = (
     ("structured_max_prune_rounds", lambda v: v >= 1, ">= 1"),
     ("cohort_size", lambda v: v >= 0, ">= 0 (0: all of a round's clients)"),
     ("prunefl_initial_rounds", lambda v: v >= 1, ">= 1"),
+    ("lotteryfl_accuracy_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("lotteryfl_prune_rate", lambda v: 0 < v < 1, "in (0, 1)"),
 )
 
 # Settings that some algorithm owns (`algorithms.Algorithm.own_settings`).
@@ -294,6 +296,7 @@ def _saved_before_setting_existed(key: str, saved: dict):
   return {
       "readjustment_schedule": "cosine", "remember_old": False, "mask_block": "none",
       "prunefl_initial_rounds": 5, "prunefl_costs": "",
+      "lotteryfl_accuracy_threshold": 0.5, "lotteryfl_prune_rate": 0.2,
   }.get(key)
 
 

@@ -12,6 +12,7 @@ whose mask changed during its local work (readjustment rounds).
 """
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -92,6 +93,13 @@ class CommunicationLedger:
         self.client_mask_version[cid] = self.mask_version
       else:
         total += dense_message_bits(self.size)
+    self.cumulative_download_bits += total
+    return total
+
+  def download_kept(self, kept: Sequence[int]) -> int:
+    """Bits sent to clients that each hold a mask of their own (LotteryFL):
+    the values at a client's `kept[c]` positions and the biases, no mask."""
+    total = sum(sparse_message_bits(self.size, int(k), False) for k in kept)
     self.cumulative_download_bits += total
     return total
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 import keras_models
 from tff_feddst import costs
 from tff_feddst import masks as masks_lib
+from tff_feddst import rounds
 from tff_feddst import sparse_model
 
 
@@ -125,6 +126,8 @@ class Phase:
 
   # Its key in summary.json["structured"]["phases"] (two-phase runs).
   report_name = "retrain"
+  # Its evaluator's own figures, as metrics.csv columns after the others.
+  extra_columns: tuple[str, ...] = ()
 
   def __init__(self, number, spec, config, context, widths=None, found=None):
     """Builds the process of `spec` (an `algorithms.Algorithm`).
@@ -167,6 +170,19 @@ class Phase:
   def initial_state(self):
     process = self.built.process
     return process.set_model_weights(process.initialize(), self.built.initial_weights)
+
+  def make_step(self, config, fed_data, sampler, ledger, state) -> rounds.RoundStep:
+    """The driver's round step of this phase."""
+    return rounds.RoundStep(config, self, fed_data, sampler, ledger, state)
+
+  def driver_arrays(self) -> list:
+    """What the driver holds of this phase beyond the process's state and
+    the ledger (LotteryFL: the clients' masks), saved with each checkpoint."""
+    return []
+
+  def load_driver_arrays(self, arrays) -> None:
+    """Restores `driver_arrays` from a checkpoint."""
+    del arrays
 
   def new_ledger(self, previous: costs.CommunicationLedger | None):
     """The phase's ledger; cumulative totals run on across phases."""

@@ -41,9 +41,10 @@ METRIC_COLUMNS = (
 GRPC_COLUMN = "round_grpc_bytes"
 
 
-def metric_columns(on_workers: bool) -> tuple[str, ...]:
-  """The columns of metrics.csv (with the gRPC bytes when running on workers)."""
-  return METRIC_COLUMNS + ((GRPC_COLUMN,) if on_workers else ())
+def metric_columns(on_workers: bool, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+  """The columns of metrics.csv: with the gRPC bytes when running on
+  workers, then the phase's own evaluation columns (`extra`)."""
+  return METRIC_COLUMNS + ((GRPC_COLUMN,) if on_workers else ()) + tuple(extra)
 
 
 def seed(*parts: int) -> int:
@@ -83,8 +84,9 @@ class RoundResult:
   # Bytes exchanged with the --workers in the round (None: run locally).
   grpc_bytes: int | None = None
 
-  def row(self, evaluation: dict) -> dict:
-    """The metrics.csv row (`evaluation` empty in rounds without one)."""
+  def row(self, evaluation: dict, extra: tuple[str, ...] = ()) -> dict:
+    """The metrics.csv row (`evaluation` empty in rounds without one;
+    `extra`: the phase's own evaluation columns, last)."""
     values = (
         self.round_num,
         evaluation.get("clients_accuracy", ""),
@@ -107,6 +109,8 @@ class RoundResult:
     row = collections.OrderedDict(zip(METRIC_COLUMNS, values))
     if self.grpc_bytes is not None:
       row[GRPC_COLUMN] = self.grpc_bytes
+    for column in extra:
+      row[column] = evaluation.get(column, "")
     return row
 
 
@@ -151,7 +155,9 @@ def _readjusted(plan) -> int:
   PruneFL's re-selection), else 0."""
   if "reselect" in plan:
     return int(plan["reselect"])
-  return int(np.sum(plan["num_readjusted"]) > 0)
+  if "num_readjusted" in plan:
+    return int(np.sum(plan["num_readjusted"]) > 0)
+  return 0  # no schedule (LotteryFL's clients prune when they do well)
 
 
 def _read_metrics(metrics, sparse: bool) -> _ClientsOutcome:
@@ -189,6 +195,8 @@ class RoundStep:
     self.population = list(fed_data.nonempty_train_client_ids)
     self.sampler = sampler
     self.ledger = ledger
+    # The metrics of the last `process.next`.
+    self.last_metrics = None
     remote.check_splittable(phase.built.process.next)
     weights = phase.built.process.get_model_weights(state)
     self.sparsity, self.flops, self._masks = phase.stats(weights, ledger)
@@ -242,6 +250,13 @@ class RoundStep:
     workers = max(1, len(self.config.worker_addresses))
     return -(-num_clients // workers)
 
+  def charge_download(self, client_ids, state) -> int:
+    """Charges the ledger for the round's downloads; returns their bits."""
+    built = self.phase.built
+    return self.ledger.download(
+        client_ids, built.kept_in_round(process_round(state)) if built.sparse else None
+    )
+
   def run_clients(self, state, survivors):
     """(state, outcome, skipped): `process.next` on the surviving
     (client id, data set, shuffle seed) triples, accepted or not."""
@@ -249,6 +264,7 @@ class RoundStep:
     if not survivors:
       return _advance_client_round(state), _ClientsOutcome(), True
     output = built.process.next(state, self.client_inputs(survivors))
+    self.last_metrics = output.metrics
     outcome = _read_metrics(output.metrics, built.sparse)
     # A round in which the server rejected every update keeps the previous
     # state whole (no server momentum step on an empty round).
@@ -269,9 +285,7 @@ class RoundStep:
     )
     seeds = self.client_seeds(round_num, len(client_ids))
     failed = self.draw_failures(round_num, len(client_ids))
-    download_bits = ledger.download(
-        client_ids, built.kept_in_round(process_round(state)) if built.sparse else None
-    )
+    download_bits = self.charge_download(client_ids, state)
     survivors = [
         (c, d, s) for c, d, s, f in zip(client_ids, datasets, seeds, failed) if not f
     ]

@@ -166,12 +166,13 @@ def _start(context: RunContext, checkpoints) -> Run:
   ledger = phase.new_ledger(None)
   extras = {}
   if resume_round is not None:
-    restored = checkpoints.restore(resume_round, state)
+    restored = checkpoints.restore(resume_round, state, phase.driver_arrays())
     state, extras = restored.state, restored.extras
+    phase.load_driver_arrays(restored.arrays)
     ledger.load_state(extras["ledger"])
     sampler.bit_generator.state = extras["sampler"]
     log(f"resumed from {checkpoints.root_dir} at round {resume_round}")
-  step = rounds_lib.RoundStep(config, phase, context.fed_data, sampler, ledger, state)
+  step = phase.make_step(config, context.fed_data, sampler, ledger, state)
   return Run(
       phase, state, step,
       first_round=(resume_round or 0) + 1,
@@ -190,8 +191,8 @@ def _next_phase(run: Run, context: RunContext) -> None:
   run.phase = phases.build_phase(phase.number + 1, context.config, context, context.log, found)
   run.state = run.phase.initial_state()
   ledger = run.phase.new_ledger(run.step.ledger)
-  run.step = rounds_lib.RoundStep(
-      context.config, run.phase, context.fed_data, run.step.sampler, ledger, run.state
+  run.step = run.phase.make_step(
+      context.config, context.fed_data, run.step.sampler, ledger, run.state
   )
 
 
@@ -217,7 +218,7 @@ def _train(run: Run, context: RunContext, releaser, checkpoints) -> None:
       weights = run.phase.built.process.get_model_weights(run.state)
       evaluation = run.phase.evaluator.evaluate(weights.trainable)
       run.evaluation = evaluation
-    releaser.release(result.row(evaluation))
+    releaser.release(result.row(evaluation, run.phase.extra_columns))
     if round_num % config.checkpoint_every == 0 or round_num == config.rounds:
       checkpoints.save(
           round_num,
@@ -228,6 +229,7 @@ def _train(run: Run, context: RunContext, releaser, checkpoints) -> None:
               "evaluation": evaluation,
               "phases": run.phase_results,
           },
+          run.phase.driver_arrays(),
       )
 
 
@@ -252,6 +254,7 @@ def _summary(run: Run, context: RunContext, started: float) -> dict:
       "resumed_from_round": run.resume_round,
       "final_clients_accuracy": run.evaluation.get("clients_accuracy"),
       "final_test_accuracy": run.evaluation.get("test_accuracy"),
+      **{f"final_{c}": run.evaluation.get(c) for c in phase.extra_columns},
       "final_sparsity": run.step.sparsity,
       "forward_flops": run.step.flops,
       **phase.summary(),
@@ -302,7 +305,7 @@ def run_experiment(
     releaser = outputs.MetricsReleaser(
         config.output_dir, log, config.rounds, run.resume_round,
         lambda: run.phase.console_note(),
-        rounds_lib.metric_columns(bool(config.worker_addresses)),
+        rounds_lib.metric_columns(bool(config.worker_addresses), run.phase.extra_columns),
     )
     _train(run, context, releaser, checkpoints)
     summary = _summary(run, context, started)
