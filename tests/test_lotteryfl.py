@@ -274,3 +274,45 @@ def test_bad_lotteryfl_settings_are_one_line():
     ExperimentConfig(algorithm="lotteryfl", lotteryfl_prune_rate=0.0).resolve()
   with pytest.raises(ConfigError, match=r"^--lotteryfl_accuracy_threshold=1.5 must be in \[0, 1\]$"):
     ExperimentConfig(algorithm="lotteryfl", lotteryfl_accuracy_threshold=1.5).resolve()
+
+
+def test_the_personalised_accuracy_uses_each_clients_own_mask(fashion_mnist_available):
+  """All masks dense: it equals clients_accuracy. One client with every
+  kernel weight masked: the network outputs its logits' bias whatever the
+  image, so that client's accuracy is the share of its labels equal to the
+  bias's largest entry (one of its two classes here)."""
+  import fractions  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
+
+  import keras_models  # pylint: disable=g-import-not-at-top
+  from tff_feddst import data  # pylint: disable=g-import-not-at-top
+  from tff_feddst import phases  # pylint: disable=g-import-not-at-top
+  from tff_feddst import sparse_model  # pylint: disable=g-import-not-at-top
+
+  fed = data.load_federated_data("fashion_mnist", "pathological", total_clients=40, seed=0)
+  keras_fn = functools.partial(
+      keras_models.build_model, "mnist_cnn", fed.input_shape, fed.num_classes
+  )
+  layout = sparse_model.build_layout(sparse_model.wrap_prunable(keras_fn()), 0.8)
+  model = keras_fn()
+  weights = [w.numpy() for w in model.trainable_weights]
+  store = lotteryfl.ClientMasks(fed.nonempty_train_client_ids, layout.kernel_shapes)
+  evaluator = lotteryfl.PersonalisedEvaluator(
+      phases.Evaluator(model, fed, phases.client_test_indices(fed)), fed, store,
+      layout.kernel_index,
+  )
+  cid, idx = evaluator.clients[3]
+  label = int(fed.arrays.y_test[idx][0])  # one of the client's two classes
+  # A small bias: the dense model still answers by its kernels.
+  weights[-1] = 1e-3 * np.eye(10, dtype=np.float32)[label]
+  out = evaluator.evaluate(weights)
+  assert out["personalised_accuracy"] == out["clients_accuracy"]
+  store.set(cid, [np.zeros(s, np.float32) for s in layout.kernel_shapes])
+  dense = evaluator.base.correct(weights)
+  want = [
+      fractions.Fraction(int(np.sum(fed.arrays.y_test[i] == label)), len(i)) if c == cid
+      else fractions.Fraction(int(dense[i].sum()), len(i))
+      for c, i in evaluator.clients
+  ]
+  assert evaluator.evaluate(weights)["personalised_accuracy"] == float(sum(want) / len(want))
+  assert int(np.sum(fed.arrays.y_test[idx] == label)) != int(dense[idx].sum())

@@ -362,6 +362,13 @@ class ClientMasks:
     self.table[r] = np.concatenate([np.asarray(m).ravel() > 0 for m in masks])
     self.kept[r] = [int(np.count_nonzero(m)) for m in masks]
 
+  def __contains__(self, client_id: str) -> bool:
+    return client_id in self._row
+
+  def is_dense(self, client_id: str) -> bool:
+    """The client has not pruned yet."""
+    return bool(np.all(self.kept[self._row[client_id]] == self.sizes))
+
   def kept_of(self, client_id: str) -> list[int]:
     return [int(k) for k in self.kept[self._row[client_id]]]
 
@@ -404,25 +411,23 @@ class PersonalisedEvaluator:
     self.clients = [
         (cid, fed_data.test_indices(cid))
         for cid in fed_data.client_ids
-        if fed_data.num_test_examples(cid) > 0 and cid in store._row  # pylint: disable=protected-access
+        if fed_data.num_test_examples(cid) > 0 and cid in store
     ]
 
   def evaluate(self, trainable_weights) -> dict[str, float]:
     import fractions  # pylint: disable=g-import-not-at-top
 
-    out = self.base.evaluate(trainable_weights)
     dense_hits = self.base.correct(trainable_weights)
+    out = self.base.figures(dense_hits)
     per_client = []
     for cid, idx in self.clients:
-      if all(k == s for k, s in zip(self.store.kept_of(cid), self.store.sizes)):
+      if self.store.is_dense(cid):
         hits = dense_hits[idx]
       else:
         weights = [np.asarray(w) for w in trainable_weights]
         for i, m in zip(self.kernel_index, self.store.get(cid)):
           weights[i] = weights[i] * m
-        self.base.model.set_weights(weights)
-        logits = self.base._logits(self.base.x[idx]).numpy()  # pylint: disable=protected-access
-        hits = np.argmax(logits, axis=1) == self.base.y[idx]
+        hits = self.base.correct_on(weights, idx)
       per_client.append(fractions.Fraction(int(hits.sum()), len(idx)))
     out["personalised_accuracy"] = (
         float(sum(per_client) / len(per_client)) if per_client else float("nan")

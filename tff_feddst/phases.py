@@ -47,8 +47,18 @@ class Evaluator:
       hits.append(np.argmax(logits.numpy(), axis=1) == self.y[start : start + self.batch_size])
     return np.concatenate(hits)
 
+  def correct_on(self, trainable_weights, indices) -> np.ndarray:
+    """Which of the test examples at `indices` the weights classify right
+    (one batch: a client's local test set)."""
+    self.model.set_weights([np.asarray(w) for w in trainable_weights])
+    logits = self._logits(self.x[indices]).numpy()
+    return np.argmax(logits, axis=1) == self.y[indices]
+
   def evaluate(self, trainable_weights) -> dict[str, float]:
-    hits = self.correct(trainable_weights)
+    return self.figures(self.correct(trainable_weights))
+
+  def figures(self, hits: np.ndarray) -> dict[str, float]:
+    """test_accuracy and clients_accuracy of `correct`'s hits."""
     # The mean of the clients' accuracies, exact and then rounded once
     # (equal local test sets give k / m exactly, not 0.10390000000000002).
     per_client = [fractions.Fraction(int(hits[idx].sum()), len(idx)) for idx in self.client_indices]
