@@ -7,6 +7,7 @@ reference: the same weights, masks, metrics and statistics must come out.
 """
 
 import collections
+import functools
 
 import numpy as np
 import pytest
@@ -193,8 +194,10 @@ def _assert_same_round(ref, coh, out_ref, out_coh, layout_masks, upload_dtype=tf
   assert out_ref.metrics["aggregator"]["voting"] == out_coh.metrics["aggregator"]["voting"]
 
 
-@pytest.mark.parametrize("upload_dtype", [tf.float32, tf.float16])
-def test_cohort_feddst_equals_per_client_feddst(upload_dtype):
+@functools.cache
+def _feddst_pair(upload_dtype):
+  """(layout, the per-client FedDST process, the cohort one): readjusting
+  every round, with a FedProx term; built once for the module's tests."""
   layout = sparse_model.build_layout(sparse_model.wrap_prunable(_keras()), 0.6, "erk")
   initial = sparse_model.initial_model_weights(_keras, 0, layout)
   common = dict(
@@ -205,6 +208,12 @@ def test_cohort_feddst_equals_per_client_feddst(upload_dtype):
   optimizer = optimizers.build_sgdw(0.05, 0.9, 0.001)
   ref = feddst.build_feddst(model_fn, layout, initial, optimizer, **common)
   coh = feddst.build_feddst(model_fn, layout, initial, optimizer, cohort=_settings(), **common)
+  return layout, ref, coh
+
+
+@pytest.mark.parametrize("upload_dtype", [tf.float32, tf.float16])
+def test_cohort_feddst_equals_per_client_feddst(upload_dtype):
+  layout, ref, coh = _feddst_pair(upload_dtype)
   s_ref, s_coh = ref.initialize(), coh.initialize()
   for round_num in (1, 2):  # both readjust
     out_ref = ref.next(s_ref, _datasets(round_num))
@@ -253,13 +262,7 @@ def test_block_feddst_cohort_equals_per_client_and_keeps_whole_blocks(mask_block
 
 
 def test_a_nan_client_in_a_cohort_is_rejected_like_a_single_client():
-  layout = sparse_model.build_layout(sparse_model.wrap_prunable(_keras()), 0.5, "erk")
-  initial = sparse_model.initial_model_weights(_keras, 1, layout)
-  common = dict(local_epochs=EPOCHS, readjustment_ratio=0.0)
-  model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=True)
-  optimizer = optimizers.build_sgdw(0.05, 0.9, 0.001)
-  ref = feddst.build_feddst(model_fn, layout, initial, optimizer, **common)
-  coh = feddst.build_feddst(model_fn, layout, initial, optimizer, cohort=_settings(), **common)
+  layout, ref, coh = _feddst_pair(tf.float32)
   out_ref = ref.next(ref.initialize(), _datasets(1, poisoned=2))
   out_coh = coh.next(coh.initialize(), _cohorts(_datasets(1, poisoned=2), cohort_size=5))
   assert out_coh.metrics["aggregator"]["voting"]["rejected"] == 1
@@ -314,9 +317,13 @@ def test_cohort_gradual_sparsification_equals_per_client():
 PROX_MU = 0.5
 
 
+@functools.cache
 def _dense_pair(name):
-  """(the per-client process, the cohort process, their initial states)."""
+  """(the per-client process, the cohort process, their initial states),
+  built once for the module's tests."""
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  from tff_feddst import aggregation  # pylint: disable=g-import-not-at-top
 
   initial = sparse_model.initial_model_weights(_keras, 4, None)
   model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=False)
@@ -327,9 +334,10 @@ def _dense_pair(name):
     # The reference: our per-client FedProx (TFF 0.87's has the wrong sign).
     ref = feddst.build_fedprox(model_fn, initial, client, server(), PROX_MU)
   else:
-    # The reference: TFF's own FedAvg.
+    # The reference: TFF's own FedAvg (with the server's check of updates).
     ref = tff.learning.algorithms.build_weighted_fed_avg(
-        model_fn, client_optimizer_fn=client, server_optimizer_fn=server()
+        model_fn, client_optimizer_fn=client, server_optimizer_fn=server(),
+        model_aggregator=aggregation.ValidatingMeanFactory(),
     )
   mu = PROX_MU if name == "fedprox" else 0.0
   coh = cohort_work.build_dense_cohort_process(model_fn, initial, _settings(), server(), prox_mu=mu)
@@ -369,25 +377,11 @@ def test_cohort_fedavg_equals_tff_fedavg(name):
 
 
 def test_a_nan_client_in_a_dense_cohort_counts_for_nothing():
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-
-  from tff_feddst import aggregation  # pylint: disable=g-import-not-at-top
-
-  initial = sparse_model.initial_model_weights(_keras, 4, None)
-  model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=False)
-  ref = tff.learning.algorithms.build_weighted_fed_avg(
-      model_fn, client_optimizer_fn=optimizers.build_sgdw(0.05, 0.9, 0.001),
-      server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
-      model_aggregator=aggregation.ValidatingMeanFactory(),
-  )
-  coh = cohort_work.build_dense_cohort_process(
-      model_fn, initial, _settings(), tff.learning.optimizers.build_sgdm(1.0)
-  )
-  s_ref = ref.set_model_weights(ref.initialize(), initial)
+  ref, coh, s_ref, s_coh = _dense_pair("fedavg")
   # The reference without the poisoned client; the cohort with it.
   clean = [d.repeat(EPOCHS) for c, d in enumerate(_datasets(1)) if c != 2]
   out_ref = ref.next(s_ref, clean)
-  out_coh = coh.next(coh.initialize(), _cohorts(_datasets(1, poisoned=2), cohort_size=5))
+  out_coh = coh.next(s_coh, _cohorts(_datasets(1, poisoned=2), cohort_size=5))
   assert int(out_coh.metrics["aggregator"]["rejected"]) == 1
   _assert_same_dense_round(ref, coh, out_ref, out_coh)
 

@@ -192,6 +192,11 @@ def test_one_round_prunes_the_clients_that_pass_and_votes_per_position():
   assert np.asarray(clients["kept"]).tolist() == [8 + 6, 8 + 4]
   assert np.asarray(clients["kept_index_sums"]).tolist() == np.sum(
       [lotteryfl.index_sums(m) for m in final], axis=0).tolist()
+  # Their own models after training (the start, at learning rate 0) on their
+  # validation data: A's labels are its worst guesses; B restarted from theta_0.
+  want_b_accuracy = np.mean(np.argmax(_logits(want_b[0], x_b), axis=1) == y_b)
+  assert int(clients["personalised_clients"]) == 2
+  assert float(clients["personalised_accuracy_sum"]) == pytest.approx(0.0 + want_b_accuracy, abs=1e-6)
 
   got = process.get_model_weights(out.state)
   starts, weights = [want_a[0], want_b[0]], [n_a, n_b]
@@ -238,8 +243,14 @@ def test_a_run_charges_each_clients_own_mask_and_resumes_identically(
       eval_every=2, checkpoint_every=2, lotteryfl_accuracy_threshold=0.0,
       output_dir=str(tmp_path / "run"),
   )
-  summary = training.run_experiment(config, log=lambda line: None)
+  lines = []
+  summary = training.run_experiment(config, log=lines.append)
   rows = _rows(tmp_path / "run" / "metrics.csv")
+  assert any(
+      line.startswith("round    2/4") and line.endswith(
+          f"personalised_acc {float(rows[1]['personalised_accuracy']):.4f}")
+      for line in lines
+  ), lines
   n, biases = 261750, 90
   assert summary["num_prunable"] == n and summary["num_unmasked"] == biases
   budgets = list(summary["layer_budgets"].values())
@@ -255,8 +266,10 @@ def test_a_run_charges_each_clients_own_mask_and_resumes_identically(
   down, up = summary["cumulative_download_bits"], summary["cumulative_upload_bits"]
   assert down - (up - 20 * n) == pytest.approx(32 * (40 * n - final_kept), abs=1e-3)
   assert float(rows[-1]["sparsity"]) == pytest.approx(1 - final_kept / (40 * n), abs=1e-12)
-  assert [r["personalised_accuracy"] != "" for r in rows] == [False, True, False, True]
-  assert summary["final_personalised_accuracy"] == float(rows[-1]["personalised_accuracy"])
+  assert all(0 <= float(r["personalised_accuracy"]) <= 1 for r in rows)  # every round
+  assert [r["masked_global_accuracy"] != "" for r in rows] == [False, True, False, True]
+  for column in ("personalised_accuracy", "masked_global_accuracy"):
+    assert summary[f"final_{column}"] == float(rows[-1][column])
   # The global model is dense: its masks keep everything.
   assert sum(summary["final_layer_kept"].values()) == n
 
@@ -276,7 +289,7 @@ def test_bad_lotteryfl_settings_are_one_line():
     ExperimentConfig(algorithm="lotteryfl", lotteryfl_accuracy_threshold=1.5).resolve()
 
 
-def test_the_personalised_accuracy_uses_each_clients_own_mask(fashion_mnist_available):
+def test_the_masked_global_accuracy_uses_each_clients_own_mask(fashion_mnist_available):
   """All masks dense: it equals clients_accuracy. One client with every
   kernel weight masked: the network outputs its logits' bias whatever the
   image, so that client's accuracy is the share of its labels equal to the
@@ -297,7 +310,7 @@ def test_the_personalised_accuracy_uses_each_clients_own_mask(fashion_mnist_avai
   model = keras_fn()
   weights = [w.numpy() for w in model.trainable_weights]
   store = lotteryfl.ClientMasks(fed.nonempty_train_client_ids, layout.kernel_shapes)
-  evaluator = lotteryfl.PersonalisedEvaluator(
+  evaluator = lotteryfl.MaskedGlobalEvaluator(
       phases.Evaluator(model, fed, phases.client_test_indices(fed)), fed, store,
       layout.kernel_index,
   )
@@ -306,7 +319,7 @@ def test_the_personalised_accuracy_uses_each_clients_own_mask(fashion_mnist_avai
   # A small bias: the dense model still answers by its kernels.
   weights[-1] = 1e-3 * np.eye(10, dtype=np.float32)[label]
   out = evaluator.evaluate(weights)
-  assert out["personalised_accuracy"] == out["clients_accuracy"]
+  assert out["masked_global_accuracy"] == out["clients_accuracy"]
   store.set(cid, [np.zeros(s, np.float32) for s in layout.kernel_shapes])
   dense = evaluator.base.correct(weights)
   want = [
@@ -314,5 +327,5 @@ def test_the_personalised_accuracy_uses_each_clients_own_mask(fashion_mnist_avai
       else fractions.Fraction(int(dense[i].sum()), len(i))
       for c, i in evaluator.clients
   ]
-  assert evaluator.evaluate(weights)["personalised_accuracy"] == float(sum(want) / len(want))
+  assert evaluator.evaluate(weights)["masked_global_accuracy"] == float(sum(want) / len(want))
   assert int(np.sum(fed.arrays.y_test[idx] == label)) != int(dense[idx].sum())

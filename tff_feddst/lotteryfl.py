@@ -224,7 +224,12 @@ def _client_update_tf(model_fn, layout, optimizer, theta0, settings, weights_typ
           model, trainable, mask_vars, masks, layout.mask_slot(), num_examples, tf.float32,
       )
       final = [m.read_value() for m in mask_vars]
+      # The client's own model after its training, on its validation data.
+      own_accuracy = _accuracy(model, cw.without_autotune(data["validation"]))
+      has_validation = tf.logical_not(tf.math.is_nan(own_accuracy))
       stats = collections.OrderedDict(stats)
+      stats["personalised_accuracy_sum"] = tf.where(has_validation, own_accuracy, 0.0)
+      stats["personalised_clients"] = tf.cast(has_validation, tf.int32)
       flag = tf.cast(pruned, tf.int32)
       stats["pruned"] = flag
       stats["pruned_slots"] = tf.one_hot(own["slot"], slots, dtype=tf.int32) * flag
@@ -397,12 +402,12 @@ def replay_pruning(theta, masks, kernel_index, budgets, prune_rate) -> list[np.n
   ]
 
 
-class PersonalisedEvaluator:
+class MaskedGlobalEvaluator:
   """The phase's evaluator: the global model's `test_accuracy` and
-  `clients_accuracy` (`phases.Evaluator`), and `personalised_accuracy`,
-  the mean over clients of the global weights under the client's own mask
-  on its local test set (the model the client starts its next round from,
-  unless it prunes)."""
+  `clients_accuracy` (`phases.Evaluator`), and `masked_global_accuracy`,
+  the mean over the clients of the global weights under the client's own
+  mask on its local test set (the model the client starts its next round
+  from, unless it prunes)."""
 
   def __init__(self, base, fed_data, store: ClientMasks, kernel_index):
     self.base = base
@@ -429,7 +434,7 @@ class PersonalisedEvaluator:
           weights[i] = weights[i] * m
         hits = self.base.correct_on(weights, idx)
       per_client.append(fractions.Fraction(int(hits.sum()), len(idx)))
-    out["personalised_accuracy"] = (
+    out["masked_global_accuracy"] = (
         float(sum(per_client) / len(per_client)) if per_client else float("nan")
     )
     return out
@@ -453,6 +458,17 @@ class LotteryFLStep(rounds.RoundStep):
       )).batch(self.config.batch_size)
       out.append(client_data(dataset, validation, store.get(cid), slot))
     return out
+
+  def round_extra(self) -> dict:
+    """`personalised_accuracy`: the mean over the round's clients (that have
+    local test data) of their own trained model's accuracy on it."""
+    if self.last_metrics is None:
+      return {}
+    reported = self.last_metrics["client_work"]["clients"]
+    count = int(reported["personalised_clients"])
+    if count == 0:
+      return {}
+    return {"personalised_accuracy": float(reported["personalised_accuracy_sum"]) / count}
 
   def charge_download(self, client_ids, state) -> int:
     del state
@@ -488,16 +504,17 @@ class LotteryFLStep(rounds.RoundStep):
 class LotteryFLPhase(phases.Phase):
   """LotteryFL's phase: its process, the store of the clients' masks
   (checkpointed with the run), the clients' mean sparsity and FLOPs as the
-  round's `sparsity` and `forward_flops`, and the personalised accuracy."""
+  round's `sparsity` and `forward_flops`, the personalised accuracy of
+  the round's clients and the global model under the clients' masks."""
 
-  extra_columns = ("personalised_accuracy",)
+  extra_columns = ("personalised_accuracy", "masked_global_accuracy")
 
   def __init__(self, number, spec, config, context, **kwargs):
     super().__init__(number, spec, config, context, **kwargs)
     layout = self.built.layout
     self.prune_rate = config.lotteryfl_prune_rate
     self.store = ClientMasks(context.fed_data.nonempty_train_client_ids, layout.kernel_shapes)
-    self.evaluator = PersonalisedEvaluator(
+    self.evaluator = MaskedGlobalEvaluator(
         self.evaluator, context.fed_data, self.store, layout.kernel_index
     )
 

@@ -156,6 +156,8 @@ def console_line(row, rounds: int, note: str = "") -> str:
         f"  clients_acc {row['clients_accuracy']:.4f}"
         f"  test_acc {row['test_accuracy']:.4f}"
     )
+  if row.get("personalised_accuracy", "") != "":
+    line += f"  personalised_acc {row['personalised_accuracy']:.4f}"
   return line
 
 

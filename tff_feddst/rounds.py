@@ -83,10 +83,13 @@ class RoundResult:
   seconds: float
   # Bytes exchanged with the --workers in the round (None: run locally).
   grpc_bytes: int | None = None
+  # The phase's own per-round figures (`RoundStep.round_extra`).
+  extra: dict = dataclasses.field(default_factory=dict)
 
   def row(self, evaluation: dict, extra: tuple[str, ...] = ()) -> dict:
     """The metrics.csv row (`evaluation` empty in rounds without one;
-    `extra`: the phase's own evaluation columns, last)."""
+    `extra`: the phase's own columns, last: a figure of the round, else of
+    the evaluation)."""
     values = (
         self.round_num,
         evaluation.get("clients_accuracy", ""),
@@ -110,7 +113,7 @@ class RoundResult:
     if self.grpc_bytes is not None:
       row[GRPC_COLUMN] = self.grpc_bytes
     for column in extra:
-      row[column] = evaluation.get(column, "")
+      row[column] = self.extra.get(column, evaluation.get(column, ""))
     return row
 
 
@@ -250,6 +253,10 @@ class RoundStep:
     workers = max(1, len(self.config.worker_addresses))
     return -(-num_clients // workers)
 
+  def round_extra(self) -> dict:
+    """The phase's own figures of the round just run (metrics.csv columns)."""
+    return {}
+
   def charge_download(self, client_ids, state) -> int:
     """Charges the ledger for the round's downloads; returns their bits."""
     built = self.phase.built
@@ -261,6 +268,7 @@ class RoundStep:
     """(state, outcome, skipped): `process.next` on the surviving
     (client id, data set, shuffle seed) triples, accepted or not."""
     built = self.phase.built
+    self.last_metrics = None
     if not survivors:
       return _advance_client_round(state), _ClientsOutcome(), True
     output = built.process.next(state, self.client_inputs(survivors))
@@ -321,4 +329,5 @@ class RoundStep:
         skipped=skipped,
         seconds=round(time.time() - start, 4),
         grpc_bytes=None if wire_start is None else remote.wire_bytes() - wire_start,
+        extra=self.round_extra(),
     )

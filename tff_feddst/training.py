@@ -61,6 +61,8 @@ class Run:
   resume_round: int | None
   evaluation: dict
   phase_results: dict
+  # The phase's own figures of the last round trained (`RoundResult.extra`).
+  last_extra: dict = dataclasses.field(default_factory=dict)
 
 
 def load_context(config: ExperimentConfig, log) -> RunContext:
@@ -218,6 +220,7 @@ def _train(run: Run, context: RunContext, releaser, checkpoints) -> None:
       weights = run.phase.built.process.get_model_weights(run.state)
       evaluation = run.phase.evaluator.evaluate(weights.trainable)
       run.evaluation = evaluation
+    run.last_extra = result.extra
     releaser.release(result.row(evaluation, run.phase.extra_columns))
     if round_num % config.checkpoint_every == 0 or round_num == config.rounds:
       checkpoints.save(
@@ -254,7 +257,10 @@ def _summary(run: Run, context: RunContext, started: float) -> dict:
       "resumed_from_round": run.resume_round,
       "final_clients_accuracy": run.evaluation.get("clients_accuracy"),
       "final_test_accuracy": run.evaluation.get("test_accuracy"),
-      **{f"final_{c}": run.evaluation.get(c) for c in phase.extra_columns},
+      **{
+          f"final_{c}": run.last_extra.get(c, run.evaluation.get(c))
+          for c in phase.extra_columns
+      },
       "final_sparsity": run.step.sparsity,
       "forward_flops": run.step.flops,
       **phase.summary(),
