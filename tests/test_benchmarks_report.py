@@ -62,7 +62,8 @@ def test_benchmark_configs_share_seed_and_partition():
   assert configs["fedprox"].prox_mu == 0.01
   assert configs["feddst"].sparsity == 0.8 and configs["fedavg"].sparsity == 0.0
   assert configs["randommask"].sparsity == 0.8
-  assert configs["prunefl"].sparsity == 0.8 and configs["prunefl"].client_execution == "per_client"
+  for name in ("prunefl", "lotteryfl"):
+    assert configs[name].sparsity == 0.8 and configs[name].client_execution == "per_client"
   with pytest.raises(ValueError):
     accuracy.experiment_config("nope", settings, "/x")
 
