@@ -230,6 +230,21 @@ def round_budgets(table, round_num):
   return tf.gather(table, row)
 
 
+def round_counter():
+  """(init_tf, advance): a server state counting rounds,
+  OrderedDict(round_num) starting at 1, and its step to the next round."""
+
+  @tff.tensorflow.computation
+  def init_tf():
+    return collections.OrderedDict(round_num=tf.constant(1, tf.int32))
+
+  @tff.tensorflow.computation(init_tf.type_signature.result)
+  def advance(state):
+    return collections.OrderedDict(round_num=state["round_num"] + 1)
+
+  return init_tf, advance
+
+
 def build_schedule(
     layout: SparseLayout,
     readjustment_ratio: float,
@@ -244,11 +259,7 @@ def build_schedule(
   round (gradual sparsification); None: `layout.budgets` in every round.
   """
   table = budget_table if budget_table is not None else [list(layout.budgets)]
-
-  @tff.tensorflow.computation
-  def init_tf():
-    return collections.OrderedDict(round_num=tf.constant(1, tf.int32))
-
+  init_tf, advance = round_counter()
   state_type = init_tf.type_signature.result
 
   @tff.tensorflow.computation(state_type)
@@ -267,10 +278,6 @@ def build_schedule(
         round_num=r, readjustment_ratio=tf.where(readjust, ratio, 0.0), num_readjusted=ks,
         budgets=budgets,
     )
-
-  @tff.tensorflow.computation(state_type)
-  def advance(state):
-    return collections.OrderedDict(round_num=state["round_num"] + 1)
 
   return init_tf, plan_round, advance
 

@@ -253,20 +253,11 @@ def build_client_work(model_fn, layout, optimizer, theta0, *, local_epochs: int,
 
   metrics_aggregation_fn, weights_type, sequence_type = cw.model_types(model_fn)
   data_type = client_data_type(layout, sequence_type.element)
+  init_tf, advance = cw.round_counter()
 
-  @tff.tensorflow.computation
-  def init_tf():
-    return collections.OrderedDict(round_num=tf.constant(1, tf.int32))
-
-  state_type = init_tf.type_signature.result
-
-  @tff.tensorflow.computation(state_type)
+  @tff.tensorflow.computation(init_tf.type_signature.result)
   def plan_round(state):
     return collections.OrderedDict(round_num=state["round_num"])
-
-  @tff.tensorflow.computation(state_type)
-  def advance(state):
-    return collections.OrderedDict(round_num=state["round_num"] + 1)
 
   update_tf = _client_update_tf(
       model_fn, layout, optimizer, [np.asarray(w, np.float32) for w in theta0],
@@ -286,12 +277,10 @@ def build_finalizer(weights_type, update_type, layout):
   own (its masks stay all ones). Measurements: mask_changed (always 0)."""
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
+  from tff_feddst import client_work as cw  # pylint: disable=g-import-not-at-top
   from tff_feddst import finalizer as finalizer_lib  # pylint: disable=g-import-not-at-top
 
-  @tff.tensorflow.computation
-  def init_tf():
-    return collections.OrderedDict(round_num=tf.constant(1, tf.int32))
-
+  init_tf, _ = cw.round_counter()
   state_type = init_tf.type_signature.result
 
   @tff.tensorflow.computation(state_type, weights_type, update_type)

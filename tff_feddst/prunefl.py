@@ -393,11 +393,7 @@ def build_client_work(
   from tff_feddst import client_work as cw  # pylint: disable=g-import-not-at-top
 
   metrics_aggregation_fn, weights_type, data_type = cw.model_types(model_fn)
-
-  @tff.tensorflow.computation
-  def init_tf():
-    return collections.OrderedDict(round_num=tf.constant(1, tf.int32))
-
+  init_tf, advance = cw.round_counter()
   state_type = init_tf.type_signature.result
 
   @tff.tensorflow.computation(state_type)
@@ -407,10 +403,6 @@ def build_client_work(
         round_num=r,
         reselect=tf.cast(is_reselection_round(r, rounds_between, end_round), tf.int32),
     )
-
-  @tff.tensorflow.computation(state_type)
-  def advance(state):
-    return collections.OrderedDict(round_num=state["round_num"] + 1)
 
   update_tf = _client_update_tf(model_fn, layout, optimizer, local_epochs, weights_type, data_type)
   return cw.scheduled_client_work(
@@ -505,12 +497,10 @@ def build_finalizer(
   0). Measurements: mask_changed."""
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
+  from tff_feddst import client_work as cw  # pylint: disable=g-import-not-at-top
   from tff_feddst import finalizer as finalizer_lib  # pylint: disable=g-import-not-at-top
 
-  @tff.tensorflow.computation
-  def init_tf():
-    return collections.OrderedDict(round_num=tf.constant(1, tf.int32))
-
+  init_tf, _ = cw.round_counter()
   state_type = init_tf.type_signature.result
 
   @tff.tensorflow.computation(state_type, weights_type, update_type)
