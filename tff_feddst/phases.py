@@ -136,7 +136,8 @@ class Phase:
 
   # Its key in summary.json["structured"]["phases"] (two-phase runs).
   report_name = "retrain"
-  # Its evaluator's own figures, as metrics.csv columns after the others.
+  # Its own figures (of the round, `RoundStep.round_extra`, or of its
+  # evaluator), as metrics.csv columns after the others.
   extra_columns: tuple[str, ...] = ()
 
   def __init__(self, number, spec, config, context, widths=None, found=None):

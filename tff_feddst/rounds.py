@@ -43,7 +43,7 @@ GRPC_COLUMN = "round_grpc_bytes"
 
 def metric_columns(on_workers: bool, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
   """The columns of metrics.csv: with the gRPC bytes when running on
-  workers, then the phase's own evaluation columns (`extra`)."""
+  workers, then the phase's own columns (`extra`)."""
   return METRIC_COLUMNS + ((GRPC_COLUMN,) if on_workers else ()) + tuple(extra)
 
 
