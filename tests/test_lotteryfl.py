@@ -230,11 +230,17 @@ def test_a_run_charges_each_clients_own_mask_and_resumes_identically(
   """Threshold 0: every sampled client prunes (none reaches the target in 4
   rounds). Round 1's clients start dense; over the run, what the clients
   download minus what they upload (less their masks) is 32 bits for every
-  weight they pruned. A run resumed from round 2 writes the same metrics
-  (the clients' masks are in the checkpoint)."""
+  weight they pruned. The same run from the command line, killed after its
+  third round and rerun, writes the same metrics (the clients' masks are in
+  the checkpoint it resumes from)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
 
+  from tff_feddst import checkpoint  # pylint: disable=g-import-not-at-top
   from tff_feddst import training  # pylint: disable=g-import-not-at-top
   from tff_feddst.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
 
@@ -273,10 +279,31 @@ def test_a_run_charges_each_clients_own_mask_and_resumes_identically(
   # The global model is dense: its masks keep everything.
   assert sum(summary["final_layer_kept"].values()) == n
 
-  shutil.rmtree(tmp_path / "run" / "checkpoints" / "round_4")
-  os.remove(tmp_path / "run" / "summary.json")
-  resumed = training.run_experiment(config, log=lambda line: None)
-  assert _rows(tmp_path / "run" / "metrics.csv") == rows
+  # The same run from the command line, killed (SIGKILL) after its third
+  # round's row: the rerun resumes from a checkpoint of the clients' pruned
+  # masks and writes the same metrics.
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(
+      [sys.executable, "run.py", "--algorithm=lotteryfl", "--total_clients=40",
+       "--clients_per_round=5", "--local_epochs=1", "--rounds=4", "--eval_every=2",
+       "--checkpoint_every=1", "--lotteryfl_accuracy_threshold=0", f"--output_dir={killed}"],
+      cwd=pathlib.Path(__file__).resolve().parents[1],
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+  )
+  deadline = time.time() + 300
+  while not (killed / "metrics.csv").exists() or len(_rows(killed / "metrics.csv")) < 3:
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+    time.sleep(0.05)
+  proc.kill()
+  proc.communicate()
+  resumed_from = checkpoint.RunCheckpoints(str(killed / "checkpoints")).latest_round()
+  assert resumed_from in (2, 3)
+  resumed = training.run_experiment(
+      dataclasses.replace(config, output_dir=str(killed)), log=lambda line: None
+  )
+  assert resumed["resumed_from_round"] == resumed_from
+  assert _rows(killed / "metrics.csv") == rows
   assert resumed["lotteryfl"] == section
 
 
