@@ -172,7 +172,10 @@ def _conv(layer, h, kernel, bias=None):
 
 
 def _dense(layer, h, kernel, bias=None):
-  out = tf.einsum("gbi,gio->gbo", h, kernel)
+  # A batched matmul over clients ([G, B, I] x [G, I, O]); its gradients are
+  # batched matmuls with transposed operands, which run about a third faster
+  # here than those of the equivalent einsum (which transposes its operands).
+  out = tf.linalg.matmul(h, kernel)
   if bias is not None:
     out = out + bias[:, tf.newaxis, :]
   return layer.activation(out)
