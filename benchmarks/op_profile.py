@@ -16,6 +16,15 @@ a `tf.function`, outside TFF. Prints and writes (profile.md, profile.csv):
 
 The trace (xplane.pb, readable by TensorBoard's profile plugin) stays in
 --output_dir/trace.
+
+    python -m benchmarks.op_profile --threads=default,1:2,2:1,2:2,1:1
+
+compares TensorFlow's thread pools instead (no trace): each setting,
+`default` or INTER:INTRA (the inter-op and intra-op pool sizes, which a
+process sets before its first op), times --repeats calls in a process of
+its own; the settings run --thread_sweeps times, in turn and in reverse
+order on alternate sweeps, so that a slow spell of the machine does not
+fall on one setting. Writes threads.md and threads.csv (every call).
 """
 
 import collections
@@ -24,6 +33,7 @@ import importlib
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 
@@ -157,6 +167,97 @@ def report(figures: dict, clients: int, sparsity: float) -> str:
   return "\n".join(lines) + "\n"
 
 
+def parse_threads(setting: str) -> tuple[int, int] | None:
+  """(inter-op, intra-op) threads of a --threads entry; None for `default`
+  (TensorFlow's own choice)."""
+  if setting == "default":
+    return None
+  parts = setting.split(":")
+  if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+    raise ValueError(
+        f"thread setting {setting!r} is not 'default' or INTER:INTRA (two integers >= 1)"
+    )
+  return int(parts[0]), int(parts[1])
+
+
+_TIMES_PREFIX = "op_profile times: "
+
+
+def time_with_threads(setting: str, clients: int, total_clients: int, sparsity: float,
+                      repeats: int) -> list[float]:
+  """Seconds of `repeats` calls of the cohort's training (after a tracing
+  one), in this process, with TensorFlow's thread pools set to `setting`
+  (before any op runs)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  threads = parse_threads(setting)
+  if threads is not None:
+    tf.config.threading.set_inter_op_parallelism_threads(threads[0])
+    tf.config.threading.set_intra_op_parallelism_threads(threads[1])
+  call, _ = _cohort_call(clients, total_clients, sparsity)
+  call()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def sweep_threads(settings, clients: int, total_clients: int, sparsity: float, repeats: int,
+                  sweeps: int, log=print) -> dict[str, list[float]]:
+  """{setting: every timed call}: each setting in a process of its own,
+  `sweeps` times, alternating the order."""
+  times = {setting: [] for setting in settings}
+  for sweep in range(sweeps):
+    for setting in settings if sweep % 2 == 0 else settings[::-1]:
+      result = subprocess.run(
+          [sys.executable, "-m", "benchmarks.op_profile", f"--time_with_threads={setting}",
+           f"--clients={clients}", f"--total_clients={total_clients}",
+           f"--sparsity={sparsity}", f"--repeats={repeats}"],
+          capture_output=True, text=True, check=False,
+      )
+      lines = [l for l in result.stdout.splitlines() if l.startswith(_TIMES_PREFIX)]
+      if result.returncode != 0 or not lines:
+        raise RuntimeError(f"threads {setting}: the timing process failed:\n{result.stderr[-2000:]}")
+      measured = [float(v) for v in lines[-1][len(_TIMES_PREFIX):].split(",")]
+      times[setting] += measured
+      log(f"[op_profile] threads {setting}, sweep {sweep + 1}/{sweeps}: "
+          + ", ".join(f"{t:.3f}" for t in measured))
+  return times
+
+
+def threads_report(times: dict[str, list[float]], clients: int, cores: int) -> str:
+  """The markdown of threads.md: per setting, the median and range of its
+  calls, and the median relative to the fastest setting's."""
+  medians = {setting: statistics.median(values) for setting, values in times.items()}
+  best = min(medians.values())
+  lines = [
+      f"# Cohort training ({clients} clients, paper setting) by TensorFlow thread pools",
+      "",
+      f"`cohort.train` outside TFF on {cores} cores; each setting timed in its own process "
+      "(inter-op:intra-op threads; `default` is TensorFlow's choice).",
+      "",
+      "| threads | calls | median s | min-max s | median / fastest |",
+      "|---|---:|---:|---:|---:|",
+  ]
+  for setting, values in sorted(times.items(), key=lambda kv: medians[kv[0]]):
+    lines.append(
+        f"| {setting} | {len(values)} | {medians[setting]:.3f} | "
+        f"{min(values):.3f}-{max(values):.3f} | {medians[setting] / best:.2f} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def _validate_threads(values) -> bool:
+  try:
+    for value in values:
+      parse_threads(value)
+  except ValueError:
+    return False
+  return True
+
+
 def define_flags() -> None:
   flags.DEFINE_string("output_dir", "runs/profile", "Where profile.md, profile.csv and trace/ go.")
   flags.DEFINE_integer("clients", 20, "Clients in the cohort (K).")
@@ -169,6 +270,20 @@ def define_flags() -> None:
   flags.register_validator(
       "total_clients", lambda v: v >= 1, "--total_clients must be >= 1"
   )
+  flags.DEFINE_list(
+      "threads", [],
+      "Compare TensorFlow thread-pool settings instead of profiling: 'default' or "
+      "INTER:INTRA (inter-op and intra-op threads), each timed in its own process.",
+  )
+  flags.DEFINE_integer("thread_sweeps", 2, "Times each --threads setting is timed, in turn.")
+  flags.DEFINE_string(
+      "time_with_threads", None,
+      "(Used by --threads.) Time the calls with this setting in this process and print them.",
+  )
+  flags.register_validator(
+      "threads", _validate_threads, "--threads entries are 'default' or INTER:INTRA (integers >= 1)"
+  )
+  flags.register_validator("thread_sweeps", lambda v: v >= 1, "--thread_sweeps must be >= 1")
 
 
 def main(argv):
@@ -178,7 +293,32 @@ def main(argv):
   importlib.import_module("tff_feddst")  # sets up oneDNN before TensorFlow loads
   from tff_feddst import runtime  # pylint: disable=g-import-not-at-top
 
+  if _FLAGS.time_with_threads is not None:
+    if not _validate_threads([_FLAGS.time_with_threads]):
+      sys.exit(f"error: --time_with_threads={_FLAGS.time_with_threads} is not 'default' or INTER:INTRA")
+    with runtime.managed_runtime():
+      times = time_with_threads(
+          _FLAGS.time_with_threads, _FLAGS.clients, _FLAGS.total_clients, _FLAGS.sparsity,
+          _FLAGS.repeats,
+      )
+    print(_TIMES_PREFIX + ",".join(f"{t:.6f}" for t in times), flush=True)
+    return
   os.makedirs(_FLAGS.output_dir, exist_ok=True)
+  if _FLAGS.threads:
+    times = sweep_threads(
+        _FLAGS.threads, _FLAGS.clients, _FLAGS.total_clients, _FLAGS.sparsity, _FLAGS.repeats,
+        _FLAGS.thread_sweeps,
+    )
+    text = threads_report(times, _FLAGS.clients, len(os.sched_getaffinity(0)))
+    with open(os.path.join(_FLAGS.output_dir, "threads.md"), "w") as f:
+      f.write(text)
+    with open(os.path.join(_FLAGS.output_dir, "threads.csv"), "w") as f:
+      f.write("threads,call,seconds\n")
+      for setting, values in times.items():
+        for i, value in enumerate(values):
+          f.write(f"{setting},{i + 1},{value:.6f}\n")
+    print(text, end="")
+    return
   with runtime.managed_runtime():
     figures = run_profile(
         _FLAGS.clients, _FLAGS.total_clients, _FLAGS.sparsity, _FLAGS.repeats, _FLAGS.output_dir

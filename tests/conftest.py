@@ -96,7 +96,7 @@ MODULE_SECONDS = {
     "test_benchmarks_speed": 30, "test_cli": 27, "test_pruning_init": 27,
     "test_config": 24, "test_feddst_process": 19, "test_block_masks": 19,
     "test_schedules": 17, "test_benchmarks_report": 4, "test_data": 4, "test_messages": 3,
-    "test_models": 2, "test_masks": 1, "test_lotteryfl": 45, "test_op_profile": 1,
+    "test_models": 2, "test_masks": 1, "test_lotteryfl": 45, "test_op_profile": 13,
 }
 MODULE_SECONDS_DEFAULT = 10
 
