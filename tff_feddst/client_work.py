@@ -24,6 +24,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_feddst import masks as masks_lib
+from tff_feddst import sparse_model
 from tff_feddst.sparse_model import SparseLayout
 
 def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -186,9 +187,7 @@ def build_client_update(
 ):
   """Returns the `tf.function` run by each client."""
   model = model_fn()
-  loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
-      from_logits=True, reduction=tf.keras.losses.Reduction.SUM
-  )
+  loss_fn = sparse_model.summed_loss()
   kernel_index = layout.kernel_index
   slot_of = layout.mask_slot()
 

@@ -249,9 +249,7 @@ def mean_gradient(model: tf.keras.Model, dataset, kernel_slots: Sequence[int]) -
   model's weights, for the kernels at `kernel_slots` of its trainable
   variables (float64 sums); what each client sends in a re-selection round
   (`client_work.mean_kernel_gradients`)."""
-  loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
-      from_logits=True, reduction=tf.keras.losses.Reduction.SUM
-  )
+  loss_fn = sparse_model.summed_loss()
   kernels = [model.trainable_variables[i] for i in kernel_slots]
 
   @tf.function(reduce_retracing=True)
@@ -346,9 +344,7 @@ def _client_update_tf(model_fn, layout, optimizer, local_epochs: int, weights_ty
   @tff.tensorflow.computation(weights_type, data_type, np.int32)
   def client_update_tf(initial_weights, dataset, reselect):
     model = model_fn()
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=tf.keras.losses.Reduction.SUM
-    )
+    loss_fn = sparse_model.summed_loss()
     kernel_index = layout.kernel_index
     slot_of = layout.mask_slot()
 

@@ -9,7 +9,7 @@ mask sits in those lists, and each layer's budget.
 """
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -134,6 +134,14 @@ def build_layout(
 
 def keras_loss():
   return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def summed_loss():
+  """The training loss summed over a batch (not averaged): what the
+  gradient sums of readjustment and of PruneFL's mask selection add up."""
+  return tf.keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True, reduction=tf.keras.losses.Reduction.SUM
+  )
 
 
 def make_model_fn(

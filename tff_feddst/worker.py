@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import os
 import signal
-import subprocess
 import sys
 
 import tff_feddst  # noqa: F401  (sets TF_ENABLE_ONEDNN_OPTS before the binary starts)
