@@ -116,18 +116,24 @@ def _cohort_call(clients: int, total_clients: int, sparsity: float):
   return lambda: [t.numpy() for t in call()], examples
 
 
+def _timed_calls(call, repeats: int) -> list[float]:
+  """Seconds of each of `repeats` calls, after a first (tracing) one."""
+  call()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return times
+
+
 def run_profile(clients: int, total_clients: int, sparsity: float, repeats: int,
                 output_dir: str) -> dict:
   """Times and traces the cohort's training; returns the figures."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   call, examples = _cohort_call(clients, total_clients, sparsity)
-  call()  # traces
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
+  times = _timed_calls(call, repeats)
   trace_dir = os.path.join(output_dir, "trace")
   tf.profiler.experimental.start(trace_dir)
   start = time.perf_counter()
@@ -181,6 +187,8 @@ def parse_threads(setting: str) -> tuple[int, int] | None:
 
 
 _TIMES_PREFIX = "op_profile times: "
+# `python -m benchmarks.op_profile` finds the package from here.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def time_with_threads(setting: str, clients: int, total_clients: int, sparsity: float,
@@ -195,13 +203,7 @@ def time_with_threads(setting: str, clients: int, total_clients: int, sparsity: 
     tf.config.threading.set_inter_op_parallelism_threads(threads[0])
     tf.config.threading.set_intra_op_parallelism_threads(threads[1])
   call, _ = _cohort_call(clients, total_clients, sparsity)
-  call()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
-  return times
+  return _timed_calls(call, repeats)
 
 
 def sweep_threads(settings, clients: int, total_clients: int, sparsity: float, repeats: int,
@@ -215,7 +217,7 @@ def sweep_threads(settings, clients: int, total_clients: int, sparsity: float, r
           [sys.executable, "-m", "benchmarks.op_profile", f"--time_with_threads={setting}",
            f"--clients={clients}", f"--total_clients={total_clients}",
            f"--sparsity={sparsity}", f"--repeats={repeats}"],
-          capture_output=True, text=True, check=False,
+          cwd=_REPO_ROOT, capture_output=True, text=True, check=False,
       )
       lines = [l for l in result.stdout.splitlines() if l.startswith(_TIMES_PREFIX)]
       if result.returncode != 0 or not lines:
