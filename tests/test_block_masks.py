@@ -71,12 +71,13 @@ def test_block_feddst_run_keeps_whole_blocks_and_exports_dense1_sparse(
   assert 0.95 * budget <= 4 * blocks.sum() <= budget
 
   # The ledger charges a mask one bit per weight of conv1, conv2 and logits
-  # and one per 1x4 block of dense1: 250 + 5,000 + 64,000 + 500 bits.
+  # and one per 1x4 block of dense1, each layer's packed into whole bytes:
+  # 256 + 5,000 + 64,000 + 504 bits (250 and 500 padded).
   with open(tmp_path / "metrics.csv") as f:
     rows = list(csv.DictReader(f))
   values = 32 * (sum(summary["layer_budgets"].values()) + summary["num_unmasked"])
   assert [int(r["round_upload_bits"]) for r in rows] == [
-      3 * values + int(r["clients_mask_uploaded"]) * 69_750 for r in rows
+      3 * values + int(r["clients_mask_uploaded"]) * 69_760 for r in rows
   ]
   assert int(rows[0]["clients_mask_uploaded"]) == 3
 

@@ -258,19 +258,20 @@ def test_a_run_charges_each_clients_own_mask_and_resumes_identically(
       for line in lines
   ), lines
   n, biases = 261750, 90
+  m = 261760  # a mask message: each layer's bits in whole bytes (250 -> 256, 500 -> 504)
   assert summary["num_prunable"] == n and summary["num_unmasked"] == biases
   budgets = list(summary["layer_budgets"].values())
   first = lotteryfl.pruned_counts([250, 5000, 256000, 500], budgets, 0.2)
   assert first == [208, 4000, 204800, 500]  # conv1 and logits stop at their budgets
   assert int(rows[0]["round_download_bits"]) == 5 * 32 * (n + biases)
-  assert int(rows[0]["round_upload_bits"]) == 5 * (32 * (sum(first) + biases) + n)
+  assert int(rows[0]["round_upload_bits"]) == 5 * (32 * (sum(first) + biases) + m)
   assert [int(r["clients_mask_uploaded"]) for r in rows] == [5] * 4
   section = summary["lotteryfl"]
   assert section["clients"] == 40 and 5 <= section["clients_pruned"] <= 20
   assert section["clients_at_target"] == 0
   final_kept = 40 * sum(section["mean_layer_kept"].values())
   down, up = summary["cumulative_download_bits"], summary["cumulative_upload_bits"]
-  assert down - (up - 20 * n) == pytest.approx(32 * (40 * n - final_kept), abs=1e-3)
+  assert down - (up - 20 * m) == pytest.approx(32 * (40 * n - final_kept), abs=1e-3)
   assert float(rows[-1]["sparsity"]) == pytest.approx(1 - final_kept / (40 * n), abs=1e-12)
   assert all(0 <= float(r["personalised_accuracy"]) <= 1 for r in rows)  # every round
   assert [r["masked_global_accuracy"] != "" for r in rows] == [False, True, False, True]

@@ -54,6 +54,8 @@ def test_budget_table_moves_linearly_to_the_final_sparsity():
 
 # The MNIST network's kernels (250, 5000, 256000, 500 weights) and biases.
 SIZES, NUM_BIASES = (250, 5000, 256000, 500), 90
+# A mask message: each layer's bits packed into whole bytes (250 -> 256, 500 -> 504).
+MASK_BITS = 256 + 5000 + 256000 + 504
 # Uniform budgets floor((1 - S_r) size) at S_r = 0.5, 0.6, 0.7 (R_end = 2).
 KEPT = {1: 130875, 2: 104700, 3: 78525}
 
@@ -80,7 +82,7 @@ def test_gradual_sparsification_budgets_bits_and_resume(tmp_path, fashion_mnist_
     assert int(row["rejected_clients"]) == 0
     assert int(row["round_upload_bits"]) == 4 * 32 * (KEPT[r] + NUM_BIASES)
     # New clients (round 1), then a mask changed by every re-prune: sent each round.
-    assert int(row["round_download_bits"]) == 4 * (32 * (KEPT[r] + NUM_BIASES) + n)
+    assert int(row["round_download_bits"]) == 4 * (32 * (KEPT[r] + NUM_BIASES) + MASK_BITS)
     # After round r's re-prune the global mask holds the budget of round r + 1.
     assert float(row["sparsity"]) == pytest.approx(1 - KEPT[min(r + 1, 3)] / n, abs=1e-12)
   assert summary["final_sparsity"] == pytest.approx(1 - KEPT[3] / n)

@@ -158,34 +158,40 @@ def _budget_schedule(budgets, budget_table):
   return init_round, lookup, advance
 
 
+def finish_sums(sums, masked, min_votes):
+  """(OrderedDict(values, masks), stats) from the summed contributions:
+  the voting average and the vote shares (module docstring)."""
+  values, masks = [], []
+  voted = tf.constant(0, tf.int64)
+  dropped = tf.constant(0, tf.int64)
+  for i, is_masked in enumerate(masked):
+    total, votes = sums["weighted"][i], sums["votes"][i]
+    keep = votes > 0
+    if is_masked:
+      enough = sums["counts"][i] >= float(min_votes)
+      dropped += tf.reduce_sum(
+          tf.cast(tf.logical_and(keep, tf.logical_not(enough)), tf.int64)
+      )
+      keep = tf.logical_and(keep, enough)
+      voted += tf.reduce_sum(tf.cast(keep, tf.int64))
+    safe_votes = tf.where(keep, votes, tf.ones_like(votes))
+    values.append(tf.where(keep, total / safe_votes, tf.zeros_like(total)))
+    share = votes / tf.maximum(sums["total"], 1e-30)
+    masks.append(tf.where(keep, tf.maximum(share, 1e-12), 0.0))
+  stats = collections.OrderedDict(
+      voted_positions=voted,
+      dropped_by_min_votes=dropped,
+      rejected=sums["rejected"],
+  )
+  return collections.OrderedDict(values=values, masks=masks), stats
+
+
 def _build_finish(sums_type, masked, min_votes):
   """From the summed contributions: the averaged update and voting stats."""
 
   @tff.tensorflow.computation(sums_type)
   def finish(sums):
-    values, masks = [], []
-    voted = tf.constant(0, tf.int64)
-    dropped = tf.constant(0, tf.int64)
-    for i, is_masked in enumerate(masked):
-      total, votes = sums["weighted"][i], sums["votes"][i]
-      keep = votes > 0
-      if is_masked:
-        enough = sums["counts"][i] >= float(min_votes)
-        dropped += tf.reduce_sum(
-            tf.cast(tf.logical_and(keep, tf.logical_not(enough)), tf.int64)
-        )
-        keep = tf.logical_and(keep, enough)
-        voted += tf.reduce_sum(tf.cast(keep, tf.int64))
-      safe_votes = tf.where(keep, votes, tf.ones_like(votes))
-      values.append(tf.where(keep, total / safe_votes, tf.zeros_like(total)))
-      share = votes / tf.maximum(sums["total"], 1e-30)
-      masks.append(tf.where(keep, tf.maximum(share, 1e-12), 0.0))
-    stats = collections.OrderedDict(
-        voted_positions=voted,
-        dropped_by_min_votes=dropped,
-        rejected=sums["rejected"],
-    )
-    return collections.OrderedDict(values=values, masks=masks), stats
+    return finish_sums(sums, masked, min_votes)
 
   return finish
 

@@ -161,6 +161,9 @@ def _build_sparse(readjusts: bool) -> Builder:
       server_optimizer = _server_optimizer(config)
     cohort = cohort_settings(config, keras_fn, input_spec)
     table = gradual_budgets(config, layout)
+    # Per-client work sends compact messages; cohorts send their clients'
+    # summed contributions, and a budget table changes the message types.
+    compact = cohort is None and table is None
     process = feddst.build_feddst(
         sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True),
         layout,
@@ -178,6 +181,7 @@ def _build_sparse(readjusts: bool) -> Builder:
         readjustment_schedule=config.readjustment_schedule,
         budget_table=table,
         remember_old=config.remember_old,
+        compact_messages=compact,
     )
     size = costs.ModelSize(layout.num_prunable, layout.num_unmasked, layout.num_mask_bits)
     value_bits = 16 if config.upload_dtype == "float16" else 32

@@ -24,6 +24,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_feddst import masks as masks_lib
+from tff_feddst import messages
 from tff_feddst import sparse_model
 from tff_feddst.sparse_model import SparseLayout
 
@@ -129,28 +130,44 @@ def _readjust_masks(
 
 def _client_outputs(
     model, trainable, mask_vars, initial_masks, slot_of, num_examples,
-    upload_dtype,
+    upload_dtype, compact_layout=None,
 ):
-  """The client's (ClientResult, unfinalized metrics, stats)."""
+  """The client's (ClientResult, unfinalized metrics, stats). With
+  `compact_layout` the update is the compact message
+  (`messages.encode_upload`: the mask bits only if the mask changed) and
+  the stats count its bits (`upload_bits`); otherwise it is
+  OrderedDict(values, masks) of dense tensors."""
   values = [v.read_value() for v in trainable]
-  if upload_dtype != tf.float32:
-    values = [tf.cast(tf.cast(v, upload_dtype), tf.float32) for v in values]
-  masks = [
-      mask_vars[slot_of[i]].read_value() if i in slot_of else tf.ones([])
-      for i in range(len(values))
-  ]
   mask_changed = tf.reduce_any(
       [tf.reduce_any(tf.not_equal(m, m0)) for m, m0 in zip(mask_vars, initial_masks)]
   )
+  if compact_layout is not None:
+    update = messages.encode_upload(
+        values, [m.read_value() for m in mask_vars], compact_layout, upload_dtype,
+        mask_changed,
+    )
+    sent = tf.nest.flatten(update)
+  else:
+    if upload_dtype != tf.float32:
+      values = [tf.cast(tf.cast(v, upload_dtype), tf.float32) for v in values]
+    masks = [
+        mask_vars[slot_of[i]].read_value() if i in slot_of else tf.ones([])
+        for i in range(len(values))
+    ]
+    update = collections.OrderedDict(values=values, masks=masks)
+    sent = values
   active = tf.add_n([tf.reduce_sum(tf.cast(m > 0, tf.int64)) for m in mask_vars])
   # The server rejects a non-finite update (aggregation.SparseVotingFactory);
   # its loss is kept out of the round's training metrics here.
-  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values])
+  finite = tf.reduce_all(
+      [tf.reduce_all(tf.math.is_finite(v)) for v in sent if v.dtype.is_floating]
+  )
   if not finite:
     model.reset_metrics()
   weight = tf.cast(num_examples, tf.float32)
-  update = collections.OrderedDict(values=values, masks=masks)
   stats = _client_stats(mask_changed, active, num_examples)
+  if compact_layout is not None:
+    stats["upload_bits"] = messages.tensor_bits(update)
   return (
       tff.learning.templates.ClientResult(update=update, update_weight=weight),
       model.report_local_unfinalized_metrics(),
@@ -184,8 +201,10 @@ def build_client_update(
     local_epochs: int,
     prox_mu: float = 0.0,
     upload_dtype: tf.DType = tf.float32,
+    compact: bool = False,
 ):
-  """Returns the `tf.function` run by each client."""
+  """Returns the `tf.function` run by each client (`compact`: it uploads
+  `messages.encode_upload`'s message)."""
   model = model_fn()
   loss_fn = sparse_model.summed_loss()
   kernel_index = layout.kernel_index
@@ -204,7 +223,7 @@ def build_client_update(
       )
     return _client_outputs(
         model, trainable, mask_vars, initial_masks, slot_of, num_examples,
-        upload_dtype,
+        upload_dtype, layout if compact else None,
     )
 
   return client_update
@@ -294,8 +313,14 @@ def build_feddst_client_work(
     upload_dtype: tf.DType = tf.float32,
     readjustment_schedule: str = "cosine",
     budget_table=None,
+    compact: bool = False,
 ) -> tff.learning.templates.ClientWorkProcess:
-  """The FedDST `ClientWorkProcess` (alpha = 0 gives RandomMask)."""
+  """The FedDST `ClientWorkProcess` (alpha = 0 gives RandomMask). `compact`:
+  clients upload compact messages (`messages.encode_upload`, summed by
+  `compact_voting.CompactVotingFactory`); not with a budget table, whose
+  budgets change by round."""
+  if compact and budget_table is not None:
+    raise ValueError("compact messages need fixed budgets (no budget table)")
   metrics_aggregation_fn, weights_type, data_type = model_types(model_fn)
   num_layers = len(layout.budgets)
   k_type = tff.TensorType(np.int32, [num_layers])
@@ -307,7 +332,7 @@ def build_feddst_client_work(
   @tff.tensorflow.computation(weights_type, data_type, k_type)
   def client_update_tf(initial_weights, dataset, num_to_readjust):
     client_update = build_client_update(
-        model_fn, layout, optimizer, local_epochs, prox_mu, upload_dtype
+        model_fn, layout, optimizer, local_epochs, prox_mu, upload_dtype, compact
     )
     return client_update(initial_weights, dataset, num_to_readjust)
 

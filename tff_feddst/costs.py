@@ -127,6 +127,12 @@ class CommunicationLedger:
     self.cumulative_upload_bits += total
     return total
 
+  def upload_measured(self, bits: int) -> int:
+    """Bits received from the clients of a round, as measured on the
+    messages they sent (compact uploads)."""
+    self.cumulative_upload_bits += int(bits)
+    return int(bits)
+
   def state(self) -> dict:
     return {
         "mask_version": self.mask_version,

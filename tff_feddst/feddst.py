@@ -19,6 +19,7 @@ import tensorflow_federated as tff
 from tff_feddst import aggregation
 from tff_feddst import client_work as client_work_lib
 from tff_feddst import cohort_work
+from tff_feddst import compact_voting
 from tff_feddst import finalizer as finalizer_lib
 from tff_feddst.sparse_model import SparseLayout
 
@@ -55,6 +56,7 @@ def build_feddst(
     readjustment_schedule: str = "cosine",
     budget_table=None,
     remember_old: bool = False,
+    compact_messages: bool = False,
 ) -> tff.learning.templates.LearningProcess:
   """Builds the FedDST learning process.
 
@@ -81,6 +83,11 @@ def build_feddst(
       (`masks.budget_table`, rows in layout order); None: `layout.budgets`.
     remember_old: a position of the global mask that no client voted for
       keeps its previous value (`finalizer.remember_unvoted`).
+    compact_messages: clients upload compact messages (`messages.encode_upload`:
+      kept values, packed mask bits only when the mask changed), summed by
+      `compact_voting.CompactVotingFactory` and finished by the finalizer
+      against the global masks. Per-client work only, without a budget
+      table or a replacement aggregation factory.
   """
   if local_epochs < 1:
     raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
@@ -95,10 +102,22 @@ def build_feddst(
       readjustment_schedule=readjustment_schedule,
       budget_table=budget_table,
   )
-  client_work, factory = _client_work_and_factory(
-      model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
-      aggregation_factory, cohort,
-  )
+  if compact_messages and (cohort is not None or aggregation_factory is not None
+                           or budget_table is not None):
+    raise ValueError(
+        "compact messages are sent by per-client work with fixed budgets and the "
+        "voting aggregation"
+    )
+  if compact_messages:
+    client_work = client_work_lib.build_feddst_client_work(
+        model_fn, layout, client_optimizer, prox_mu=prox_mu, compact=True, **schedule
+    )
+    factory = compact_voting.CompactVotingFactory(layout)
+  else:
+    client_work, factory = _client_work_and_factory(
+        model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
+        aggregation_factory, cohort,
+    )
   weights_type = client_work.next.type_signature.parameter[1].member
   result_type = client_work.next.type_signature.result.result.member
   aggregator = factory.create(result_type.update, result_type.update_weight)
@@ -106,6 +125,7 @@ def build_feddst(
   finalizer = finalizer_lib.build_sparse_finalizer(
       weights_type, update_out_type, layout, server_optimizer,
       budget_table=budget_table, remember_old=remember_old,
+      min_votes=min_votes if compact_messages else None,
   )
   distributor = tff.learning.templates.build_broadcast_process(weights_type)
   return tff.learning.templates.compose_learning_process(

@@ -22,6 +22,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_feddst import client_work as client_work_lib
+from tff_feddst import compact_voting
 from tff_feddst import masks as masks_lib
 from tff_feddst.sparse_model import SparseLayout
 
@@ -64,13 +65,18 @@ def build_sparse_finalizer(
     server_optimizer: tff.learning.optimizers.Optimizer | None = None,
     budget_table=None,
     remember_old: bool = False,
+    min_votes: int | None = None,
 ) -> tff.learning.templates.FinalizerProcess:
   """A `FinalizerProcess` re-pruning to `layout.budgets`.
 
   `budget_table` (`masks.budget_table`, rows in layout order): round r
   re-prunes to row r (the budgets of round r + 1); the state is then
   OrderedDict(optimizer=..., round_num=...). `remember_old`: see
-  `remember_unvoted`.
+  `remember_unvoted`. `min_votes`: the update is the sums of compact
+  uploads (`compact_voting.CompactVotingFactory`), which this step
+  finishes into the voting average against the global masks
+  (`compact_voting.finish_with_global_masks`); the voting statistics are
+  then among its measurements (`voting`).
   """
   trainable_specs = tff.types.type_to_tf_tensor_specs(weights_type.trainable)
   scheduled = budget_table is not None
@@ -92,6 +98,12 @@ def build_sparse_finalizer(
 
   @tff.tensorflow.computation(state_type, weights_type, update_type)
   def next_tf(state, weights, update):
+    voting = None
+    if min_votes is not None:
+      global_masks = [weights.non_trainable[i] for i in layout.mask_index]
+      update, voting = compact_voting.finish_with_global_masks(
+          update, global_masks, layout, min_votes
+      )
     values, voted = list(update["values"]), list(update["masks"])
     if remember_old:
       values, voted = remember_unvoted(weights, values, voted, layout)
@@ -122,6 +134,8 @@ def build_sparse_finalizer(
     measurements = collections.OrderedDict(
         mask_changed=tf.cast(mask_changed, tf.int32),
     )
+    if voting is not None:
+      measurements["voting"] = voting
     if scheduled:
       new_state = collections.OrderedDict(
           optimizer=new_state, round_num=state["round_num"] + 1

@@ -212,3 +212,64 @@ def message_bits(message) -> int:
     dtype = np.dtype(getattr(getattr(leaf, "dtype", None), "as_numpy_dtype", None) or leaf.dtype)
     total += int(np.prod(leaf.shape)) * DTYPE_BITS[dtype]
   return total
+
+
+# ------------------------------------------------------------------ uploads
+
+
+def _padded_values(kernel, mask, budget: int, value_dtype):
+  """The kept values in increasing position, cut or padded with zeros to
+  `budget` (a mask keeps fewer than its budget only when the global mask
+  it came from did; one keeping more is rejected by the server, which sees
+  its bits)."""
+  values = tf.boolean_mask(tf.reshape(kernel, [-1]), tf.reshape(mask, [-1]) > 0)
+  values = values[:budget]
+  values = tf.pad(values, [[0, budget - tf.shape(values)[0]]])
+  return tf.ensure_shape(tf.cast(values, value_dtype), [budget])
+
+
+def encode_upload(trainable, masks, layout, value_dtype=tf.float32, with_mask=True):
+  """A client's upload: `encode`'s message with a fixed type for every
+  round. `values` is value_dtype[budget_l] (zero-padded, see
+  `_padded_values`); `mask_bits` is uint8[?]: the packed mask when
+  `with_mask` (a boolean tensor: the client's mask changed this round),
+  else empty, and the server decodes against the global mask."""
+  layers = []
+  for slot, i in enumerate(layout.kernel_index):
+    shape, rows = list(layout.kernel_shapes[slot]), layout.rows(slot)
+    mask = masks[slot]
+    bits = tf.cond(
+        tf.convert_to_tensor(with_mask),
+        lambda mask=mask, shape=shape, rows=rows: pack_bits(mask, shape, rows),
+        lambda: tf.zeros([0], tf.uint8),
+    )
+    layers.append(collections.OrderedDict(
+        values=_padded_values(trainable[i], mask, layout.budgets[slot], value_dtype),
+        mask_bits=bits,
+    ))
+  kernels = set(layout.kernel_index)
+  other = [tf.cast(v, value_dtype) for i, v in enumerate(trainable) if i not in kernels]
+  return collections.OrderedDict(layers=layers, other=other)
+
+
+def scatter_kept(values, mask):
+  """float32 tensor of `mask`'s shape: `values` (in increasing position) at
+  the mask's ones, zeros elsewhere; values past the mask's count are
+  ignored, and so are ones past the values' count (a mask over its budget,
+  which the server rejects)."""
+  flat_mask = tf.reshape(tf.cast(mask, tf.float32), [-1])
+  positions = tf.where(flat_mask > 0)
+  count = tf.minimum(tf.shape(positions)[0], tf.shape(values)[0])
+  kept = tf.cast(values, tf.float32)[:count]
+  flat = tf.scatter_nd(positions[:count], kept, tf.shape(flat_mask, out_type=tf.int64))
+  return tf.reshape(flat, tf.shape(mask))
+
+
+def tensor_bits(message):
+  """int64 tensor: the bits of `message`'s tensors as they are (their
+  sizes at run time, so an empty `mask_bits` counts 0)."""
+  total = tf.constant(0, tf.int64)
+  for leaf in tf.nest.flatten(message):
+    bits = DTYPE_BITS[np.dtype(leaf.dtype.as_numpy_dtype)]
+    total += tf.size(leaf, out_type=tf.int64) * bits
+  return total

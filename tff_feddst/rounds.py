@@ -129,6 +129,9 @@ class _ClientsOutcome:
   rejected: int = 0
   # Clients that also sent dense gradients (PruneFL's re-selection rounds).
   gradients_uploaded: int = 0
+  # The bits of the messages the clients sent, measured on the tensors
+  # (compact uploads, `messages.tensor_bits`); None: counted by the ledger.
+  measured_upload_bits: int | None = None
 
 
 def _advance_client_round(state):
@@ -180,6 +183,8 @@ def _read_metrics(metrics, sparse: bool) -> _ClientsOutcome:
         readjusted=_readjusted(metrics["client_work"]["readjustment"]),
         gradients_uploaded=int(clients.get("gradients_uploaded", 0)),
     )
+    if "upload_bits" in clients:
+      outcome["measured_upload_bits"] = int(clients["upload_bits"])
   return _ClientsOutcome(**outcome)
 
 
@@ -299,7 +304,9 @@ class RoundStep:
     ]
     state, outcome, skipped = self.run_clients(state, survivors)
     upload_bits = 0
-    if survivors:
+    if survivors and outcome.measured_upload_bits is not None:
+      upload_bits = ledger.upload_measured(outcome.measured_upload_bits)
+    elif survivors:
       upload_bits = ledger.upload(
           len(survivors), outcome.uploaded_values, outcome.masks_uploaded,
           outcome.gradients_uploaded,

@@ -80,8 +80,10 @@ class SparseLayout:
 
   @property
   def num_mask_bits(self) -> int:
-    """Bits of a mask message: one per weight, or per block of a blocked layer."""
-    return int(sum(np.prod(s) // r for s, r in zip(self.kernel_shapes, self.all_rows)))
+    """Bits of a mask message: one per weight, or per block of a blocked
+    layer, each layer's packed into whole bytes (`messages.pack_bits`)."""
+    units = [int(np.prod(s)) // r for s, r in zip(self.kernel_shapes, self.all_rows)]
+    return int(sum(8 * -(-u // 8) for u in units))
 
   @property
   def num_kept(self) -> int:

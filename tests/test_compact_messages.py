@@ -1,0 +1,236 @@
+"""Compact messages in the TFF computation (docs/algorithms.md section 6.1).
+
+- the per-client FedDST work uploads `messages.encode_upload`'s types: kept
+  values float[budget_l], packed mask bits uint8[?], no dense kernel or mask;
+- `CompactVotingFactory` + the server's finish equal a numpy voting average,
+  and reject malformed messages;
+- a FedDST run with compact uploads equals the run with dense uploads, and
+  the bits its clients measure on what they send equal the formula in every
+  round, readjustment rounds and plain ones, float32 and float16.
+"""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_feddst import client_work
+from tff_feddst import compact_voting
+from tff_feddst import feddst
+from tff_feddst import messages
+from tff_feddst import optimizers
+from tff_feddst import sparse_model
+
+CLIENTS = 3
+ROUNDS = 4
+DELTA_R = 2
+R_END = 4  # readjustment in rounds 1 and 3
+
+
+def _keras(input_shape=(8, 8, 1), classes=3):
+  layers = tf.keras.layers
+  return tf.keras.Sequential([
+      layers.InputLayer(input_shape=input_shape),
+      layers.Conv2D(4, 3, activation="relu", name="conv"),
+      layers.Flatten(),
+      layers.Dense(6, activation="relu", name="dense"),
+      layers.Dense(classes, name="logits"),
+  ])
+
+
+def _spec(shape=(8, 8, 1)):
+  return collections.OrderedDict(
+      x=tf.TensorSpec([None, *shape], tf.float32), y=tf.TensorSpec([None], tf.int32)
+  )
+
+
+def _clients(round_num):
+  rng = np.random.default_rng(round_num)
+  out = []
+  for c in range(CLIENTS):
+    n = 24 + 5 * c
+    x = rng.random((n, 8, 8, 1), dtype=np.float32)
+    y = rng.integers(0, 3, n).astype(np.int32)
+    ds = tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y))
+    out.append(ds.shuffle(64, seed=round_num * 10 + c).batch(8))
+  return out
+
+
+def _layout():
+  return sparse_model.build_layout(sparse_model.wrap_prunable(_keras()), 0.6, "erk")
+
+
+def _process(layout, compact, upload_dtype=tf.float32):
+  return feddst.build_feddst(
+      sparse_model.make_model_fn(_keras, _spec(), True),
+      layout,
+      sparse_model.initial_model_weights(_keras, 3, layout),
+      optimizers.build_sgdw(0.05, 0.9, 0.001),
+      local_epochs=1,
+      readjustment_ratio=0.3,
+      rounds_between_readjustments=DELTA_R,
+      readjustment_end_round=R_END,
+      upload_dtype=upload_dtype,
+      compact_messages=compact,
+  )
+
+
+def _run(process):
+  state = process.initialize()
+  rounds = []
+  for r in range(1, ROUNDS + 1):
+    output = process.next(state, _clients(r))
+    state = output.state
+    rounds.append((process.get_model_weights(state), output.metrics))
+  return rounds
+
+
+@pytest.fixture(scope="module")
+def layout():
+  return _layout()
+
+
+def test_the_client_work_uploads_the_compact_types(layout):
+  work = client_work.build_feddst_client_work(
+      sparse_model.make_model_fn(_keras, _spec(), True), layout,
+      optimizers.build_sgdw(), local_epochs=1, readjustment_ratio=0.3,
+      rounds_between_readjustments=DELTA_R, readjustment_end_round=R_END, compact=True,
+  )
+  upload = work.next.type_signature.result.result.member.update
+  for slot, budget in enumerate(layout.budgets):
+    layer = upload.layers[slot]
+    assert (layer.values.dtype, tuple(layer.values.shape)) == (np.float32, (budget,))
+    assert layer.mask_bits.dtype == np.uint8
+    assert tuple(layer.mask_bits.shape) == (None,)  # empty unless the mask changed
+  shapes = [tuple(t.shape) for t in tf.nest.flatten(tff.types.type_to_tf_tensor_specs(upload))]
+  assert not set(shapes) & set(map(tuple, layout.kernel_shapes))
+
+
+@pytest.mark.parametrize("upload_dtype", [tf.float32, tf.float16])
+def test_compact_uploads_train_as_dense_ones_and_measure_the_formulas_bits(
+    layout, upload_dtype
+):
+  compact = _run(_process(layout, True, upload_dtype))
+  dense = _run(_process(layout, False, upload_dtype))
+  value_bits = 32 if upload_dtype == tf.float32 else 16
+  packed_mask_bits = 8 * sum(
+      messages.packed_size(messages.mask_units(s, r))
+      for s, r in zip(layout.kernel_shapes, layout.all_rows)
+  )
+  readjusted = []
+  for r, ((w_c, m_c), (w_d, m_d)) in enumerate(zip(compact, dense), start=1):
+    _, masks_c = sparse_model.kernels_and_masks(w_c, layout)
+    _, masks_d = sparse_model.kernels_and_masks(w_d, layout)
+    for a, b in zip(masks_c, masks_d):
+      np.testing.assert_array_equal(a, b)
+    # Bit-identical here; TFF may sum the clients in another order (float32
+    # rounding of a few additions of 3 clients), which the tolerance allows.
+    for a, b in zip(w_c.trainable, w_d.trainable):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    stats = m_c["client_work"]["clients"]
+    changed = int(stats["mask_changed"])
+    if changed:
+      readjusted.append(r)
+    assert changed == int(m_d["client_work"]["clients"]["mask_changed"])
+    # Measured on the tensors sent = docs/algorithms.md 6.1 with packed masks.
+    assert int(stats["upload_bits"]) == (
+        CLIENTS * value_bits * (layout.num_kept + layout.num_unmasked)
+        + changed * packed_mask_bits
+    )
+    assert m_c["aggregator"]["rejected"] == 0
+    assert m_c["finalizer"]["voting"]["rejected"] == 0
+    assert (m_c["finalizer"]["voting"]["voted_positions"]
+            == m_d["aggregator"]["voting"]["voted_positions"])
+  assert readjusted == [1, 3]
+
+
+# ------------------------------------------------- the aggregation, by hand
+
+
+def _factory_process(layout):
+  message_type = tff.types.tensorflow_to_type(collections.OrderedDict(
+      layers=[
+          collections.OrderedDict(
+              values=tf.TensorSpec([b], tf.float32), mask_bits=tf.TensorSpec([None], tf.uint8)
+          )
+          for b in layout.budgets
+      ],
+      other=[tf.TensorSpec([s], tf.float32) for s in (2,)],
+  ))
+  return compact_voting.CompactVotingFactory(layout).create(
+      message_type, tff.TensorType(np.float32)
+  )
+
+
+def _hand_layout():
+  """One masked 3x4 kernel (budget 5) and one bias of 2: trainable [kernel, bias]."""
+  return sparse_model.SparseLayout(
+      layer_names=("k",), kernel_shapes=((3, 4),), kernel_index=(0,), mask_index=(0,),
+      step_index=(), budgets=(5,), trainable_sizes=(12, 2),
+  )
+
+
+def _message(kernel, mask, bias, with_mask):
+  flat = np.asarray(kernel, np.float32).ravel()[np.asarray(mask).ravel() > 0]
+  flat = np.pad(flat, (0, 5 - flat.size))
+  bits = messages.pack_bits_np(np.asarray(mask)) if with_mask else np.zeros([0], np.uint8)
+  return collections.OrderedDict(
+      layers=[collections.OrderedDict(values=flat, mask_bits=bits)],
+      other=[np.asarray(bias, np.float32)],
+  )
+
+
+def test_the_sums_finish_into_a_numpy_voting_average():
+  layout = _hand_layout()
+  rng = np.random.default_rng(0)
+  global_mask = np.zeros(12, np.float32)
+  global_mask[[0, 3, 5, 8, 11]] = 1
+  global_mask = global_mask.reshape(3, 4)
+  own = np.zeros(12, np.float32)
+  own[[1, 3, 6, 8]] = 1  # fewer than the budget: 4 values, one padding
+  own = own.reshape(3, 4)
+  client_masks = [global_mask, own, global_mask, own]
+  carries = [False, True, False, True]
+  kernels = [rng.normal(size=(3, 4)).astype(np.float32) * m for m in client_masks]
+  biases = [rng.normal(size=2).astype(np.float32) for _ in client_masks]
+  weights = [3.0, 5.0, 2.0, 7.0]
+  out = _factory_process(layout).next(
+      (), [_message(k, m, b, c) for k, m, b, c in zip(kernels, client_masks, biases, carries)],
+      weights,
+  )
+  result, stats = compact_voting.finish_with_global_masks(
+      out.result, [tf.constant(global_mask)], layout, min_votes=1
+  )
+  w = np.asarray(weights)[:, None, None]
+  votes = (w * np.stack(client_masks)).sum(0)
+  want = np.where(votes > 0, (w * np.stack(kernels)).sum(0) / np.maximum(votes, 1e-30), 0)
+  np.testing.assert_allclose(result["values"][0], want, rtol=1e-6)
+  np.testing.assert_allclose(
+      result["values"][1], np.average(np.stack(biases), axis=0, weights=weights), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+      result["masks"][0], np.where(votes > 0, votes / sum(weights), 0), rtol=1e-6
+  )
+  assert int(stats["voted_positions"]) == int((votes > 0).sum())
+  assert int(out.measurements["rejected"]) == 0
+
+
+def test_malformed_messages_are_rejected():
+  layout = _hand_layout()
+  mask = np.zeros((3, 4), np.float32)
+  mask[0] = 1
+  good = _message(np.ones((3, 4)), mask, [1.0, 1.0], True)
+  short = _message(np.ones((3, 4)), mask, [1.0, 1.0], True)
+  short["layers"][0]["mask_bits"] = short["layers"][0]["mask_bits"][:1]
+  over = _message(np.ones((3, 4)), mask, [1.0, 1.0], True)
+  over["layers"][0]["mask_bits"] = messages.pack_bits_np(np.ones((3, 4)))
+  nan = _message(np.ones((3, 4)), mask, [np.nan, 1.0], True)
+  out = _factory_process(layout).next((), [good, short, over, nan], [1.0, 1.0, 1.0, 1.0])
+  assert int(out.measurements["rejected"]) == 3
+  result, _ = compact_voting.finish_with_global_masks(
+      out.result, [tf.constant(mask)], layout, min_votes=1
+  )
+  np.testing.assert_array_equal(result["values"][0], mask)
+  np.testing.assert_array_equal(result["values"][1], [1.0, 1.0])
