@@ -130,21 +130,26 @@ def _readjust_masks(
 
 def _client_outputs(
     model, trainable, mask_vars, initial_masks, slot_of, num_examples,
-    upload_dtype, compact_layout=None,
+    upload_dtype, compact_layout=None, send_mask=None, padded=True,
 ):
   """The client's (ClientResult, unfinalized metrics, stats). With
   `compact_layout` the update is the compact message
   (`messages.encode_upload`: the mask bits only if the mask changed) and
   the stats count its bits (`upload_bits`); otherwise it is
-  OrderedDict(values, masks) of dense tensors."""
+  OrderedDict(values, masks) of dense tensors. `send_mask` (a boolean
+  tensor) replaces "the mask changed" as the reason to send the mask
+  bits, and `padded=False` sends exactly the kept values
+  (`messages.encode_upload`); both for clients of a tier (`tier_work`)."""
   values = [v.read_value() for v in trainable]
   mask_changed = tf.reduce_any(
       [tf.reduce_any(tf.not_equal(m, m0)) for m, m0 in zip(mask_vars, initial_masks)]
   )
+  if send_mask is not None:
+    mask_changed = send_mask
   if compact_layout is not None:
     update = messages.encode_upload(
         values, [m.read_value() for m in mask_vars], compact_layout, upload_dtype,
-        mask_changed,
+        mask_changed, padded,
     )
     sent = tf.nest.flatten(update)
   else:

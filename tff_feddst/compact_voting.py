@@ -65,13 +65,21 @@ def zero_sums(layout: SparseLayout, shapes):
   )
 
 
+def _fit(values, budget: int):
+  """float32[budget]: `values` cut or padded with zeros (a client's values
+  without their mask bits are the global mask's, at most its budget)."""
+  values = values[:budget]
+  return tf.ensure_shape(tf.pad(values, [[0, budget - tf.shape(values)[0]]]), [budget])
+
+
 def accumulate(sums, message, weight, layout: SparseLayout):
   """`sums` plus one client's validated, weighted contribution.
 
   A message is rejected (weight 0, no votes, counted) when its weight is
   not positive and finite, a value is not finite, a layer's mask bits are
   neither absent nor ceil(units / 8) bytes, or a mask keeps more positions
-  than its layer's budget."""
+  than its layer's budget, or than the values sent (with mask bits; values
+  of any length, `padded=False` uploads, are decoded against them)."""
   w = tf.cast(weight, tf.float32)
   checks = [tf.math.is_finite(w), w > 0]
   for leaf in tf.nest.flatten(message):
@@ -91,6 +99,7 @@ def accumulate(sums, message, weight, layout: SparseLayout):
     )
     kept = tf.reduce_sum(tf.cast(mask > 0, tf.int64))
     checks.append(kept <= layout.budgets[slot])
+    checks.append(kept <= tf.size(layer["values"], out_type=tf.int64))
     decoded_masks.append(mask)
     carried.append(has_mask)
   valid = tf.reduce_all(tf.stack(checks))
@@ -123,7 +132,7 @@ def accumulate(sums, message, weight, layout: SparseLayout):
     new["votes"][i] += wm
     new["counts"][i] += voter * mask
     on_global = tf.cast(tf.logical_not(carried[slot]), tf.float32)
-    shared["weighted"][slot] += on_global * w * values
+    shared["weighted"][slot] += on_global * w * _fit(values, layout.budgets[slot])
     shared["total"].append(on_global * w)
     shared["clients"].append(on_global * voter)
   return collections.OrderedDict(

@@ -21,6 +21,7 @@ from tff_feddst import client_work as client_work_lib
 from tff_feddst import cohort_work
 from tff_feddst import compact_voting
 from tff_feddst import finalizer as finalizer_lib
+from tff_feddst import tier_work
 from tff_feddst.sparse_model import SparseLayout
 
 
@@ -57,6 +58,7 @@ def build_feddst(
     budget_table=None,
     remember_old: bool = False,
     compact_messages: bool = False,
+    num_tiers: int = 0,
 ) -> tff.learning.templates.LearningProcess:
   """Builds the FedDST learning process.
 
@@ -88,6 +90,9 @@ def build_feddst(
       `compact_voting.CompactVotingFactory` and finished by the finalizer
       against the global masks. Per-client work only, without a budget
       table or a replacement aggregation factory.
+    num_tiers: clients of this many sparsity tiers (`tier_work`: each
+      client's data holds its budgets and tier; `layout` is the global
+      model's, at the lowest sparsity of any tier). Compact messages.
   """
   if local_epochs < 1:
     raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
@@ -102,13 +107,21 @@ def build_feddst(
       readjustment_schedule=readjustment_schedule,
       budget_table=budget_table,
   )
+  if num_tiers:
+    compact_messages = True
   if compact_messages and (cohort is not None or aggregation_factory is not None
                            or budget_table is not None):
     raise ValueError(
         "compact messages are sent by per-client work with fixed budgets and the "
         "voting aggregation"
     )
-  if compact_messages:
+  if num_tiers:
+    client_work = tier_work.build_client_work(
+        model_fn, layout, client_optimizer, num_tiers, prox_mu=prox_mu,
+        **{k: v for k, v in schedule.items() if k != "budget_table"},
+    )
+    factory = compact_voting.CompactVotingFactory(layout)
+  elif compact_messages:
     client_work = client_work_lib.build_feddst_client_work(
         model_fn, layout, client_optimizer, prox_mu=prox_mu, compact=True, **schedule
     )

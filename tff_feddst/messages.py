@@ -228,12 +228,15 @@ def _padded_values(kernel, mask, budget: int, value_dtype):
   return tf.ensure_shape(tf.cast(values, value_dtype), [budget])
 
 
-def encode_upload(trainable, masks, layout, value_dtype=tf.float32, with_mask=True):
+def encode_upload(trainable, masks, layout, value_dtype=tf.float32, with_mask=True,
+                  padded=True):
   """A client's upload: `encode`'s message with a fixed type for every
   round. `values` is value_dtype[budget_l] (zero-padded, see
-  `_padded_values`); `mask_bits` is uint8[?]: the packed mask when
-  `with_mask` (a boolean tensor: the client's mask changed this round),
-  else empty, and the server decodes against the global mask."""
+  `_padded_values`), or with `padded=False` value_dtype[?], exactly the
+  kept values (clients of different budgets, `tier_work`); `mask_bits`
+  is uint8[?]: the packed mask when `with_mask` (a boolean tensor: the
+  client's mask is not the global one it received), else empty, and the
+  server decodes against the global mask."""
   layers = []
   for slot, i in enumerate(layout.kernel_index):
     shape, rows = list(layout.kernel_shapes[slot]), layout.rows(slot)
@@ -243,10 +246,12 @@ def encode_upload(trainable, masks, layout, value_dtype=tf.float32, with_mask=Tr
         lambda mask=mask, shape=shape, rows=rows: pack_bits(mask, shape, rows),
         lambda: tf.zeros([0], tf.uint8),
     )
-    layers.append(collections.OrderedDict(
-        values=_padded_values(trainable[i], mask, layout.budgets[slot], value_dtype),
-        mask_bits=bits,
-    ))
+    if padded:
+      values = _padded_values(trainable[i], mask, layout.budgets[slot], value_dtype)
+    else:
+      kept = tf.reshape(mask, [-1]) > 0
+      values = tf.cast(tf.boolean_mask(tf.reshape(trainable[i], [-1]), kept), value_dtype)
+    layers.append(collections.OrderedDict(values=values, mask_bits=bits))
   kernels = set(layout.kernel_index)
   other = [tf.cast(v, value_dtype) for i, v in enumerate(trainable) if i not in kernels]
   return collections.OrderedDict(layers=layers, other=other)
