@@ -116,6 +116,10 @@ HELP = {
     "surviving ones.",
     "prunefl_initial_rounds": "prunefl: local rounds (of --local_epochs) the seeded first "
     "client trains the dense model before it picks the initial mask.",
+    "client_sparsity_tiers": "feddst, randommask: clients of different sparsity, "
+    "SPARSITY:SHARE,... (e.g. 0.5:0.2,0.8:0.5,0.95:0.3; shares of the client pool, assigned "
+    "by a seeded draw for the whole run); the global model keeps the lowest sparsity, "
+    "which replaces --sparsity. Per-client execution. Empty: every client at --sparsity.",
     "lotteryfl_accuracy_threshold": "lotteryfl: a sampled client prunes when the global model "
     "under its mask reaches this accuracy on its local test set, in [0, 1].",
     "lotteryfl_prune_rate": "lotteryfl: the share of its kept weights a client prunes in each "

@@ -145,3 +145,88 @@ def test_a_tiered_run_keeps_the_global_budgets_and_counts_bits_per_tier(setup):
         2 * (32 * (sum(per_tier[1]) + layout.num_unmasked) + layout.num_mask_bits),
     ]
     assert int(output.metrics["aggregator"]["rejected"]) == 0
+
+
+# ------------------------------------------------------ the command line
+
+
+def test_tier_settings_resolve_and_bad_ones_are_one_line_errors():
+  from tff_feddst.config import ConfigError, ExperimentConfig  # pylint: disable=g-import-not-at-top
+
+  resolved = ExperimentConfig(client_sparsity_tiers="0.95:0.3,0.5:0.2,0.8:0.5").resolve()
+  assert resolved.sparsity == 0.5 and resolved.final_sparsity == 0.5
+  assert resolved.client_execution == "per_client"
+  assert resolved.client_sparsity_tiers == "0.95:0.3,0.5:0.2,0.8:0.5"
+  for settings, message in [
+      (dict(client_sparsity_tiers="0.5:0.2,0.8:0.5"), "the shares sum to 0.7, not 1"),
+      (dict(client_sparsity_tiers="0.5-1"), "is not SPARSITY:SHARE"),
+      (dict(client_sparsity_tiers="1.5:1"), "sparsity 1.5 is not in [0, 1)"),
+      (dict(client_sparsity_tiers="0.5:1", algorithm="fedavg"), "implemented for feddst, randommask"),
+      (dict(client_sparsity_tiers="0.5:1", client_execution="cohort"), "needs --client_execution=per_client"),
+      (dict(client_sparsity_tiers="0.5:1", final_sparsity=0.9), "does not combine with --final_sparsity"),
+  ]:
+    with pytest.raises(ConfigError) as raised:
+      ExperimentConfig(**settings).resolve()
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def _csv_rows(path):
+  import csv  # pylint: disable=g-import-not-at-top
+
+  with open(path, newline="") as f:
+    return [{k: v for k, v in r.items() if k != "round_seconds"} for r in csv.DictReader(f)]
+
+
+def test_a_tiered_run_reports_each_tiers_bits_and_accuracy_and_resumes(
+    tmp_path, fashion_mnist_available
+):
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  from tff_feddst import training  # pylint: disable=g-import-not-at-top
+  from tff_feddst.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
+
+  config = ExperimentConfig(
+      algorithm="feddst", client_sparsity_tiers="0.5:0.5,0.8:0.5", total_clients=20,
+      clients_per_round=4, rounds=2, local_epochs=1, eval_every=1,
+      rounds_between_readjustments=1, readjustment_end_round=2, checkpoint_every=1,
+      output_dir=str(tmp_path / "run"),
+  ).resolve()
+  training.run_experiment(config, log=lambda line: None)
+  rows = _csv_rows(tmp_path / "run" / "metrics.csv")
+  with open(tmp_path / "run" / "summary.json") as f:
+    summary = json.load(f)
+  section = summary["tiers"]
+  assert [t["sparsity"] for t in section] == [0.5, 0.8]
+  assert [t["clients"] for t in section] == [10, 10]
+  budgets = [sum(t["layer_budgets"].values()) for t in section]
+  assert budgets[0] == sum(summary["layer_budgets"].values())
+  b, m = summary["num_unmasked"], 256 + 5000 + 256000 + 504
+  for row in rows:
+    up = [int(row["tier0_upload_bits"]), int(row["tier1_upload_bits"])]
+    assert sum(up) == int(row["round_upload_bits"])
+    assert int(row["tier0_download_bits"]) + int(row["tier1_download_bits"]) == int(
+        row["round_download_bits"])
+    # Tier 1 clients always send their masks (theirs is not the global one);
+    # in round 1 tier 0's readjust too (R_end = 2: no readjustment in round 2).
+    tier1_clients = round(up[1] / (32 * (budgets[1] + b) + m))
+    assert up[1] == tier1_clients * (32 * (budgets[1] + b) + m)
+    tier0_clients = 4 - tier1_clients
+    tier0_masks = tier0_clients if row["round"] == "1" else 0
+    assert up[0] == tier0_clients * 32 * (budgets[0] + b) + tier0_masks * m
+    assert int(row["clients_mask_uploaded"]) == tier1_clients + tier0_masks
+    for t in (0, 1):
+      assert 0 <= float(row[f"tier{t}_clients_accuracy"]) <= 1
+  assert [t["cumulative_upload_bits"] for t in section] == [
+      sum(int(r[f"tier{t}_upload_bits"]) for r in rows) for t in (0, 1)
+  ]
+  assert summary["final_tier1_clients_accuracy"] == float(rows[-1]["tier1_clients_accuracy"])
+
+  # Resumed from round 1's checkpoint: the same rows and per-tier totals.
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "round_2")
+  os.remove(tmp_path / "run" / "summary.json")
+  training.run_experiment(config, log=lambda line: None)
+  assert _csv_rows(tmp_path / "run" / "metrics.csv") == rows
+  with open(tmp_path / "run" / "summary.json") as f:
+    assert json.load(f)["tiers"] == section

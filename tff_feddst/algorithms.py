@@ -84,6 +84,8 @@ class AlgorithmConfig:
   # this accuracy on its validation data, by this share of its kept weights.
   lotteryfl_accuracy_threshold: float = 0.5
   lotteryfl_prune_rate: float = 0.2
+  # Client sparsity tiers "S1:p1,S2:p2,..." (`tiers.py`; empty: none).
+  client_sparsity_tiers: str = ""
 
 
 def _from_builders(name: str) -> Callable:

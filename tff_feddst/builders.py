@@ -45,6 +45,9 @@ class BuiltAlgorithm:
   # Gradual sparsification: the layers' budgets of every round
   # (`masks.budget_table`); None: `layout.budgets` throughout.
   budget_table: tuple | None = None
+  # Client sparsity tiers: (`tiers.Tiers`, per tier the layers' budgets);
+  # None: every client at the layout's budgets.
+  tiers: tuple | None = None
 
   @property
   def sparse(self) -> bool:
@@ -164,6 +167,14 @@ def _build_sparse(readjusts: bool) -> Builder:
     # Per-client work sends compact messages; cohorts send their clients'
     # summed contributions, and a budget table changes the message types.
     compact = cohort is None and table is None
+    tier_setup = None
+    if config.client_sparsity_tiers:
+      from tff_feddst import tiers  # pylint: disable=g-import-not-at-top
+
+      parsed = tiers.parse(config.client_sparsity_tiers)
+      tier_setup = (parsed, tiers.budgets(
+          layout.kernel_shapes, parsed, config.sparsity_distribution, layout.all_rows
+      ))
     process = feddst.build_feddst(
         sparse_model.make_model_fn(keras_fn, input_spec, wrapped=True),
         layout,
@@ -182,12 +193,14 @@ def _build_sparse(readjusts: bool) -> Builder:
         budget_table=table,
         remember_old=config.remember_old,
         compact_messages=compact,
+        num_tiers=0 if tier_setup is None else len(tier_setup[0].sparsities),
     )
     size = costs.ModelSize(layout.num_prunable, layout.num_unmasked, layout.num_mask_bits)
     value_bits = 16 if config.upload_dtype == "float16" else 32
     return BuiltAlgorithm(
         process, initial, layout, size, epochs_in_process=True,
         upload_value_bits=value_bits, cohort=cohort, budget_table=table,
+        tiers=tier_setup,
     )
 
   return build

@@ -23,6 +23,9 @@ class ConfigError(ValueError):
 
 CLIENT_EXECUTION = ("cohort", "per_client")
 
+# The algorithms whose clients may train at different sparsity tiers.
+TIER_ALGORITHMS = ("feddst", "randommask")
+
 # The values a string setting may take.
 CHOICES = {
     "algorithm": algorithms.ALGORITHMS,
@@ -169,11 +172,37 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
     if self.readjustment_end_round is None:
       retrain_rounds = self.rounds - (self.phase_rounds()[0] if spec.two_phase else 0)
       values["readjustment_end_round"] = retrain_rounds // 2
+    if self.client_sparsity_tiers:
+      values.update(self._resolve_tiers())
     if self.final_sparsity is None:
       values["final_sparsity"] = values.get("sparsity", self.sparsity)
     resolved = dataclasses.replace(self, **values)
     resolved._check_gradual()
     return resolved
+
+  def _resolve_tiers(self) -> dict:
+    """--client_sparsity_tiers: checked; the global model's sparsity (the
+    lowest tier's, in place of --sparsity), the tiers written canonically
+    and per-client execution."""
+    from tff_feddst import tiers  # pylint: disable=g-import-not-at-top
+
+    if self.algorithm not in TIER_ALGORITHMS:
+      raise ConfigError(
+          f"--client_sparsity_tiers is implemented for {', '.join(TIER_ALGORITHMS)} only"
+      )
+    try:
+      parsed = tiers.parse(self.client_sparsity_tiers)
+    except tiers.TierError as e:
+      raise ConfigError(str(e)) from None
+    if self.client_execution == "cohort":
+      raise ConfigError("--client_sparsity_tiers needs --client_execution=per_client")
+    if self.final_sparsity is not None and self.final_sparsity != parsed.global_sparsity:
+      raise ConfigError("--client_sparsity_tiers does not combine with --final_sparsity")
+    return {
+        "sparsity": parsed.global_sparsity,
+        "client_sparsity_tiers": str(parsed),
+        "client_execution": "per_client",
+    }
 
   def _check_gradual(self) -> None:
     """--final_sparsity (resolved): not below S, and R_end rounds to get there."""
@@ -297,6 +326,7 @@ def _saved_before_setting_existed(key: str, saved: dict):
       "readjustment_schedule": "cosine", "remember_old": False, "mask_block": "none",
       "prunefl_initial_rounds": 5, "prunefl_costs": "",
       "lotteryfl_accuracy_threshold": 0.5, "lotteryfl_prune_rate": 0.2,
+      "client_sparsity_tiers": "",
   }.get(key)
 
 

@@ -259,6 +259,10 @@ def build_phase(number, config, context, log, found=None) -> Phase:
   start = time.time()
   spec = config.spec.phases[number - 1]
   make = spec.make_phase or Phase
+  if config.client_sparsity_tiers and spec.sparse and spec.make_phase is None:
+    from tff_feddst import tier_phase  # pylint: disable=g-import-not-at-top
+
+    make = tier_phase.TierPhase
   widths = found.widths if found is not None else None
   phase = make(number, spec, config, context, widths=widths, found=found)
   log(

@@ -116,8 +116,9 @@ def budgets(shapes, tiers: Tiers, distribution: str, rows=None) -> list[list[int
 def client_mask_np(kernel: np.ndarray, global_mask: np.ndarray, budget: int,
                    rows: int = 1) -> np.ndarray:
   """The mask of a tier's client: the `budget` positions of the global mask
-  with the largest |w| (ties to the lower flat position); with block masks
-  (`rows` > 1, an [in, out] kernel) whole blocks by their summed |w|."""
+  with the largest |w| (ties to the lower flat position), all of them if
+  it keeps fewer (as `masks.keep_top_k`); with block masks (`rows` > 1,
+  an [in, out] kernel) whole blocks by their summed |w|."""
   kernel, global_mask = np.asarray(kernel, np.float32), np.asarray(global_mask, np.float32)
   if rows > 1:
     grid_shape = (kernel.shape[0] // rows, rows, kernel.shape[1])
@@ -127,8 +128,6 @@ def client_mask_np(kernel: np.ndarray, global_mask: np.ndarray, budget: int,
   else:
     score, on, k = np.abs(kernel).ravel(), global_mask.ravel() > 0, budget
   candidates = np.flatnonzero(on)
-  if k > candidates.size:
-    raise ValueError(f"budget {budget} exceeds the global mask's {candidates.size * rows}")
   # Stable sort on -|w|: equal scores keep their increasing position.
   chosen = candidates[np.argsort(-score[candidates], kind="stable")[:k]]
   flat = np.zeros(score.size, np.float32)
