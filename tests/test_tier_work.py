@@ -132,16 +132,20 @@ def test_a_tiered_run_keeps_the_global_budgets_and_counts_bits_per_tier(setup):
       rounds_between_readjustments=2, readjustment_end_round=4, num_tiers=2,
   )
   state = process.initialize()
-  for r in (1, 2):
-    output = process.next(state, _data(r, per_tier))
+  for r in (1, 2, 3):
+    clients = _data(r, per_tier)
+    if r == 3:  # tier 1 only: the global mask keeps its budgets all the same
+      clients = [c for c, t in zip(clients, CLIENT_TIERS) if t == 1]
+    output = process.next(state, clients)
     state = output.state
     _, masks = sparse_model.kernels_and_masks(process.get_model_weights(state), layout)
     assert [int(m.sum()) for m in masks] == list(layout.budgets)
     stats = output.metrics["client_work"]["clients"]
     # Tier 0 sends its mask only after readjusting (round 1); tier 1 always.
-    tier0_masks = 2 if r == 1 else 0
+    tier0_clients, tier0_masks = (2, 2 if r == 1 else 0) if r < 3 else (0, 0)
     assert list(stats["tier_upload_bits"]) == [
-        2 * 32 * (sum(per_tier[0]) + layout.num_unmasked) + tier0_masks * layout.num_mask_bits,
+        tier0_clients * 32 * (sum(per_tier[0]) + layout.num_unmasked)
+        + tier0_masks * layout.num_mask_bits,
         2 * (32 * (sum(per_tier[1]) + layout.num_unmasked) + layout.num_mask_bits),
     ]
     assert int(output.metrics["aggregator"]["rejected"]) == 0

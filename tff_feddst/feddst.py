@@ -92,7 +92,12 @@ def build_feddst(
       table or a replacement aggregation factory.
     num_tiers: clients of this many sparsity tiers (`tier_work`: each
       client's data holds its budgets and tier; `layout` is the global
-      model's, at the lowest sparsity of any tier). Compact messages.
+      model's, at the lowest sparsity of any tier). Compact messages, and
+      the server remembers unvoted positions (`remember_old`): the
+      clients of sparser tiers cannot hold every position of the global
+      mask, so a position none of the round's clients kept is not voted
+      away (else a round without clients of the global tier would shrink
+      the global mask to the sparser tiers' union, for good).
   """
   if local_epochs < 1:
     raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
@@ -109,6 +114,7 @@ def build_feddst(
   )
   if num_tiers:
     compact_messages = True
+    remember_old = True
   if compact_messages and (cohort is not None or aggregation_factory is not None
                            or budget_table is not None):
     raise ValueError(
