@@ -85,38 +85,63 @@ def build_feddst(
       (`masks.budget_table`, rows in layout order); None: `layout.budgets`.
     remember_old: a position of the global mask that no client voted for
       keeps its previous value (`finalizer.remember_unvoted`).
-    compact_messages: clients upload compact messages (`messages.encode_upload`:
-      kept values, packed mask bits only when the mask changed), summed by
-      `compact_voting.CompactVotingFactory` and finished by the finalizer
-      against the global masks. Per-client work only, without a budget
-      table or a replacement aggregation factory.
-    num_tiers: clients of this many sparsity tiers (`tier_work`: each
-      client's data holds its budgets and tier; `layout` is the global
-      model's, at the lowest sparsity of any tier). Compact messages, and
-      the server remembers unvoted positions (`remember_old`): the
-      clients of sparser tiers cannot hold every position of the global
-      mask, so a position none of the round's clients kept is not voted
-      away (else a round without clients of the global tier would shrink
-      the global mask to the sparser tiers' union, for good).
+    compact_messages: clients upload `messages.encode_upload`'s messages,
+      summed by `compact_voting.CompactVotingFactory` (per-client work
+      with fixed budgets and the voting aggregation only).
+    num_tiers: clients of this many sparsity tiers (`tier_work`; `layout`
+      is the global model's, at the lowest tier sparsity). Compact
+      messages, and `remember_old` (docs/algorithms.md section 3.8).
   """
   if local_epochs < 1:
     raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
   if rounds_between_readjustments < 1:
     raise ValueError("rounds_between_readjustments must be >= 1")
   schedule = dict(
-      local_epochs=local_epochs,
-      readjustment_ratio=readjustment_ratio,
+      local_epochs=local_epochs, readjustment_ratio=readjustment_ratio,
       rounds_between_readjustments=rounds_between_readjustments,
-      readjustment_end_round=readjustment_end_round,
-      upload_dtype=upload_dtype,
-      readjustment_schedule=readjustment_schedule,
-      budget_table=budget_table,
+      readjustment_end_round=readjustment_end_round, upload_dtype=upload_dtype,
+      readjustment_schedule=readjustment_schedule, budget_table=budget_table,
   )
-  if num_tiers:
-    compact_messages = True
-    remember_old = True
-  if compact_messages and (cohort is not None or aggregation_factory is not None
-                           or budget_table is not None):
+  if num_tiers:  # sparser tiers cannot vote for every position of the global mask
+    compact_messages, remember_old = True, True
+  blocks = _compact_client_work_and_factory if compact_messages else _client_work_and_factory
+  client_work, factory = blocks(
+      model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
+      aggregation_factory, cohort, num_tiers,
+  )
+  return _compose_sparse(
+      client_work, factory, initial_weights, layout, server_optimizer,
+      budget_table=budget_table, remember_old=remember_old,
+      min_votes=min_votes if compact_messages else None,
+  )
+
+
+def _compose_sparse(client_work, factory, initial_weights, layout, server_optimizer,
+                    **finalizer_options):
+  """The process of TFF's broadcast, `client_work`, `factory`'s aggregator
+  and the sparse finalizer (`finalizer.build_sparse_finalizer`)."""
+  weights_type = client_work.next.type_signature.parameter[1].member
+  result_type = client_work.next.type_signature.result.result.member
+  aggregator = factory.create(result_type.update, result_type.update_weight)
+  update_out_type = aggregator.next.type_signature.result.result.member
+  finalizer = finalizer_lib.build_sparse_finalizer(
+      weights_type, update_out_type, layout, server_optimizer, **finalizer_options
+  )
+  distributor = tff.learning.templates.build_broadcast_process(weights_type)
+  return tff.learning.templates.compose_learning_process(
+      constant_weights_fn(initial_weights), distributor, client_work, aggregator, finalizer,
+  )
+
+
+def _compact_client_work_and_factory(
+    model_fn, layout, client_optimizer, schedule, min_votes, prox_mu, aggregation_factory,
+    cohort, num_tiers,
+):
+  """Per-client work sending compact messages (of `num_tiers` tiers, or
+  all at the layout's budgets) and the factory that sums them (the
+  finalizer applies `min_votes`)."""
+  del min_votes
+  if cohort is not None or aggregation_factory is not None or schedule["budget_table"]:
     raise ValueError(
         "compact messages are sent by per-client work with fixed budgets and the "
         "voting aggregation"
@@ -126,41 +151,19 @@ def build_feddst(
         model_fn, layout, client_optimizer, num_tiers, prox_mu=prox_mu,
         **{k: v for k, v in schedule.items() if k != "budget_table"},
     )
-    factory = compact_voting.CompactVotingFactory(layout)
-  elif compact_messages:
+  else:
     client_work = client_work_lib.build_feddst_client_work(
         model_fn, layout, client_optimizer, prox_mu=prox_mu, compact=True, **schedule
     )
-    factory = compact_voting.CompactVotingFactory(layout)
-  else:
-    client_work, factory = _client_work_and_factory(
-        model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
-        aggregation_factory, cohort,
-    )
-  weights_type = client_work.next.type_signature.parameter[1].member
-  result_type = client_work.next.type_signature.result.result.member
-  aggregator = factory.create(result_type.update, result_type.update_weight)
-  update_out_type = aggregator.next.type_signature.result.result.member
-  finalizer = finalizer_lib.build_sparse_finalizer(
-      weights_type, update_out_type, layout, server_optimizer,
-      budget_table=budget_table, remember_old=remember_old,
-      min_votes=min_votes if compact_messages else None,
-  )
-  distributor = tff.learning.templates.build_broadcast_process(weights_type)
-  return tff.learning.templates.compose_learning_process(
-      constant_weights_fn(initial_weights),
-      distributor,
-      client_work,
-      aggregator,
-      finalizer,
-  )
+  return client_work, compact_voting.CompactVotingFactory(layout)
 
 
 def _client_work_and_factory(
     model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
-    aggregation_factory, cohort,
+    aggregation_factory, cohort, num_tiers=0,
 ):
   """FedDST's client work (per client or cohorts) and its aggregation factory."""
+  del num_tiers  # 0: clients of tiers send compact messages
   budgets = dict(zip(layout.kernel_index, layout.budgets))
   if cohort is not None:
     client_work = cohort_work.build_cohort_client_work(

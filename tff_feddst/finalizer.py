@@ -58,6 +58,27 @@ def _server_step(server_optimizer, optimizer_state, old, values, new_masks, layo
   return new_state, new_values
 
 
+def _repruned(values, voted, budgets, layout):
+  """(values, masks): per kernel the budget's positions of largest |v|
+  among the voted ones (`masks.keep_top_k`), the values kept there."""
+  values, new_masks = list(values), []
+  for slot, i in enumerate(layout.kernel_index):
+    mask = masks_lib.keep_top_k(values[i], voted[i], budgets[slot], layout.rows(slot))
+    values[i] = values[i] * mask
+    new_masks.append(mask)
+  return values, new_masks
+
+
+def _with_masks(weights, new_masks, layout):
+  """(non_trainable weights holding `new_masks`, whether any mask changed)."""
+  non_trainable = list(weights.non_trainable)
+  changed = []
+  for slot, i in enumerate(layout.mask_index):
+    changed.append(tf.reduce_any(tf.not_equal(non_trainable[i], new_masks[slot])))
+    non_trainable[i] = new_masks[slot]
+  return non_trainable, tf.reduce_any(changed)
+
+
 def build_sparse_finalizer(
     weights_type,
     update_type,
@@ -112,25 +133,12 @@ def build_sparse_finalizer(
       # Round r prepares round r + 1.
       row = client_work_lib.round_budgets(budget_table, state["round_num"] + 1)
       budgets = [row[slot] for slot in range(len(layout.budgets))]
-    new_masks = []
-    for slot, i in enumerate(layout.kernel_index):
-      mask = masks_lib.keep_top_k(values[i], voted[i], budgets[slot], layout.rows(slot))
-      values[i] = values[i] * mask
-      new_masks.append(mask)
+    values, new_masks = _repruned(values, voted, budgets, layout)
     new_state, new_values = _server_step(
         server_optimizer, state["optimizer"] if scheduled else state,
         list(weights.trainable), values, new_masks, layout,
     )
-    non_trainable = list(weights.non_trainable)
-    old_masks = [non_trainable[i] for i in layout.mask_index]
-    for slot, i in enumerate(layout.mask_index):
-      non_trainable[i] = new_masks[slot]
-    mask_changed = tf.reduce_any(
-        [
-            tf.reduce_any(tf.not_equal(non_trainable[i], m))
-            for i, m in zip(layout.mask_index, old_masks)
-        ]
-    )
+    non_trainable, mask_changed = _with_masks(weights, new_masks, layout)
     measurements = collections.OrderedDict(
         mask_changed=tf.cast(mask_changed, tf.int32),
     )
