@@ -97,7 +97,7 @@ MODULE_SECONDS = {
     "test_config": 24, "test_feddst_process": 19, "test_block_masks": 19,
     "test_schedules": 17, "test_benchmarks_report": 4, "test_data": 4, "test_messages": 3,
     "test_models": 2, "test_masks": 1, "test_lotteryfl": 45, "test_op_profile": 13,
-    "test_compact_messages": 25, "test_tiers": 1, "test_tier_work": 50,
+    "test_compact_messages": 45, "test_tiers": 1, "test_tier_work": 50,
 }
 MODULE_SECONDS_DEFAULT = 10
 

@@ -6,10 +6,15 @@
   and reject malformed messages;
 - a FedDST run with compact uploads equals the run with dense uploads, and
   the bits its clients measure on what they send equal the formula in every
-  round, readjustment rounds and plain ones, float32 and float16.
+  round, readjustment rounds and plain ones, float32 and float16;
+- compact downloads: the server's message round-trips, has no kernel-shaped
+  tensor, and a run in which the mask goes only to the clients without it
+  equals the dense run, with the bits the clients measure receiving equal
+  to the ledger's formula for the same clients.
 """
 
 import collections
+import functools
 
 import numpy as np
 import pytest
@@ -17,7 +22,9 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_feddst import client_work
+from tff_feddst import compact_download
 from tff_feddst import compact_voting
+from tff_feddst import costs
 from tff_feddst import feddst
 from tff_feddst import messages
 from tff_feddst import optimizers
@@ -62,7 +69,7 @@ def _layout():
   return sparse_model.build_layout(sparse_model.wrap_prunable(_keras()), 0.6, "erk")
 
 
-def _process(layout, compact, upload_dtype=tf.float32):
+def _process(layout, compact, upload_dtype=tf.float32, download=False):
   return feddst.build_feddst(
       sparse_model.make_model_fn(_keras, _spec(), True),
       layout,
@@ -74,6 +81,7 @@ def _process(layout, compact, upload_dtype=tf.float32):
       readjustment_end_round=R_END,
       upload_dtype=upload_dtype,
       compact_messages=compact,
+      compact_download=download,
   )
 
 
@@ -85,6 +93,12 @@ def _run(process):
     state = output.state
     rounds.append((process.get_model_weights(state), output.metrics))
   return rounds
+
+
+@functools.cache
+def _dense_run(upload_dtype):
+  """The run with TFF's broadcast and dense uploads (the reference)."""
+  return _run(_process(_layout(), False, upload_dtype))
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +127,7 @@ def test_compact_uploads_train_as_dense_ones_and_measure_the_formulas_bits(
     layout, upload_dtype
 ):
   compact = _run(_process(layout, True, upload_dtype))
-  dense = _run(_process(layout, False, upload_dtype))
+  dense = _dense_run(upload_dtype)
   value_bits = 32 if upload_dtype == tf.float32 else 16
   packed_mask_bits = 8 * sum(
       messages.packed_size(messages.mask_units(s, r))
@@ -234,3 +248,70 @@ def test_malformed_messages_are_rejected():
   )
   np.testing.assert_array_equal(result["values"][0], mask)
   np.testing.assert_array_equal(result["values"][1], [1.0, 1.0])
+
+
+# ---------------------------------------------------------- compact downloads
+
+
+def test_the_broadcast_round_trips_padded_and_has_no_kernel_shaped_tensor(layout):
+  hand = _hand_layout()
+  rng = np.random.default_rng(1)
+  kernel = rng.normal(size=(3, 4)).astype(np.float32)
+  bias = rng.normal(size=2).astype(np.float32)
+  mask = np.zeros(12, np.float32)
+  mask[[0, 5, 6, 11]] = 1  # 4 ones, budget 5: one value of padding
+  mask = mask.reshape(3, 4)
+  message = compact_download.encode_broadcast(
+      [tf.constant(kernel * mask), tf.constant(bias)], [tf.constant(mask)], hand
+  )
+  np.testing.assert_array_equal(message["layers"][0]["values"], [*kernel.ravel()[[0, 5, 6, 11]], 0])
+  bits = compact_download.pack_masks([tf.constant(mask)], hand)
+  np.testing.assert_array_equal(bits[0], messages.pack_bits_np(mask))
+  weights = compact_download.decode_broadcast(message, bits, hand, [tf.ones([3, 4])])
+  np.testing.assert_array_equal(weights.trainable[0], kernel * mask)
+  np.testing.assert_array_equal(weights.trainable[1], bias)
+  np.testing.assert_array_equal(weights.non_trainable[0], mask)
+
+  _, weights_type, _ = client_work.model_types(sparse_model.make_model_fn(_keras, _spec(), True))
+  sent = compact_download.message_type(weights_type, layout)
+  shapes = [tuple(t.shape) for t in tf.nest.flatten(tff.types.type_to_tf_tensor_specs(sent))]
+  assert shapes[:len(layout.budgets)] == [(b,) for b in layout.budgets]
+  assert not set(shapes) & set(map(tuple, layout.kernel_shapes))
+
+
+def test_compact_downloads_send_the_mask_only_to_clients_without_it(layout):
+  """Clients a and b come back in round 3, after a round that kept the
+  global mask: they hold it, and receive only the values. Every round's
+  measured download equals the ledger's formula for the same clients, and
+  the run equals the dense one."""
+  process = _process(layout, True, download=True)
+  ledger = costs.CommunicationLedger(
+      costs.ModelSize(layout.num_prunable, layout.num_unmasked, layout.num_mask_bits), True
+  )
+  ids = [["a", "b", "c"], ["a", "b", "d"], ["a", "b", "e"], ["a", "e", "f"]]
+  state = process.initialize()
+  masks = sparse_model.kernels_and_masks(process.get_model_weights(state), layout)[1]
+  held_by_round = []
+  for r, (clients, (want, _)) in enumerate(zip(ids, _dense_run(tf.float32)), start=1):
+    held = [cid for cid in clients if not ledger.needs_mask(cid)]
+    packed = compact_download.pack_masks_np(masks, layout)
+    data = [
+        compact_download.client_data(ds, packed if cid in held else None, layout)
+        for cid, ds in zip(clients, _clients(r))
+    ]
+    output = process.next(state, data)
+    state = output.state
+    measured = int(output.metrics["client_work"]["clients"]["download_bits"])
+    assert measured == ledger.download(clients, layout.num_kept)
+    weights = process.get_model_weights(state)
+    new_masks = sparse_model.kernels_and_masks(weights, layout)[1]
+    _, want_masks = sparse_model.kernels_and_masks(want, layout)
+    for a, b in zip(new_masks, want_masks):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(weights.trainable, want.trainable):  # as in the upload test
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if any(not np.array_equal(a, b) for a, b in zip(masks, new_masks)):
+      ledger.global_mask_changed()
+    masks = new_masks
+    held_by_round.append(held)
+  assert held_by_round == [[], [], ["a", "b"], []]

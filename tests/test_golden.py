@@ -11,8 +11,9 @@ Every column that counts (bits, FLOPs, sparsity, clients, readjustments,
 skipped rounds) must be equal. The bit columns were updated once since:
 when mask messages became bytes (10 bits of padding per mask on the MNIST
 network, 7 on structured_feddst's found network), each round's bits grew
-by exactly the padding times the masks it sent, and FedDST's uploads are
-now measured on its compact messages (docs/algorithms.md section 6.1). The measured floats (loss, accuracies) come
+by exactly the padding times the masks it sent, and FedDST's uploads and
+downloads are now measured on its compact messages (docs/algorithms.md
+section 6.1). The measured floats (loss, accuracies) come
 from kernels that pick their code path by the processor's instruction set
 (the matrix products go through oneDNN's sgemm even with oneDNN's ops off),
 and different paths add in another order. So they compare within

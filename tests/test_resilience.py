@@ -31,6 +31,7 @@ import tensorflow_federated as tff
 
 from tff_feddst import aggregation
 from tff_feddst import algorithms
+from tff_feddst import compact_download
 from tff_feddst import checkpoint
 from tff_feddst import config as config_lib
 from tff_feddst import data as data_lib
@@ -169,9 +170,14 @@ def test_a_nan_client_is_rejected_and_changes_nothing(algorithm):
   built = algorithms.get(algorithm).build(config, _tiny_keras, spec)
   state = built.process.initialize()
   state = built.process.set_model_weights(state, built.initial_weights)
-  with_nan = built.process.next(state, _tiny_datasets(poisoned=1))
+  def inputs(datasets):  # RandomMask per client: compact downloads
+    if not built.compact_download:
+      return datasets
+    return [compact_download.client_data(d, None, built.layout) for d in datasets]
+
+  with_nan = built.process.next(state, inputs(_tiny_datasets(poisoned=1)))
   clean = _tiny_datasets(poisoned=None)
-  without = built.process.next(state, [clean[0], clean[2]])
+  without = built.process.next(state, inputs([clean[0], clean[2]]))
   # Per client, RandomMask's compact uploads are summed by
   # `compact_voting.CompactVotingFactory`, which reports `rejected` as
   # FedAvg's validating mean does.

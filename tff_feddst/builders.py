@@ -48,6 +48,10 @@ class BuiltAlgorithm:
   # Client sparsity tiers: (`tiers.Tiers`, per tier the layers' budgets);
   # None: every client at the layout's budgets.
   tiers: tuple | None = None
+  # The server sends compact messages, the mask only to clients that need
+  # it (`compact_download`); the clients' values are
+  # `compact_download.client_data`.
+  compact_download: bool = False
 
   @property
   def sparse(self) -> bool:
@@ -194,13 +198,14 @@ def _build_sparse(readjusts: bool) -> Builder:
         remember_old=config.remember_old,
         compact_messages=compact,
         num_tiers=0 if tier_setup is None else len(tier_setup[0].sparsities),
+        compact_download=compact and tier_setup is None,
     )
     size = costs.ModelSize(layout.num_prunable, layout.num_unmasked, layout.num_mask_bits)
     value_bits = 16 if config.upload_dtype == "float16" else 32
     return BuiltAlgorithm(
         process, initial, layout, size, epochs_in_process=True,
         upload_value_bits=value_bits, cohort=cohort, budget_table=table,
-        tiers=tier_setup,
+        tiers=tier_setup, compact_download=compact and tier_setup is None,
     )
 
   return build

@@ -88,13 +88,24 @@ class CommunicationLedger:
     total = 0
     for cid in client_ids:
       if self.sparse:
-        needs_mask = self.client_mask_version.get(cid) != self.mask_version
-        total += sparse_message_bits(self.size, active, needs_mask)
+        total += sparse_message_bits(self.size, active, self.needs_mask(cid))
         self.client_mask_version[cid] = self.mask_version
       else:
         total += dense_message_bits(self.size)
     self.cumulative_download_bits += total
     return total
+
+  def needs_mask(self, client_id) -> bool:
+    """Whether the client holds no copy of the current global mask."""
+    return self.client_mask_version.get(client_id) != self.mask_version
+
+  def download_measured(self, client_ids, bits: int) -> int:
+    """Bits the clients `client_ids` measured receiving (compact
+    downloads); they now hold the current global mask."""
+    for cid in client_ids:
+      self.client_mask_version[cid] = self.mask_version
+    self.cumulative_download_bits += int(bits)
+    return int(bits)
 
   def download_kept(self, kept: Sequence[int]) -> int:
     """Bits sent to clients that each hold a mask of their own (LotteryFL):

@@ -2,7 +2,10 @@
 
 Four swappable blocks composed with `compose_learning_process`:
   distributor  -> TFF's broadcast of the global ModelWeights (kernels, biases
-                  and the wrappers' masks)
+                  and the wrappers' masks), or with compact downloads
+                  `compact_download.build_broadcast` (kept values and
+                  biases; the mask by `tff.federated_select` to the clients
+                  that need it, `compact_download.wrap_process`)
   client work  -> `client_work.build_feddst_client_work` (masked training,
                   prune-and-regrow readjustment)
   aggregator   -> `aggregation.SparseVotingFactory` (sparse weighted average
@@ -19,6 +22,7 @@ import tensorflow_federated as tff
 from tff_feddst import aggregation
 from tff_feddst import client_work as client_work_lib
 from tff_feddst import cohort_work
+from tff_feddst import compact_download
 from tff_feddst import compact_voting
 from tff_feddst import finalizer as finalizer_lib
 from tff_feddst import tier_work
@@ -59,6 +63,7 @@ def build_feddst(
     remember_old: bool = False,
     compact_messages: bool = False,
     num_tiers: int = 0,
+    compact_download: bool = False,
 ) -> tff.learning.templates.LearningProcess:
   """Builds the FedDST learning process.
 
@@ -85,49 +90,89 @@ def build_feddst(
       (`masks.budget_table`, rows in layout order); None: `layout.budgets`.
     remember_old: a position of the global mask that no client voted for
       keeps its previous value (`finalizer.remember_unvoted`).
-    compact_messages: clients upload `messages.encode_upload`'s messages,
-      summed by `compact_voting.CompactVotingFactory` (per-client work
-      with fixed budgets and the voting aggregation only).
-    num_tiers: clients of this many sparsity tiers (`tier_work`; `layout`
-      is the global model's, at the lowest tier sparsity). Compact
-      messages, and `remember_old` (docs/algorithms.md section 3.8).
+    compact_messages: compact uploads (`messages.encode_upload`, summed by
+      `compact_voting.CompactVotingFactory`; per client, fixed budgets).
+    num_tiers: clients of this many sparsity tiers (`tier_work`, section 3.8
+      of docs/algorithms.md; `layout` is at the lowest tier sparsity).
+    compact_download: with `compact_messages` and no tiers, compact
+      downloads (`compact_download`; clients take `client_data`'s values).
   """
-  if local_epochs < 1:
-    raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
-  if rounds_between_readjustments < 1:
-    raise ValueError("rounds_between_readjustments must be >= 1")
-  schedule = dict(
-      local_epochs=local_epochs, readjustment_ratio=readjustment_ratio,
-      rounds_between_readjustments=rounds_between_readjustments,
-      readjustment_end_round=readjustment_end_round, upload_dtype=upload_dtype,
-      readjustment_schedule=readjustment_schedule, budget_table=budget_table,
+  schedule = _schedule(
+      local_epochs, readjustment_ratio, rounds_between_readjustments,
+      readjustment_end_round, upload_dtype, readjustment_schedule, budget_table,
   )
   if num_tiers:  # sparser tiers cannot vote for every position of the global mask
     compact_messages, remember_old = True, True
+  finalizer_options = dict(
+      budget_table=budget_table, remember_old=remember_old,
+      min_votes=min_votes if compact_messages else None,
+  )
+  if compact_download:
+    if num_tiers or not compact_messages:
+      raise ValueError("compact downloads go with compact uploads and no tiers")
+    return _compose_compact_download(
+        model_fn, layout, initial_weights, client_optimizer, schedule, prox_mu,
+        server_optimizer, finalizer_options,
+    )
   blocks = _compact_client_work_and_factory if compact_messages else _client_work_and_factory
   client_work, factory = blocks(
       model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
       aggregation_factory, cohort, num_tiers,
   )
   return _compose_sparse(
-      client_work, factory, initial_weights, layout, server_optimizer,
-      budget_table=budget_table, remember_old=remember_old,
-      min_votes=min_votes if compact_messages else None,
+      client_work, factory, initial_weights, layout, server_optimizer, **finalizer_options
   )
 
 
+def _schedule(local_epochs, readjustment_ratio, rounds_between_readjustments,
+              readjustment_end_round, upload_dtype, readjustment_schedule, budget_table):
+  """The client work's schedule settings, checked."""
+  if local_epochs < 1:
+    raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
+  if rounds_between_readjustments < 1:
+    raise ValueError("rounds_between_readjustments must be >= 1")
+  return dict(
+      local_epochs=local_epochs, readjustment_ratio=readjustment_ratio,
+      rounds_between_readjustments=rounds_between_readjustments,
+      readjustment_end_round=readjustment_end_round, upload_dtype=upload_dtype,
+      readjustment_schedule=readjustment_schedule, budget_table=budget_table,
+  )
+
+
+def _compose_compact_download(model_fn, layout, initial_weights, client_optimizer, schedule,
+                              prox_mu, server_optimizer, finalizer_options):
+  """The process of compact downloads and uploads (`compact_download`)."""
+  if schedule["budget_table"] is not None:
+    raise ValueError("compact downloads need fixed budgets (no budget table)")
+  _, weights_type, data_type = client_work_lib.model_types(model_fn)
+  client_work = compact_download.build_client_work(
+      model_fn, layout, client_optimizer, initial_weights.non_trainable, prox_mu=prox_mu,
+      **{k: v for k, v in schedule.items() if k != "budget_table"},
+  )
+  inner = _compose_sparse(
+      client_work, compact_voting.CompactVotingFactory(layout), initial_weights, layout,
+      server_optimizer, weights_type=weights_type,
+      distributor=compact_download.build_broadcast(weights_type, layout), **finalizer_options,
+  )
+  return compact_download.wrap_process(inner, layout, data_type)
+
+
 def _compose_sparse(client_work, factory, initial_weights, layout, server_optimizer,
-                    **finalizer_options):
-  """The process of TFF's broadcast, `client_work`, `factory`'s aggregator
-  and the sparse finalizer (`finalizer.build_sparse_finalizer`)."""
-  weights_type = client_work.next.type_signature.parameter[1].member
+                    weights_type=None, distributor=None, **finalizer_options):
+  """The process of `distributor` (default: TFF's broadcast of the model
+  weights), `client_work`, `factory`'s aggregator and the sparse finalizer
+  (`finalizer.build_sparse_finalizer`). `weights_type`: the model weights'
+  type (default: what `client_work` takes)."""
+  if weights_type is None:
+    weights_type = client_work.next.type_signature.parameter[1].member
   result_type = client_work.next.type_signature.result.result.member
   aggregator = factory.create(result_type.update, result_type.update_weight)
   update_out_type = aggregator.next.type_signature.result.result.member
   finalizer = finalizer_lib.build_sparse_finalizer(
       weights_type, update_out_type, layout, server_optimizer, **finalizer_options
   )
-  distributor = tff.learning.templates.build_broadcast_process(weights_type)
+  if distributor is None:
+    distributor = tff.learning.templates.build_broadcast_process(weights_type)
   return tff.learning.templates.compose_learning_process(
       constant_weights_fn(initial_weights), distributor, client_work, aggregator, finalizer,
   )

@@ -132,6 +132,8 @@ class _ClientsOutcome:
   # The bits of the messages the clients sent, measured on the tensors
   # (compact uploads, `messages.tensor_bits`); None: counted by the ledger.
   measured_upload_bits: int | None = None
+  # The bits the clients received (compact downloads, `compact_download`).
+  measured_download_bits: int | None = None
 
 
 def _advance_client_round(state):
@@ -185,6 +187,8 @@ def _read_metrics(metrics, sparse: bool) -> _ClientsOutcome:
     )
     if "upload_bits" in clients:
       outcome["measured_upload_bits"] = int(clients["upload_bits"])
+    if "download_bits" in clients:
+      outcome["measured_download_bits"] = int(clients["download_bits"])
   return _ClientsOutcome(**outcome)
 
 
@@ -205,6 +209,8 @@ class RoundStep:
     self.ledger = ledger
     # The metrics of the last `process.next`.
     self.last_metrics = None
+    # The round's clients that hold no copy of the current global mask.
+    self._stale = set()
     remote.check_splittable(phase.built.process.next)
     weights = phase.built.process.get_model_weights(state)
     self.sparsity, self.flops, self._masks = phase.stats(weights, ledger)
@@ -243,6 +249,8 @@ class RoundStep:
     data set would give (`cohort_work.pack_cohorts_from_arrays`).
     """
     settings = self.phase.built.cohort
+    if self.phase.built.compact_download:
+      return self._compact_download_inputs(survivors)
     if settings is None or not survivors:
       return [dataset for _, dataset, _ in survivors]
     from tff_feddst import cohort_work  # pylint: disable=g-import-not-at-top
@@ -252,6 +260,18 @@ class RoundStep:
         self.config.local_epochs, self.config.batch_size,
         self.config.cohort_size or self._default_cohort_size(len(survivors)),
     )
+
+  def _compact_download_inputs(self, survivors) -> list:
+    """Each client's data set, the packed global mask it holds, or none
+    when it needs the server to send it (`compact_download.client_data`)."""
+    from tff_feddst import compact_download  # pylint: disable=g-import-not-at-top
+
+    layout = self.phase.built.layout
+    held = compact_download.pack_masks_np(self._masks, layout)
+    return [
+        compact_download.client_data(dataset, None if cid in self._stale else held, layout)
+        for cid, dataset, _ in survivors
+    ]
 
   def _default_cohort_size(self, num_clients: int) -> int:
     """All the clients in one cohort; with --workers, one cohort per worker."""
@@ -298,11 +318,21 @@ class RoundStep:
     )
     seeds = self.client_seeds(round_num, len(client_ids))
     failed = self.draw_failures(round_num, len(client_ids))
-    download_bits = self.charge_download(client_ids, state)
     survivors = [
         (c, d, s) for c, d, s, f in zip(client_ids, datasets, seeds, failed) if not f
     ]
+    measured = built.compact_download
+    # Compact downloads: the ledger charges the failed clients by the
+    # formula, and the others with what they measured receiving.
+    self._stale = {cid for cid in client_ids if ledger.needs_mask(cid)} if measured else set()
+    download_bits = self.charge_download(
+        [c for c, f in zip(client_ids, failed) if f] if measured else client_ids, state
+    )
     state, outcome, skipped = self.run_clients(state, survivors)
+    if measured and survivors:
+      download_bits += ledger.download_measured(
+          [c for c, _, _ in survivors], outcome.measured_download_bits
+      )
     upload_bits = 0
     if survivors and outcome.measured_upload_bits is not None:
       upload_bits = ledger.upload_measured(outcome.measured_upload_bits)
