@@ -90,7 +90,7 @@ def fashion_mnist_available():
 # the slowest modules, which have few tests, for last). A module missing
 # here counts as MODULE_SECONDS_DEFAULT.
 MODULE_SECONDS = {
-    "test_resilience": 145, "test_cohort": 125, "test_workers": 85, "test_golden": 82,
+    "test_resilience": 145, "test_cohort": 125, "test_workers": 110, "test_golden": 82,
     "test_structured": 49, "test_tflite_export": 47, "test_run_e2e": 42,
     "test_structured_run": 38, "test_outputs": 37, "test_prunefl": 35,
     "test_benchmarks_speed": 30, "test_cli": 27, "test_pruning_init": 27,
