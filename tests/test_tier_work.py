@@ -220,11 +220,17 @@ def test_a_tiered_run_reports_each_tiers_bits_and_accuracy_and_resumes(
     tier0_masks = tier0_clients if row["round"] == "1" else 0
     assert up[0] == tier0_clients * 32 * (budgets[0] + b) + tier0_masks * m
     assert int(row["clients_mask_uploaded"]) == tier1_clients + tier0_masks
+    # Downloads, measured by the clients: the global model's compact message
+    # (at tier 0's budgets, the global ones) and the mask, which every client
+    # needs (round 1: none held; round 2: round 1 changed the global mask).
+    for t, count in ((0, tier0_clients), (1, tier1_clients)):
+      assert int(row[f"tier{t}_download_bits"]) == count * (32 * (budgets[0] + b) + m)
     for t in (0, 1):
       assert 0 <= float(row[f"tier{t}_clients_accuracy"]) <= 1
-  assert [t["cumulative_upload_bits"] for t in section] == [
-      sum(int(r[f"tier{t}_upload_bits"]) for r in rows) for t in (0, 1)
-  ]
+  for kind in ("upload", "download"):
+    assert [t[f"cumulative_{kind}_bits"] for t in section] == [
+        sum(int(r[f"tier{t}_{kind}_bits"]) for r in rows) for t in (0, 1)
+    ]
   assert summary["final_tier1_clients_accuracy"] == float(rows[-1]["tier1_clients_accuracy"])
 
   # Resumed from round 1's checkpoint: the same rows and per-tier totals.

@@ -198,14 +198,14 @@ def _build_sparse(readjusts: bool) -> Builder:
         remember_old=config.remember_old,
         compact_messages=compact,
         num_tiers=0 if tier_setup is None else len(tier_setup[0].sparsities),
-        compact_download=compact and tier_setup is None,
+        compact_download=compact,
     )
     size = costs.ModelSize(layout.num_prunable, layout.num_unmasked, layout.num_mask_bits)
     value_bits = 16 if config.upload_dtype == "float16" else 32
     return BuiltAlgorithm(
         process, initial, layout, size, epochs_in_process=True,
         upload_value_bits=value_bits, cohort=cohort, budget_table=table,
-        tiers=tier_setup, compact_download=compact and tier_setup is None,
+        tiers=tier_setup, compact_download=compact,
     )
 
   return build

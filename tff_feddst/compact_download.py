@@ -112,11 +112,12 @@ def message_type(weights_type, layout: SparseLayout):
   return sent
 
 
-def _client_data_type(data_type, layout: SparseLayout):
-  """What the client work takes: OrderedDict(train, held, received)."""
+def client_data_type(data_type, layout: SparseLayout, extra=()):
+  """What the client work takes: OrderedDict(train, *extra, held,
+  received); `extra`: (name, sequence type) pairs of the client's own."""
   bits_type = _bits_type(layout)
   return tff.types.StructWithPythonType([
-      ("train", data_type), ("held", tff.SequenceType(bits_type)),
+      ("train", data_type), *extra, ("held", tff.SequenceType(bits_type)),
       ("received", tff.SequenceType(bits_type)),
   ], collections.OrderedDict)
 
@@ -128,26 +129,44 @@ def _bits_type(layout: SparseLayout):
   )
 
 
-def driver_data_type(data_type, layout: SparseLayout):
-  """What the driver gives each client (`client_data`): OrderedDict(train,
-  held, key), each a data set (TFF's client data are sequences)."""
+def driver_data_type(inner_data_type):
+  """What the driver gives each client (`client_data`): the client work's
+  data (`client_data_type`) with `key` in place of `received`, each a data
+  set (TFF's client data are sequences)."""
+  key_type = tff.SequenceType(tff.TensorType(np.int32, [1]))
   return tff.types.StructWithPythonType([
-      ("train", data_type), ("held", tff.SequenceType(_bits_type(layout))),
-      ("key", tff.SequenceType(tff.TensorType(np.int32, [1]))),
+      ("key", key_type) if name == "received" else (name, t)
+      for name, t in tff.structure.iter_elements(inner_data_type)
   ], collections.OrderedDict)
 
 
-def client_data(dataset, held, layout: SparseLayout):
-  """A client's value of the round (`wrap_process`): its data set, and
-  `held`, the packed global mask it holds (`pack_masks_np`), or None when
-  it holds no current one and the server sends it (key 1)."""
+def client_data(dataset, held, layout: SparseLayout, **extra):
+  """A client's value of the round (`wrap_process`): its data set, its own
+  `extra` data sets, and `held`, the packed global mask it holds
+  (`pack_masks_np`), or None when it holds no current one and the server
+  sends it (key 1)."""
   bits = tuple(no_mask(layout) if held is None else held)
   key = np.array([1 if held is None else 0], np.int32)
   return collections.OrderedDict(
-      train=dataset,
+      train=dataset, **extra,
       held=tf.data.Dataset.from_tensors(bits),
       key=tf.data.Dataset.from_tensors(key),
   )
+
+
+def receive(message, data, layout: SparseLayout, non_trainable):
+  """On a client: (ModelWeights, bits received) of the server's message on
+  the mask it holds (`data["held"]`) or was sent (`data["received"]`).
+  The bits are the message's and the selected mask's tensors (at run
+  time: an empty selection counts 0). `non_trainable`: numpy values of
+  the model's non-trainable variables (`decode_broadcast`)."""
+  received = data["received"].get_single_element()
+  mask_bits = [
+      tf.cond(tf.size(held) > 0, lambda held=held: held, lambda got=got: got)
+      for held, got in zip(data["held"].get_single_element(), received)
+  ]
+  weights = decode_broadcast(message, mask_bits, layout, [tf.constant(v) for v in non_trainable])
+  return weights, messages.tensor_bits(message) + messages.tensor_bits(received)
 
 
 def build_broadcast(weights_type, layout: SparseLayout) -> tff.templates.MeasuredProcess:
@@ -185,40 +204,36 @@ def build_client_work(model_fn, layout: SparseLayout, optimizer, initial_non_tra
   variables never change under `sparse_model.KeepMaskSchedule`)."""
   metrics_aggregation_fn, weights_type, data_type = client_work_lib.model_types(model_fn)
   sent_type = message_type(weights_type, layout)
-  client_data_type = _client_data_type(data_type, layout)
+  data_type = client_data_type(data_type, layout)
   k_type = tff.TensorType(np.int32, [len(layout.budgets)])
   schedule = client_work_lib.build_schedule(
       layout, readjustment_ratio, rounds_between_readjustments, readjustment_end_round,
       readjustment_schedule, None,
   )
 
-  @tff.tensorflow.computation(sent_type, client_data_type, k_type)
+  @tff.tensorflow.computation(sent_type, data_type, k_type)
   def client_update_tf(message, data, num_to_readjust):
     client_update = client_work_lib.build_client_update(
         model_fn, layout, optimizer, local_epochs, prox_mu, upload_dtype, compact=True
     )
-    received = data["received"].get_single_element()
-    mask_bits = [
-        tf.cond(tf.size(held) > 0, lambda held=held: held, lambda got=got: got)
-        for held, got in zip(data["held"].get_single_element(), received)
-    ]
-    own = [tf.constant(v) for v in initial_non_trainable]
-    weights = decode_broadcast(message, mask_bits, layout, own)
+    weights, download_bits = receive(message, data, layout, initial_non_trainable)
     result, train, stats = client_update(weights, data["train"], num_to_readjust)
-    stats["download_bits"] = messages.tensor_bits(message) + messages.tensor_bits(received)
+    stats["download_bits"] = download_bits
     return result, train, stats
 
   return client_work_lib.scheduled_client_work(
-      schedule, client_update_tf, sent_type, client_data_type, metrics_aggregation_fn,
+      schedule, client_update_tf, sent_type, data_type, metrics_aggregation_fn,
   )
 
 
-def wrap_process(inner: tff.learning.templates.LearningProcess, layout: SparseLayout,
-                 data_type) -> tff.learning.templates.LearningProcess:
-  """`inner` (whose clients take OrderedDict(train, held, received)) as a
-  process whose clients take OrderedDict(train, held, key): the round
-  sends the packed global mask to the clients whose key is 1."""
+def wrap_process(inner: tff.learning.templates.LearningProcess,
+                 layout: SparseLayout) -> tff.learning.templates.LearningProcess:
+  """`inner` (whose clients take `client_data_type`'s values) as a process
+  whose clients take `client_data`'s: the round sends the packed global
+  mask to the clients whose key is 1."""
   state_type = inner.next.type_signature.parameter[0]
+  inner_data_type = inner.next.type_signature.parameter[1].member
+  names = [name for name, _ in tff.structure.iter_elements(inner_data_type)]
   weights_type = inner.get_model_weights.type_signature.result
   bits_type = _bits_type(layout)
 
@@ -237,16 +252,16 @@ def wrap_process(inner: tff.learning.templates.LearningProcess, layout: SparseLa
     return keys.get_single_element()
 
   @tff.federated_computation(
-      state_type, tff.FederatedType(driver_data_type(data_type, layout), tff.CLIENTS)
+      state_type, tff.FederatedType(driver_data_type(inner_data_type), tff.CLIENTS)
   )
   def next_fn(state, data):
     weights = tff.federated_map(inner.get_model_weights, state)
     bits = tff.federated_map(pack_tf, weights)
     keys = tff.federated_map(first_key, data.key)
     received = tff.federated_select(keys, tff.federated_value(2, tff.SERVER), bits, select_mask)
-    client_data = tff.federated_zip(
-        collections.OrderedDict(train=data.train, held=data.held, received=received)
-    )
+    client_data = tff.federated_zip(collections.OrderedDict(
+        (name, received if name == "received" else getattr(data, name)) for name in names
+    ))
     return inner.next(state, client_data)
 
   return tff.learning.templates.LearningProcess(

@@ -94,7 +94,7 @@ def build_feddst(
       `compact_voting.CompactVotingFactory`; per client, fixed budgets).
     num_tiers: clients of this many sparsity tiers (`tier_work`, section 3.8
       of docs/algorithms.md; `layout` is at the lowest tier sparsity).
-    compact_download: with `compact_messages` and no tiers, compact
+    compact_download: with `compact_messages`, compact
       downloads (`compact_download`; clients take `client_data`'s values).
   """
   schedule = _schedule(
@@ -108,11 +108,11 @@ def build_feddst(
       min_votes=min_votes if compact_messages else None,
   )
   if compact_download:
-    if num_tiers or not compact_messages:
-      raise ValueError("compact downloads go with compact uploads and no tiers")
+    if not compact_messages:
+      raise ValueError("compact downloads go with compact uploads")
     return _compose_compact_download(
         model_fn, layout, initial_weights, client_optimizer, schedule, prox_mu,
-        server_optimizer, finalizer_options,
+        server_optimizer, finalizer_options, num_tiers,
     )
   blocks = _compact_client_work_and_factory if compact_messages else _client_work_and_factory
   client_work, factory = blocks(
@@ -140,21 +140,29 @@ def _schedule(local_epochs, readjustment_ratio, rounds_between_readjustments,
 
 
 def _compose_compact_download(model_fn, layout, initial_weights, client_optimizer, schedule,
-                              prox_mu, server_optimizer, finalizer_options):
-  """The process of compact downloads and uploads (`compact_download`)."""
+                              prox_mu, server_optimizer, finalizer_options, num_tiers=0):
+  """The process of compact downloads and uploads (`compact_download`), of
+  clients of `num_tiers` tiers (`tier_work`) or all at the layout's budgets."""
   if schedule["budget_table"] is not None:
     raise ValueError("compact downloads need fixed budgets (no budget table)")
-  _, weights_type, data_type = client_work_lib.model_types(model_fn)
-  client_work = compact_download.build_client_work(
-      model_fn, layout, client_optimizer, initial_weights.non_trainable, prox_mu=prox_mu,
-      **{k: v for k, v in schedule.items() if k != "budget_table"},
-  )
+  _, weights_type, _ = client_work_lib.model_types(model_fn)
+  fixed = {k: v for k, v in schedule.items() if k != "budget_table"}
+  if num_tiers:
+    client_work = tier_work.build_client_work(
+        model_fn, layout, client_optimizer, num_tiers, prox_mu=prox_mu,
+        initial_non_trainable=initial_weights.non_trainable, **fixed,
+    )
+  else:
+    client_work = compact_download.build_client_work(
+        model_fn, layout, client_optimizer, initial_weights.non_trainable, prox_mu=prox_mu,
+        **fixed,
+    )
   inner = _compose_sparse(
       client_work, compact_voting.CompactVotingFactory(layout), initial_weights, layout,
       server_optimizer, weights_type=weights_type,
       distributor=compact_download.build_broadcast(weights_type, layout), **finalizer_options,
   )
-  return compact_download.wrap_process(inner, layout, data_type)
+  return compact_download.wrap_process(inner, layout)
 
 
 def _compose_sparse(client_work, factory, initial_weights, layout, server_optimizer,

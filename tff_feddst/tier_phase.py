@@ -6,7 +6,9 @@ budgets (`tier_work.client_data`). Per tier t, metrics.csv adds
 - `tier{t}_upload_bits`: the bits the tier's clients uploaded in the round,
   measured on their messages (`tier_work`);
 - `tier{t}_download_bits`: the bits sent to them (every tier downloads the
-  global model, charged as section 6.1 says);
+  global model's compact message, and the mask when it holds none: measured
+  by the clients that ran, and the formula of section 6.1 for those drawn
+  to fail);
 - `tier{t}_clients_accuracy` (evaluation rounds): the mean over the tier's
   clients with local test data of the accuracy, on it, of the global model
   cut to the tier's budgets (`tiers.client_mask_np`: the model such a
@@ -20,6 +22,7 @@ import fractions
 
 import numpy as np
 
+from tff_feddst import compact_download
 from tff_feddst import phases
 from tff_feddst import rounds
 from tff_feddst import tiers as tiers_lib
@@ -70,10 +73,20 @@ class TierStep(rounds.RoundStep):
 
   def client_inputs(self, survivors) -> list:
     phase = self.phase
-    return [
+    values = [
         tier_work.client_data(dataset, phase.tier_budgets[phase.assignment[cid]],
                               phase.assignment[cid])
         for cid, dataset, _ in survivors
+    ]
+    if not phase.built.compact_download:
+      return values
+    layout = phase.built.layout
+    held = compact_download.pack_masks_np(self._masks, layout)
+    return [
+        compact_download.client_data(
+            value["train"], None if cid in self._stale else held, layout, client=value["client"]
+        )
+        for (cid, _, _), value in zip(survivors, values)
     ]
 
   def charge_download(self, client_ids, state) -> int:
@@ -93,6 +106,13 @@ class TierStep(rounds.RoundStep):
     if self.last_metrics is not None:
       upload = [int(b) for b in self.last_metrics["client_work"]["clients"]["tier_upload_bits"]]
     self.phase.cumulative[0] += np.asarray(upload, np.int64)
+    if self.last_metrics is not None and self.phase.built.compact_download:
+      # The clients that ran, as they measured (the failed ones were
+      # charged by `charge_download`).
+      measured = self.last_metrics["client_work"]["clients"]["tier_download_bits"]
+      for t, bits in enumerate(measured):
+        self._download[t] += int(bits)
+        self.phase.cumulative[1, t] += int(bits)
     out = {}
     for t in range(count):
       out[f"tier{t}_upload_bits"] = upload[t]

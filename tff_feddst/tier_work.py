@@ -25,6 +25,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_feddst import client_work as cw
+from tff_feddst import compact_download
 from tff_feddst import masks as masks_lib
 from tff_feddst import sparse_model
 from tff_feddst.sparse_model import SparseLayout
@@ -76,10 +77,18 @@ def build_client_work(
     prox_mu: float = 0.0,
     upload_dtype: tf.DType = tf.float32,
     readjustment_schedule: str = "cosine",
+    initial_non_trainable=None,
 ) -> tff.learning.templates.ClientWorkProcess:
-  """The tiered FedDST `ClientWorkProcess` (module docstring)."""
+  """The tiered FedDST `ClientWorkProcess` (module docstring); with
+  `initial_non_trainable`, on compact downloads (`compact_download.receive`)."""
   metrics_aggregation_fn, weights_type, sequence_type = cw.model_types(model_fn)
   data_type = client_data_type(layout, sequence_type.element)
+  compact, nt = initial_non_trainable is not None, initial_non_trainable
+  if compact:
+    weights_type = compact_download.message_type(weights_type, layout)
+    data_type = compact_download.client_data_type(
+        data_type.train, layout, [("client", data_type.client)]
+    )
   schedule = cw.build_schedule(
       layout, readjustment_ratio, rounds_between_readjustments,
       readjustment_end_round, readjustment_schedule,
@@ -92,6 +101,8 @@ def build_client_work(
 
     @tf.function
     def update(global_weights, data, ratio):
+      if compact:  # the message and the mask, decoded
+        global_weights, got = compact_download.receive(global_weights, data, layout, nt)
       own_zero = collections.OrderedDict(
           budgets=tf.zeros([len(layout.budgets)], tf.int32), tier=tf.constant(0, tf.int32)
       )
@@ -120,6 +131,8 @@ def build_client_work(
       one_hot = tf.one_hot(own["tier"], num_tiers, dtype=tf.int64)
       stats["tier_upload_bits"] = one_hot * stats["upload_bits"]
       stats["tier_clients"] = tf.cast(one_hot, tf.int32)
+      if compact:
+        stats["download_bits"], stats["tier_download_bits"] = got, one_hot * got
       return result, metrics, stats
 
     return update(global_weights, data, ratio)
