@@ -44,7 +44,7 @@ def encode_broadcast(trainable, masks, layout: SparseLayout):
   float32[budget_l])], other=[the other trainable values]), values in
   increasing position of the global mask, zero-padded to the budget."""
   layers = [
-      collections.OrderedDict(values=messages._padded_values(  # pylint: disable=protected-access
+      collections.OrderedDict(values=messages.padded_values(
           trainable[i], masks[slot], layout.budgets[slot], tf.float32))
       for slot, i in enumerate(layout.kernel_index)
   ]

@@ -217,7 +217,7 @@ def message_bits(message) -> int:
 # ------------------------------------------------------------------ uploads
 
 
-def _padded_values(kernel, mask, budget: int, value_dtype):
+def padded_values(kernel, mask, budget: int, value_dtype):
   """The kept values in increasing position, cut or padded with zeros to
   `budget` (a mask keeps fewer than its budget only when the global mask
   it came from did; one keeping more is rejected by the server, which sees
@@ -232,7 +232,7 @@ def encode_upload(trainable, masks, layout, value_dtype=tf.float32, with_mask=Tr
                   padded=True):
   """A client's upload: `encode`'s message with a fixed type for every
   round. `values` is value_dtype[budget_l] (zero-padded, see
-  `_padded_values`), or with `padded=False` value_dtype[?], exactly the
+  `padded_values`), or with `padded=False` value_dtype[?], exactly the
   kept values (clients of different budgets, `tier_work`); `mask_bits`
   is uint8[?]: the packed mask when `with_mask` (a boolean tensor: the
   client's mask is not the global one it received), else empty, and the
@@ -247,7 +247,7 @@ def encode_upload(trainable, masks, layout, value_dtype=tf.float32, with_mask=Tr
         lambda: tf.zeros([0], tf.uint8),
     )
     if padded:
-      values = _padded_values(trainable[i], mask, layout.budgets[slot], value_dtype)
+      values = padded_values(trainable[i], mask, layout.budgets[slot], value_dtype)
     else:
       kept = tf.reshape(mask, [-1]) > 0
       values = tf.cast(tf.boolean_mask(tf.reshape(trainable[i], [-1]), kept), value_dtype)

@@ -261,16 +261,20 @@ class RoundStep:
         self.config.cohort_size or self._default_cohort_size(len(survivors)),
     )
 
-  def _compact_download_inputs(self, survivors) -> list:
+  def _compact_download_inputs(self, survivors, extra=None) -> list:
     """Each client's data set, the packed global mask it holds, or none
-    when it needs the server to send it (`compact_download.client_data`)."""
+    when it needs the server to send it (`compact_download.client_data`).
+    `extra`: per client, its own further data sets (by name)."""
     from tff_feddst import compact_download  # pylint: disable=g-import-not-at-top
 
     layout = self.phase.built.layout
     held = compact_download.pack_masks_np(self._masks, layout)
+    extra = extra or [{}] * len(survivors)
     return [
-        compact_download.client_data(dataset, None if cid in self._stale else held, layout)
-        for cid, dataset, _ in survivors
+        compact_download.client_data(
+            dataset, None if cid in self._stale else held, layout, **own
+        )
+        for (cid, dataset, _), own in zip(survivors, extra)
     ]
 
   def _default_cohort_size(self, num_clients: int) -> int:

@@ -22,7 +22,6 @@ import fractions
 
 import numpy as np
 
-from tff_feddst import compact_download
 from tff_feddst import phases
 from tff_feddst import rounds
 from tff_feddst import tiers as tiers_lib
@@ -80,14 +79,10 @@ class TierStep(rounds.RoundStep):
     ]
     if not phase.built.compact_download:
       return values
-    layout = phase.built.layout
-    held = compact_download.pack_masks_np(self._masks, layout)
-    return [
-        compact_download.client_data(
-            value["train"], None if cid in self._stale else held, layout, client=value["client"]
-        )
-        for (cid, _, _), value in zip(survivors, values)
-    ]
+    return self._compact_download_inputs(
+        [(cid, value["train"], s) for (cid, _, s), value in zip(survivors, values)],
+        [{"client": value["client"]} for value in values],
+    )
 
   def charge_download(self, client_ids, state) -> int:
     built, phase = self.phase.built, self.phase
