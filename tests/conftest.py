@@ -16,6 +16,8 @@ import pytest  # noqa: E402
 from tff_feddst import runtime  # noqa: E402
 from tff_feddst.data import loaders  # noqa: E402
 
+import run_server  # noqa: E402
+
 FASHION_MNIST_IDX_FILES = (
     "train-images-idx3-ubyte.gz",
     "train-labels-idx1-ubyte.gz",
@@ -33,6 +35,7 @@ def _stop_tff_worker_at_end():
   runtime.install_shutdown_handlers()
   runtime.tie_workers_to_this_process()
   yield
+  run_server.close()  # and the runs it forked, if any is still going
   runtime.stop_tff_workers()
 
 

@@ -4,15 +4,14 @@ Every case runs `python run.py ...` and expects: a non-zero exit status, a
 one-line style error that names the offending flag or problem, no Python
 traceback on stderr, and nothing written into --output_dir. Flag errors run
 as plain `python run.py` (0.1 s each); cases that get past the flags (a data
-error, say) run through `tests/cli_runner.py`, which makes run.py's imports
-once and forks a child per case (each alone would take TensorFlow's import
-time, about 6 s); one test checks that the runner's child gives what a
-plain `python run.py` gives. Flag errors of every
+error, say) are forked from the run server (`tests/run_server.py`), which
+makes run.py's imports once (each run alone would take TensorFlow's import
+time, about 5 s); one test checks that a forked run gives what a plain
+`python run.py` gives. Flag errors of every
 command line answer before TensorFlow is imported (checked with
 `python -X importtime`).
 """
 
-import json
 import os
 import pathlib
 import re
@@ -20,6 +19,8 @@ import subprocess
 import sys
 
 import pytest
+
+import run_server
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 RUN_PY = REPO_ROOT / "run.py"
@@ -92,17 +93,9 @@ def _run(args, tmp_path=None, timeout=300):
 
 
 def _run_all(cases: list[list[str]]) -> list[subprocess.CompletedProcess]:
-  """`python run.py ARGS` for each ARGS, through the forking runner."""
-  result = subprocess.run(
-      [sys.executable, str(REPO_ROOT / "tests" / "cli_runner.py")],
-      cwd=REPO_ROOT, env=ENV, input=json.dumps(cases), capture_output=True, text=True,
-      timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return [
-      subprocess.CompletedProcess(args, r["returncode"], r["stdout"], r["stderr"])
-      for args, r in zip(cases, json.loads(result.stdout))
-  ]
+  """`python run.py ARGS` for each ARGS, forked from the test process's run
+  server (tests/run_server.py), as the suite's other runs are."""
+  return [run_server.run(args, env=ENV, timeout=120) for args in cases]
 
 
 def _assert_rejected(result, out_dir, mentions):

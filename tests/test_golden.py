@@ -36,10 +36,10 @@ import csv
 import math
 import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
+
+import run_server
 
 # Compares training results within tolerances: also run under another
 # instruction set (`make test`; see the marker in pyproject.toml).
@@ -131,10 +131,9 @@ def mismatches(name: str, got_csv, want_csv) -> list[str]:
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_metrics_equal_the_recorded_ones(name, tmp_path, fashion_mnist_available):
   out = tmp_path / name
-  result = subprocess.run(
-      [sys.executable, str(REPO_ROOT / "run.py"), *RUNS[name], *COMMON,
-       "--client_execution=per_client", f"--output_dir={out}"],
-      cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+  result = run_server.run(
+      [*RUNS[name], *COMMON, "--client_execution=per_client", f"--output_dir={out}"],
+      env=ENV, timeout=600,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert not mismatches(name, out / "metrics.csv", GOLDEN_DIR / f"{name}.csv")

@@ -7,6 +7,8 @@ import tensorflow as tf
 
 from tff_feddst import lotteryfl
 
+import run_server
+
 
 def test_each_layer_prunes_its_rate_of_what_it_keeps_down_to_its_budget():
   # round(0.2 * 100) = 20; 10 is at its budget; round(1.4) = 1; round(6.4) = 6.
@@ -235,9 +237,6 @@ def test_a_run_charges_each_clients_own_mask_and_resumes_identically(
   the checkpoint it resumes from)."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
 
   from tff_feddst import checkpoint  # pylint: disable=g-import-not-at-top
@@ -284,13 +283,11 @@ def test_a_run_charges_each_clients_own_mask_and_resumes_identically(
   # round's row: the rerun resumes from a checkpoint of the clients' pruned
   # masks and writes the same metrics.
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(
-      [sys.executable, "run.py", "--algorithm=lotteryfl", "--total_clients=40",
-       "--clients_per_round=5", "--local_epochs=1", "--rounds=4", "--eval_every=2",
-       "--checkpoint_every=1", "--lotteryfl_accuracy_threshold=0", f"--output_dir={killed}"],
-      cwd=pathlib.Path(__file__).resolve().parents[1],
+  proc = run_server.start(
+      ["--algorithm=lotteryfl", "--total_clients=40", "--clients_per_round=5",
+       "--local_epochs=1", "--rounds=4", "--eval_every=2", "--checkpoint_every=1",
+       "--lotteryfl_accuracy_threshold=0", f"--output_dir={killed}"],
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
   )
   deadline = time.time() + 300
   while not (killed / "metrics.csv").exists() or len(_rows(killed / "metrics.csv")) < 3:

@@ -22,6 +22,8 @@ from tff_feddst import training
 from tff_feddst.rounds import METRIC_COLUMNS
 from tflite_export import evaluate as tfl_evaluate
 
+import run_server
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -167,12 +169,10 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path, fashion_mnist_available):
   out = tmp_path / "shared"
   args = [
-      sys.executable, "run.py", "--algorithm=fedavg", "--total_clients=20",
-      "--clients_per_round=3", "--local_epochs=1", "--rounds=8", "--eval_every=4",
-      f"--output_dir={out}",
+      "--algorithm=fedavg", "--total_clients=20", "--clients_per_round=3", "--local_epochs=1",
+      "--rounds=8", "--eval_every=4", f"--output_dir={out}",
   ]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  first = run_server.start(args, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
   deadline = time.time() + 300
   while not (out / "metrics.csv").exists():
     assert first.poll() is None and time.time() < deadline, first.communicate()

@@ -19,8 +19,6 @@ import os
 import pathlib
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -42,6 +40,7 @@ from tff_feddst import rounds
 from tff_feddst import training
 
 from conftest import require_fashion_mnist_dir
+import run_server
 from test_outputs import read_scalars
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -305,14 +304,7 @@ def _cli_config(out_dir):
 
 def _start(out_dir, extra=()):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.Popen(
-      [sys.executable, "run.py", *CLI_ARGS, *extra, f"--output_dir={out_dir}"],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-  )
+  return run_server.start([*CLI_ARGS, *extra, f"--output_dir={out_dir}"], env=env)
 
 
 def _wait_for_rows(out_dir, proc, count, timeout=600):
@@ -430,13 +422,8 @@ def finished_run(tmp_path_factory, fashion_mnist_available):
 def _cli(out_dir, *extra):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   args = [a for a in CLI_ARGS if not a.startswith(("--rounds=", "--eval_every="))]
-  return subprocess.run(
-      [sys.executable, "run.py", *args, "--eval_every=1", *extra, f"--output_dir={out_dir}"],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
+  return run_server.run(
+      [*args, "--eval_every=1", *extra, f"--output_dir={out_dir}"], env=env, timeout=600
   )
 
 

@@ -28,6 +28,7 @@ from tflite_export import inspect_model
 from tflite_export import report as report_lib
 
 from conftest import require_fashion_mnist_dir
+import run_server
 
 convert_lib = sys.modules["tflite_export.convert"]  # the function `convert` shadows the module
 
@@ -459,15 +460,9 @@ def test_failed_export_leaves_old_files_and_no_temp_files(
 
 
 def _cli(*args):
+  """`python -m tflite_export ARGS`, forked from the run server."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.Popen(
-      [sys.executable, "-m", "tflite_export", *args],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-  )
+  return run_server.start(args, env=env, cwd=REPO, module="tflite_export")
 
 
 def _own_stderr_lines(stderr: str) -> list[str]:

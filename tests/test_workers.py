@@ -37,6 +37,8 @@ from tff_feddst import rounds
 from tff_feddst import runtime
 from tff_feddst import training
 
+import run_server
+
 # `portability` (pyproject.toml): the test that compares the remote run's
 # training results with the local one's, within tolerances, also runs under
 # another instruction set (`make test`); the fault tests compare the same way
@@ -255,10 +257,9 @@ def test_two_workers_give_the_local_run(tmp_path, local_runs, algorithm):
 def _start_run(out_dir, workers, mark):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **{MARK: mark})
   args = [f"--{k}={v}" for k, v in SETTINGS.items()]
-  return subprocess.Popen(
-      [sys.executable, "run.py", "--algorithm=feddst", *args,
-       f"--workers={','.join(workers)}", f"--output_dir={out_dir}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  return run_server.start(
+      ["--algorithm=feddst", *args, f"--workers={','.join(workers)}", f"--output_dir={out_dir}"],
+      env=env,
   )
 
 
