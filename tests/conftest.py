@@ -86,21 +86,20 @@ def fashion_mnist_available():
 
 
 # Seconds each test module took in one pass of the suite (2-core machine,
-# 2026-12-04, both passes' largest). `make test` runs modules whole on two
+# 2026-12-04, both passes' largest, with the run server). `make test` runs modules whole on two
 # processes (`--dist loadfile --no-loadscope-reorder`) in this order, the
 # longest first, so that the last module to start is a short one and both
 # processes finish together (xdist's default order, most tests first, left
 # the slowest modules, which have few tests, for last). A module missing
 # here counts as MODULE_SECONDS_DEFAULT.
 MODULE_SECONDS = {
-    "test_resilience": 145, "test_cohort": 125, "test_workers": 110, "test_golden": 82,
-    "test_structured": 49, "test_tflite_export": 47, "test_run_e2e": 42,
-    "test_structured_run": 38, "test_outputs": 37, "test_prunefl": 35,
-    "test_benchmarks_speed": 30, "test_cli": 27, "test_pruning_init": 27,
-    "test_config": 24, "test_feddst_process": 19, "test_block_masks": 19,
-    "test_schedules": 17, "test_benchmarks_report": 4, "test_data": 4, "test_messages": 3,
-    "test_models": 2, "test_masks": 1, "test_lotteryfl": 45, "test_op_profile": 13,
-    "test_compact_messages": 45, "test_tiers": 1, "test_tier_work": 50,
+    "test_cohort": 119, "test_workers": 116, "test_resilience": 104, "test_golden": 80,
+    "test_lotteryfl": 50, "test_run_e2e": 39, "test_structured_run": 37,
+    "test_compact_messages": 36, "test_structured": 36, "test_prunefl": 33, "test_outputs": 30,
+    "test_pruning_init": 30, "test_tier_work": 29, "test_benchmarks_speed": 29,
+    "test_tflite_export": 29, "test_cli": 17, "test_feddst_process": 17, "test_schedules": 15,
+    "test_config": 14, "test_block_masks": 13, "test_op_profile": 11, "test_benchmarks_report": 5,
+    "test_data": 2, "test_models": 1, "test_messages": 1, "test_tiers": 1, "test_masks": 1,
 }
 MODULE_SECONDS_DEFAULT = 10
 
