@@ -10,10 +10,13 @@
 - compact downloads: the server's message round-trips, has no kernel-shaped
   tensor, and a run in which the mask goes only to the clients without it
   equals the dense run, with the bits the clients measure receiving equal
-  to the ledger's formula for the same clients.
+  to the ledger's formula for the same clients;
+- the dense algorithms' per-client messages, read from the TFF types of
+  their rounds (`wire.py`), equal the formula.
 """
 
 import collections
+import dataclasses
 import functools
 
 import numpy as np
@@ -29,6 +32,7 @@ from tff_feddst import feddst
 from tff_feddst import messages
 from tff_feddst import optimizers
 from tff_feddst import sparse_model
+from tff_feddst import wire
 
 CLIENTS = 3
 ROUNDS = 4
@@ -315,3 +319,43 @@ def test_compact_downloads_send_the_mask_only_to_clients_without_it(layout):
     masks = new_masks
     held_by_round.append(held)
   assert held_by_round == [[], [], ["a", "b"], []]
+
+
+# ------------------------------------------ dense algorithms: their TFF types
+
+
+def test_type_bits_count_every_element_at_its_width():
+  struct = tff.StructType([
+      ("a", tff.TensorType(np.float32, [2, 3])),
+      ("b", tff.StructType([tff.TensorType(np.float16, [5]), tff.TensorType(np.int64)])),
+  ])
+  assert wire.type_bits(struct) == 6 * 32 + 5 * 16 + 64
+  assert wire.type_bits(tff.TensorType(np.float32, [None, 3])) is None
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox"])
+def test_dense_messages_are_read_from_the_tff_types_and_equal_the_formula(algorithm):
+  """Per client, FedAvg (TFF's own process) and FedProx (ours) broadcast
+  the model (all its parameters, float32) and upload a float32 update of
+  the same size, the formula's 32 (n + b); besides these, the clients'
+  learning-rate settings go down, and the weight and metrics' sums go up
+  (scalars). With cohorts, TFF's clients are cohorts: no figures."""
+  from tff_feddst import algorithms  # pylint: disable=g-import-not-at-top
+  from tff_feddst import builders  # pylint: disable=g-import-not-at-top
+
+  build = builders.build_fedprox if algorithm == "fedprox" else builders.build_fedavg
+  config = algorithms.AlgorithmConfig(algorithm=algorithm, client_execution="per_client")
+  built = build(config, _keras, _spec())
+  size = builders.dense_model_size(_keras())
+  assert (size.num_prunable, size.num_unmasked) == (4 * 9 + 144 * 6 + 6 * 3, 4 + 6 + 3)
+  dense = costs.dense_message_bits(size)
+  assert dense == 32 * (36 + 864 + 18 + 13)
+  assert built.wire_bits == (dense, dense)
+  found = wire.crossings(built.process.next)
+  down = sorted(c.bits for c in found if c.direction == wire.DOWN)
+  up = sorted(c.bits for c in found if c.direction == wire.UP)
+  assert down[-1] == dense and all(bits <= 3 * 32 for bits in down[:-1])
+  assert up[-1] == dense and up.count(dense) == 1 and sum(up[:-1]) < 1000
+  assert any(c.type == "float32" for c in found if c.direction == wire.UP)  # the weight
+  cohort = build(dataclasses.replace(config, client_execution="cohort"), _keras, _spec())
+  assert cohort.wire_bits is None

@@ -23,6 +23,7 @@ from tff_feddst import names
 from tff_feddst import optimizers
 from tff_feddst import pruning_init
 from tff_feddst import sparse_model
+from tff_feddst import wire
 from tff_feddst.algorithms import AlgorithmConfig
 
 
@@ -52,6 +53,10 @@ class BuiltAlgorithm:
   # it (`compact_download`); the clients' values are
   # `compact_download.client_data`.
   compact_download: bool = False
+  # (download, upload) bits per client of the model messages, read from the
+  # TFF types of `process.next` (`wire.model_message_bits`): set for the
+  # dense algorithms' per-client processes, whose round bits are these.
+  wire_bits: tuple[int, int] | None = None
 
   @property
   def sparse(self) -> bool:
@@ -135,6 +140,9 @@ def _build_dense(tff_builder, **extra):
     return BuiltAlgorithm(
         process, initial, None, dense_model_size(keras_fn()),
         epochs_in_process=cohort is not None, cohort=cohort,
+        # A cohort is one TFF client for several clients: its messages are
+        # not theirs, and the ledger's formula counts them.
+        wire_bits=wire.model_message_bits(process.next) if cohort is None else None,
     )
 
   return build

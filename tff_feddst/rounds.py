@@ -289,6 +289,8 @@ class RoundStep:
   def charge_download(self, client_ids, state) -> int:
     """Charges the ledger for the round's downloads; returns their bits."""
     built = self.phase.built
+    if built.wire_bits is not None:  # the broadcast's TFF type, per client
+      return self.ledger.download_measured(client_ids, len(client_ids) * built.wire_bits[0])
     return self.ledger.download(
         client_ids, built.kept_in_round(process_round(state)) if built.sparse else None
     )
@@ -340,6 +342,8 @@ class RoundStep:
     upload_bits = 0
     if survivors and outcome.measured_upload_bits is not None:
       upload_bits = ledger.upload_measured(outcome.measured_upload_bits)
+    elif survivors and built.wire_bits is not None:  # the upload's TFF type
+      upload_bits = ledger.upload_measured(len(survivors) * built.wire_bits[1])
     elif survivors:
       upload_bits = ledger.upload(
           len(survivors), outcome.uploaded_values, outcome.masks_uploaded,
