@@ -86,12 +86,12 @@ def fashion_mnist_available():
 
 
 # Seconds each test module took in one pass of the suite (2-core machine,
-# 2026-12-04, both passes' largest, with the run server). `make test` runs modules whole on two
-# processes (`--dist loadfile --no-loadscope-reorder`) in this order, the
-# longest first, so that the last module to start is a short one and both
-# processes finish together (xdist's default order, most tests first, left
-# the slowest modules, which have few tests, for last). A module missing
-# here counts as MODULE_SECONDS_DEFAULT.
+# 2026-12-04, both passes' largest, with the run server). `make test` runs
+# modules whole on two processes (`--dist loadfile --no-loadscope-reorder`)
+# in this order, the longest first, so that the last module to start is a
+# short one and both processes finish together (xdist's default order,
+# most tests first, left the slowest modules, which have few tests, for
+# last). A module missing here counts as MODULE_SECONDS_DEFAULT.
 MODULE_SECONDS = {
     "test_cohort": 119, "test_workers": 116, "test_resilience": 104, "test_golden": 80,
     "test_lotteryfl": 50, "test_run_e2e": 39, "test_structured_run": 37,

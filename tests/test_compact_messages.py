@@ -289,6 +289,10 @@ def test_compact_downloads_send_the_mask_only_to_clients_without_it(layout):
   measured download equals the ledger's formula for the same clients, and
   the run equals the dense one."""
   process = _process(layout, True, download=True)
+  # The masks go by federated_select: what a client gets, its key says at
+  # run time, so its type gives no bits.
+  (select,) = [c for c in wire.crossings(process.next) if c.intrinsic == "federated_select"]
+  assert select.direction == wire.DOWN and select.bits is None
   ledger = costs.CommunicationLedger(
       costs.ModelSize(layout.num_prunable, layout.num_unmasked, layout.num_mask_bits), True
   )

@@ -26,7 +26,6 @@ from tensorflow_federated.python.core.impl.compiler import tree_analysis
 DOWN = "down"  # server to clients
 UP = "up"  # clients to server
 
-_DOWN_INTRINSICS = ("federated_broadcast", "federated_select")
 _UP_INTRINSICS = (
     "federated_aggregate", "federated_sum", "federated_mean", "federated_weighted_mean",
     "federated_secure_sum", "federated_secure_sum_bitwidth", "federated_secure_modular_sum",
@@ -40,7 +39,7 @@ class Crossing:
 
   intrinsic: str
   direction: str
-  bits: int  # of one client's value (None: not fixed by the type)
+  bits: int | None  # of one client's value (None: not fixed by the type)
   type: str  # the value's type, as TFF prints it
 
 
@@ -85,10 +84,14 @@ def crossings(computation) -> list[Crossing]:
     if not isinstance(block, building_blocks.Intrinsic):
       return
     uri, parameter = block.uri, block.type_signature.parameter
-    if uri in _DOWN_INTRINSICS:
+    if uri == "federated_select":
+      # A client receives the values its keys select: how many, its keys
+      # say at run time. Listed with the server's values' type, bits None.
+      server_values = list(_placed_values(parameter, tff.SERVER))[-1]
+      found.append(Crossing(uri, DOWN, None, str(server_values)))
+      return
+    if uri == "federated_broadcast":
       direction, values = DOWN, list(_placed_values(parameter, tff.SERVER))
-      if uri == "federated_select":
-        values = values[1:]  # the server's values, not its largest key
     elif uri in _UP_INTRINSICS:
       direction, values = UP, list(_placed_values(parameter, tff.CLIENTS))
     else:
