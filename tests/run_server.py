@@ -18,6 +18,7 @@ import atexit
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,7 +58,7 @@ class ForkedRun:
       os.kill(self.pid, signum)
 
   def kill(self) -> None:
-    self.send_signal(9)
+    self.send_signal(signal.SIGKILL)
 
   def communicate(self, timeout=None):
     self.wait(timeout)

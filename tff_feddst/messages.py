@@ -34,6 +34,7 @@ DTYPE_BITS = {
     np.dtype(np.float16): 16,
     np.dtype(np.uint8): 8,
     np.dtype(np.int32): 32,
+    np.dtype(np.int64): 64,  # counters in the metrics' sums (`wire.py`)
 }
 
 

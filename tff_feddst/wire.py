@@ -18,10 +18,11 @@ value a client sends.
 
 import dataclasses
 
-import numpy as np
 import tensorflow_federated as tff
 from tensorflow_federated.python.core.impl.compiler import building_blocks
 from tensorflow_federated.python.core.impl.compiler import tree_analysis
+
+from tff_feddst import messages
 
 DOWN = "down"  # server to clients
 UP = "up"  # clients to server
@@ -46,13 +47,10 @@ class Crossing:
 def type_bits(type_spec) -> int | None:
   """Bits of a value of `type_spec` (a struct of tensors); None if a
   tensor's shape is not fully known."""
-  total = 0
-  for leaf in _tensor_leaves(type_spec):
-    shape = tuple(leaf.shape)  # TFF's shapes are tuples (None: unknown)
-    if any(d is None for d in shape):
-      return None
-    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize * 8
-  return total
+  leaves = list(_tensor_leaves(type_spec))
+  if any(None in tuple(leaf.shape) for leaf in leaves):  # TFF's shapes are tuples
+    return None
+  return messages.message_bits(leaves)
 
 
 def _tensor_leaves(type_spec):
