@@ -49,6 +49,20 @@ def _client_stats(mask_changed, active, examples):
   )
 
 
+def run_if(pred, fn) -> tf.Tensor:
+  """Runs `fn` (for its effect on variables) where the scalar `pred` holds.
+
+  The clients' TF functions are traced without autograph (its conversion
+  took seconds of every build), so their conditionals are explicit.
+  """
+
+  def run():
+    fn()
+    return tf.constant(True)
+
+  return tf.cond(pred, run, lambda: tf.constant(False))
+
+
 def _train_locally(
     model, optimizer, trainable, mask_vars, slot_of, global_params, dataset,
     local_epochs, prox_mu,
@@ -167,8 +181,7 @@ def _client_outputs(
   finite = tf.reduce_all(
       [tf.reduce_all(tf.math.is_finite(v)) for v in sent if v.dtype.is_floating]
   )
-  if not finite:
-    model.reset_metrics()
+  run_if(tf.logical_not(finite), model.reset_metrics)
   weight = tf.cast(num_examples, tf.float32)
   stats = _client_stats(mask_changed, active, num_examples)
   if compact_layout is not None:
@@ -215,17 +228,19 @@ def build_client_update(
   kernel_index = layout.kernel_index
   slot_of = layout.mask_slot()
 
-  @tf.function
+  @tf.function(autograph=False)
   def client_update(initial_weights, dataset, num_to_readjust):
     dataset = without_autotune(dataset)
     trainable, mask_vars, initial_masks, num_examples = train_under_mask(
         model, layout, optimizer, initial_weights, dataset, local_epochs, prox_mu
     )
-    if tf.reduce_sum(num_to_readjust) > 0:
-      _readjust_masks(
-          model, loss_fn, trainable, mask_vars, kernel_index, dataset,
-          num_examples, local_epochs, num_to_readjust, layout.all_rows,
-      )
+    run_if(
+        tf.reduce_sum(num_to_readjust) > 0,
+        lambda: _readjust_masks(
+            model, loss_fn, trainable, mask_vars, kernel_index, dataset,
+            num_examples, local_epochs, num_to_readjust, layout.all_rows,
+        ),
+    )
     return _client_outputs(
         model, trainable, mask_vars, initial_masks, slot_of, num_examples,
         upload_dtype, layout if compact else None,
@@ -414,7 +429,7 @@ def build_dense_client_work(
   def client_update_tf(initial_weights, dataset):
     model = model_fn()
 
-    @tf.function
+    @tf.function(autograph=False)
     def update(initial_weights, dataset):
       dataset = without_autotune(dataset)
       weights = tff.learning.models.ModelWeights.from_model(model)
@@ -426,8 +441,7 @@ def build_dense_client_work(
       )
       delta = [w0 - v.read_value() for w0, v in zip(initial_weights.trainable, trainable)]
       finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in delta])
-      if not finite:
-        model.reset_metrics()
+      run_if(tf.logical_not(finite), model.reset_metrics)
       delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
       weight = tf.where(finite, tf.cast(num_examples, tf.float32), 0.0)
       return (

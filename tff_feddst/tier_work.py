@@ -99,7 +99,7 @@ def build_client_work(
     model = model_fn()
     loss_fn = sparse_model.summed_loss()
 
-    @tf.function
+    @tf.function(autograph=False)
     def update(global_weights, data, ratio):
       if compact:  # the message and the mask, decoded
         global_weights, got = compact_download.receive(global_weights, data, layout, nt)
@@ -114,11 +114,13 @@ def build_client_work(
           model, layout, optimizer, start, dataset, local_epochs, prox_mu
       )
       ks = masks_lib.num_to_readjust(ratio, own["budgets"], layout.all_rows)
-      if tf.reduce_sum(ks) > 0:
-        cw._readjust_masks(  # pylint: disable=protected-access
-            model, loss_fn, trainable, mask_vars, layout.kernel_index, dataset,
-            num_examples, local_epochs, ks, layout.all_rows,
-        )
+      cw.run_if(
+          tf.reduce_sum(ks) > 0,
+          lambda: cw._readjust_masks(  # pylint: disable=protected-access
+              model, loss_fn, trainable, mask_vars, layout.kernel_index, dataset,
+              num_examples, local_epochs, ks, layout.all_rows,
+          ),
+      )
       global_masks = [global_weights.non_trainable[i] for i in layout.mask_index]
       off_global = tf.reduce_any(
           [tf.reduce_any(tf.not_equal(m, g)) for m, g in zip(mask_vars, global_masks)]
