@@ -188,7 +188,7 @@ def _client_update_tf(model_fn, layout, optimizer, theta0, settings, weights_typ
     model = model_fn()
     initial = [tf.constant(w) for w in theta0]
 
-    @tf.function
+    @tf.function(autograph=False)  # explicit control flow (tf.where, reductions)
     def update(global_weights, data):
       own = data["client"].reduce(
           collections.OrderedDict(

@@ -125,7 +125,7 @@ def _narrower(layer, density: float):
 
 
 def _median_step_seconds(layer, x, repeats: int) -> float:
-  @tf.function
+  @tf.function(autograph=False)
   def step(inp):
     with tf.GradientTape() as tape:
       tape.watch(inp)
@@ -213,7 +213,7 @@ def _train_step_fn(model: tf.keras.Model, optimizer):
   loss_fn = sparse_model.keras_loss()
   variables = model.trainable_variables
 
-  @tf.function(reduce_retracing=True)
+  @tf.function(reduce_retracing=True, autograph=False)
   def step(opt_state, x, y):
     with tf.GradientTape() as tape:
       loss = loss_fn(y, model(x, training=True))
@@ -252,7 +252,7 @@ def mean_gradient(model: tf.keras.Model, dataset, kernel_slots: Sequence[int]) -
   loss_fn = sparse_model.summed_loss()
   kernels = [model.trainable_variables[i] for i in kernel_slots]
 
-  @tf.function(reduce_retracing=True)
+  @tf.function(reduce_retracing=True, autograph=False)
   def batch_gradient(x, y):
     with tf.GradientTape() as tape:
       loss = loss_fn(y, model(x, training=False))
@@ -348,18 +348,20 @@ def _client_update_tf(model_fn, layout, optimizer, local_epochs: int, weights_ty
     kernel_index = layout.kernel_index
     slot_of = layout.mask_slot()
 
-    @tf.function
+    @tf.function(autograph=False)  # explicit control flow (`cw.run_if`)
     def update(initial_weights, dataset, reselect):
       dataset = cw.without_autotune(dataset)
       trainable, mask_vars, initial_masks, num_examples = cw.train_under_mask(
           model, layout, optimizer, initial_weights, dataset, local_epochs, 0.0
       )
-      if reselect > 0:
-        gradients = list(cw.mean_kernel_gradients(
-            model, loss_fn, trainable, kernel_index, dataset, num_examples, local_epochs
-        ))
-      else:
-        gradients = [tf.zeros_like(trainable[i]) for i in kernel_index]
+      gradients = tf.cond(
+          reselect > 0,
+          lambda: tuple(cw.mean_kernel_gradients(
+              model, loss_fn, trainable, kernel_index, dataset, num_examples, local_epochs
+          )),
+          lambda: tuple(tf.zeros_like(trainable[i]) for i in kernel_index),
+      )
+      gradients = list(gradients)
       result, metrics, stats = cw._client_outputs(  # pylint: disable=protected-access
           model, trainable, mask_vars, initial_masks, slot_of, num_examples, tf.float32,
       )
