@@ -348,20 +348,19 @@ def _client_update_tf(model_fn, layout, optimizer, local_epochs: int, weights_ty
     kernel_index = layout.kernel_index
     slot_of = layout.mask_slot()
 
-    @tf.function(autograph=False)  # explicit control flow (`cw.run_if`)
+    @tf.function(autograph=False)  # explicit control flow (tf.cond)
     def update(initial_weights, dataset, reselect):
       dataset = cw.without_autotune(dataset)
       trainable, mask_vars, initial_masks, num_examples = cw.train_under_mask(
           model, layout, optimizer, initial_weights, dataset, local_epochs, 0.0
       )
-      gradients = tf.cond(
+      gradients = list(tf.cond(
           reselect > 0,
           lambda: tuple(cw.mean_kernel_gradients(
               model, loss_fn, trainable, kernel_index, dataset, num_examples, local_epochs
           )),
           lambda: tuple(tf.zeros_like(trainable[i]) for i in kernel_index),
-      )
-      gradients = list(gradients)
+      ))
       result, metrics, stats = cw._client_outputs(  # pylint: disable=protected-access
           model, trainable, mask_vars, initial_masks, slot_of, num_examples, tf.float32,
       )
