@@ -94,9 +94,10 @@ def _cohort_call(clients: int, total_clients: int, sparsity: float):
   fed = data.load_federated_data("fashion_mnist", "pathological", total_clients=total_clients, seed=0)
   tf.keras.utils.set_random_seed(0)
   ids = list(fed.nonempty_train_client_ids)[:clients]
-  steps = cohort_work.pack_cohorts_from_arrays(
+  (value,) = cohort_work.pack_cohorts_from_arrays(
       fed, [(c, 100 + i) for i, c in enumerate(ids)], 10, 32, clients
-  )[0]
+  )
+  steps = cohort.steps_dataset(value.get_single_element())
   keras_fn = lambda: keras_models.build_model("mnist_cnn", (28, 28, 1), 10)  # noqa: E731
   layout = sparse_model.build_layout(sparse_model.wrap_prunable(keras_fn()), sparsity)
   weights = sparse_model.initial_model_weights(keras_fn, 0, layout)

@@ -117,14 +117,21 @@ def test_clients_packed_from_the_arrays_read_what_their_data_sets_give(fashion_m
   per_epoch = [-(-sizes[cid] // batch) for cid, _ in clients]
   datasets = [rounds.client_dataset(fed, cid, batch, s, 1) for cid, s in clients]
   from_sets = cohort_work.pack_cohorts(datasets, epochs, per_epoch, batch, 3)
-  from_arrays = cohort_work.pack_cohorts_from_arrays(fed, clients, epochs, batch, 3)
-  assert len(from_sets) == len(from_arrays) == 2
-  for a, b in zip(from_sets, from_arrays):
-    steps_a, steps_b = list(a.as_numpy_iterator()), list(b.as_numpy_iterator())
-    assert len(steps_a) == len(steps_b)
-    for step_a, step_b in zip(steps_a, steps_b):
-      for key in ("x", "y", "valid", "first"):
-        np.testing.assert_array_equal(step_a[key], step_b[key])
+  # What runs use (each pool in row order, indexed by position) and the
+  # reference through each client's batches (pools found by the bytes).
+  for packer in (cohort_work.pack_cohorts_from_arrays, cohort_work.pack_cohorts_by_batches):
+    from_arrays = packer(fed, clients, epochs, batch, 3)
+    assert len(from_sets) == len(from_arrays) == 2
+    for a, b in zip(from_sets, from_arrays):
+      steps_a, steps_b = (
+          list(cohort.steps_dataset(v.get_single_element()).as_numpy_iterator()) for v in (a, b)
+      )
+      assert len(steps_a) == len(steps_b)
+      for step_a, step_b in zip(steps_a, steps_b):
+        assert set(step_a) == set(step_b)
+        for key in ("x", "y", "valid", "first"):
+          assert step_a[key].dtype == step_b[key].dtype
+          np.testing.assert_array_equal(step_a[key], step_b[key])
 
 
 def test_batched_readjust_equals_the_per_client_rule():

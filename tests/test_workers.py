@@ -227,18 +227,25 @@ def test_the_worker_launcher_forwards_signals_and_passes_on_onednn(signum, monke
 # ------------------------------------------------- same run, two workers
 
 
+@pytest.fixture(scope="module")
+def two_workers():
+  """Two workers serving every run of the parametrized test below, one run
+  after another, as long-lived workers serve a user's runs."""
+  with _workers(2) as workers:
+    yield workers
+
+
 @pytest.mark.portability
 @pytest.mark.parametrize("algorithm", ["fedavg", "feddst", "feddst_per_client"])
-def test_two_workers_give_the_local_run(tmp_path, local_runs, algorithm):
+def test_two_workers_give_the_local_run(tmp_path, local_runs, two_workers, algorithm):
   reference = local_runs(algorithm)
   own_workers = {p.pid for p in runtime.tff_worker_processes()}
-  with _workers(2) as workers:
-    binaries = [w.binary() for w in workers]
-    cpu_before = [sum(b.cpu_times()[:2]) for b in binaries]
-    out = tmp_path / "remote"
-    config = _config(out, algorithm, [w.address for w in workers])
-    training.run_experiment(config, log=lambda line: None)
-    cpu_used = [sum(b.cpu_times()[:2]) - c for b, c in zip(binaries, cpu_before)]
+  binaries = [w.binary() for w in two_workers]
+  cpu_before = [sum(b.cpu_times()[:2]) for b in binaries]
+  out = tmp_path / "remote"
+  config = _config(out, algorithm, [w.address for w in two_workers])
+  training.run_experiment(config, log=lambda line: None)
+  cpu_used = [sum(b.cpu_times()[:2]) - c for b, c in zip(binaries, cpu_before)]
   # Both workers trained clients; the driver started no worker of its own.
   assert min(cpu_used) > 0.2, cpu_used
   assert {p.pid for p in runtime.tff_worker_processes()} <= own_workers

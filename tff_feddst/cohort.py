@@ -219,37 +219,52 @@ class Packed:
     """Per step, the most examples a client has in it, [T]: the step's width."""
     return self.valid.sum(axis=2).max(axis=1).astype(np.int64)
 
-  def dataset(self) -> tf.data.Dataset:
-    """One element per step: OrderedDict(x, y, valid, first) of [G, w_t, ...].
+  def value(self) -> collections.OrderedDict:
+    """The cohort's TFF client value (numpy arrays; type `cohort_work.data_type`).
 
     Step t is cut to its width w_t (`widths`): the padding that no client
     fills is neither sent nor computed (with 40 examples and batch 32, every
-    other step is 8 wide instead of 32). The data set holds the pools and
-    the steps' indices (end to end along the example axis) and gathers each
-    step's images from the pools as it is read.
+    other step is 8 wide instead of 32). The value holds the pools and the
+    steps' indices and flags end to end along the example axis ([G, sum_t
+    w_t]; step t is [starts[t], ends[t])); `steps_dataset` builds the steps
+    from it inside the cohort's TF computation, so the driver traces no
+    per-step function for every cohort.
     """
     widths = self.widths
     ends = np.cumsum(widths)
-    starts = ends - widths
 
     def end_to_end(a):  # [T, G, B] -> [G, sum_t w_t]
       return np.concatenate([a[t, :, :w] for t, w in enumerate(widths)], axis=1)
 
-    pool_x, pool_y = tf.constant(self.pool_x), tf.constant(self.pool_y)
-    index, valid, first = (
-        tf.constant(end_to_end(a)) for a in (self.index, self.valid, self.first)
+    return collections.OrderedDict(
+        pool_x=self.pool_x, pool_y=self.pool_y,
+        index=end_to_end(self.index), valid=end_to_end(self.valid),
+        first=end_to_end(self.first), starts=ends - widths, ends=ends,
     )
 
-    def step(start, end):
-      rows = index[:, start:end]
-      return collections.OrderedDict(
-          x=tf.gather(pool_x, rows, batch_dims=1),
-          y=tf.gather(pool_y, rows, batch_dims=1),
-          valid=valid[:, start:end],
-          first=first[:, start:end],
-      )
+  def dataset(self) -> tf.data.Dataset:
+    """`steps_dataset` of `value` (outside TFF: the tests, benchmarks)."""
+    return steps_dataset(self.value())
 
-    return tf.data.Dataset.from_tensor_slices((starts, ends)).map(step)
+
+def steps_dataset(value) -> tf.data.Dataset:
+  """One element per step: OrderedDict(x, y, valid, first) of [G, w_t, ...],
+  from a cohort's value (`Packed.value`); each step's images are gathered
+  from the pools as it is read."""
+  pool_x, pool_y, index, valid, first = (
+      tf.convert_to_tensor(value[k]) for k in ("pool_x", "pool_y", "index", "valid", "first")
+  )
+
+  def step(start, end):
+    rows = index[:, start:end]
+    return collections.OrderedDict(
+        x=tf.gather(pool_x, rows, batch_dims=1),
+        y=tf.gather(pool_y, rows, batch_dims=1),
+        valid=valid[:, start:end],
+        first=first[:, start:end],
+    )
+
+  return tf.data.Dataset.from_tensor_slices((value["starts"], value["ends"])).map(step)
 
 
 def pack(client_epochs: Sequence[Sequence[Sequence[dict]]], batch_size: int) -> Packed:

@@ -1,9 +1,11 @@
 """The cohort client work: a TFF client is a cohort of clients trained at once.
 
 With `--client_execution=cohort` the driver packs the round's clients into
-cohorts (`pack_cohorts_from_arrays`); each cohort is one value at `tff.CLIENTS`: a
-sequence of steps, each holding every client's batch of that step
-(`cohort.Packed`). The cohort's TF computation trains its clients as one
+cohorts (`pack_cohorts_from_arrays`); each cohort is one value at
+`tff.CLIENTS` (`client_value`: its clients' examples and, step by
+step, which of them each client's batch of that step holds), from which
+its TF computation builds the sequence of steps (`cohort.steps_dataset`)
+and trains its clients as one
 computation (`cohort.train`), readjusts each client's mask (batched prune
 and regrow), validates each client's update as the server would and sends
 the sum of its clients' voting contributions (`aggregation.contributions`):
@@ -50,20 +52,43 @@ class CohortSettings:
 
 
 def data_type(image_shape: Sequence[int]) -> tff.SequenceType:
-  """The TFF type of a cohort's steps (any cohort size and batch size)."""
+  """The TFF type of a cohort's client value (any cohort size, pool size
+  and batch size): a sequence of one element, the cohort's tensors
+  (`cohort.Packed.value`). TFF's client-work template takes sequences only
+  and sends a sequence as its data set's graph; this one holds the tensors
+  as they are, and the steps are built from them inside the cohort's TF
+  computation (`cohort.steps_dataset`), not traced by the driver every
+  round."""
   return tff.SequenceType(
       collections.OrderedDict(
-          x=tff.TensorType(np.float32, [None, None, *image_shape]),
-          y=tff.TensorType(np.int32, [None, None]),
+          pool_x=tff.TensorType(np.float32, [None, None, *image_shape]),
+          pool_y=tff.TensorType(np.int32, [None, None]),
+          index=tff.TensorType(np.int32, [None, None]),
           valid=tff.TensorType(np.float32, [None, None]),
           first=tff.TensorType(np.float32, [None, None]),
+          starts=tff.TensorType(np.int64, [None]),
+          ends=tff.TensorType(np.int64, [None]),
       )
   )
 
 
+def client_value(packed: cohort.Packed) -> tf.data.Dataset:
+  """A cohort's TFF client value (`data_type`)."""
+  return tf.data.Dataset.from_tensors(packed.value())
+
+
+def _steps(data):
+  """(the cohort's steps as a data set, its number of clients G) from its
+  client value."""
+  value = data.get_single_element()
+  steps = client_work_lib.without_autotune(cohort.steps_dataset(value))
+  return steps, tf.shape(value["valid"])[0]
+
+
 def pack_cohorts(datasets, epochs: int, batches_per_epoch: Sequence[int], batch_size: int,
                  cohort_size: int) -> list[tf.data.Dataset]:
-  """The round's per-client data sets as cohort data sets of `cohort_size` clients.
+  """The round's per-client data sets as the client values of cohorts of
+  `cohort_size` clients (`client_value`).
 
   `datasets[c]` is client c's one-epoch data set (shuffled anew each
   epoch); its E epochs are read in the order the per-client computation
@@ -76,7 +101,7 @@ def pack_cohorts(datasets, epochs: int, batches_per_epoch: Sequence[int], batch_
     batches = list(dataset.repeat(epochs).as_numpy_iterator())
     client_epochs.append([batches[e * per_epoch:(e + 1) * per_epoch] for e in range(epochs)])
   return [
-      cohort.pack(client_epochs[start:start + cohort_size], batch_size).dataset()
+      client_value(cohort.pack(client_epochs[start:start + cohort_size], batch_size))
       for start in range(0, len(client_epochs), cohort_size)
   ]
 
@@ -128,13 +153,69 @@ def client_epochs_from_arrays(fed_data, clients, epochs: int, batch_size: int) -
   return out
 
 
+def pack_positions(x, y, client_rows, positions, batch_size: int) -> cohort.Packed:
+  """`cohort.pack` of the clients' batches, from where their examples are.
+
+  `client_rows[g]`: the rows of (x, y) holding client g's n_g examples;
+  `positions[g]`: [E, n_g], the order in which its epochs read them
+  (`_shuffled_positions`). Each epoch is cut into batches of `batch_size`,
+  the last one shorter, as the client's data set batches it. A client's
+  pool holds its examples in row order (entry 0: the padding), so a step's
+  index is 1 + the example's position (`cohort.pack`, the reference,
+  finds the pool entries by comparing the examples' bytes).
+  """
+  sizes = [len(rows) for rows in client_rows]
+  epochs = positions[0].shape[0] if positions else 0
+  per_epoch = [-(-n // batch_size) for n in sizes]
+  num_steps = max((epochs * b for b in per_epoch), default=0)
+  g = len(client_rows)
+  index = np.zeros((num_steps, g, batch_size), np.int32)
+  valid = np.zeros((num_steps, g, batch_size), np.float32)
+  pool_x = np.zeros((g, 1 + max(sizes, default=0), *x.shape[1:]), x.dtype)
+  pool_y = np.zeros((g, 1 + max(sizes, default=0)), y.dtype)
+  for c, (rows, order, batches) in enumerate(zip(client_rows, positions, per_epoch)):
+    if not len(rows):
+      continue
+    pool_x[c, 1:len(rows) + 1] = x[rows]
+    pool_y[c, 1:len(rows) + 1] = y[rows]
+    # Each epoch's order, padded with -1 to whole batches: [E * batches, B].
+    slots = np.full((epochs, batches * batch_size), -1, np.int64)
+    slots[:, :len(rows)] = order
+    slots = slots.reshape(epochs * batches, batch_size)
+    index[:len(slots), c] = slots + 1
+    valid[:len(slots), c] = slots >= 0
+  first = valid.copy()
+  for c, batches in enumerate(per_epoch):
+    first[batches:, c] = 0.0
+  return cohort.Packed(pool_x, pool_y, index, valid, first)
+
+
 def pack_cohorts_from_arrays(fed_data, clients, epochs: int, batch_size: int,
                              cohort_size: int) -> list[tf.data.Dataset]:
   """`pack_cohorts` of the clients' data sets, from the data arrays:
-  `clients` is a list of (client id, shuffle seed)."""
+  `clients` is a list of (client id, shuffle seed). The reference, through
+  each client's batches (`client_epochs_from_arrays`) and `cohort.pack`, is
+  `pack_cohorts_by_batches`."""
+  rows = [fed_data.train_indices(cid) for cid, _ in clients]
+  positions = _shuffled_positions(
+      [len(r) for r in rows], [shuffle_seed for _, shuffle_seed in clients], epochs
+  )
+  x, y = fed_data.arrays.x_train, fed_data.arrays.y_train
+  return [
+      client_value(pack_positions(
+          x, y, rows[start:start + cohort_size], positions[start:start + cohort_size], batch_size
+      ))
+      for start in range(0, len(clients), cohort_size)
+  ]
+
+
+def pack_cohorts_by_batches(fed_data, clients, epochs: int, batch_size: int,
+                            cohort_size: int) -> list[tf.data.Dataset]:
+  """`pack_cohorts_from_arrays` through each client's batches and
+  `cohort.pack` (the reference in the tests)."""
   client_epochs = client_epochs_from_arrays(fed_data, clients, epochs, batch_size)
   return [
-      cohort.pack(client_epochs[start:start + cohort_size], batch_size).dataset()
+      client_value(cohort.pack(client_epochs[start:start + cohort_size], batch_size))
       for start in range(0, len(client_epochs), cohort_size)
   ]
 
@@ -152,9 +233,8 @@ def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate):
   slot_of = layout.mask_slot()
   kernel_index = layout.kernel_index
 
-  def update(weights, steps, num_to_readjust, round_budgets):
-    steps = client_work_lib.without_autotune(steps)
-    g = steps.take(1).reduce(tf.constant(0), lambda _, b: tf.shape(b["y"])[0])
+  def update(weights, data, num_to_readjust, round_budgets):
+    steps, g = _steps(data)
     params = [_tile(w, g) for w in weights.trainable]
     initial_masks = [_tile(weights.non_trainable[i], g) for i in layout.mask_index]
     masks = [initial_masks[slot_of[i]] if i in slot_of else None for i in range(len(params))]
@@ -292,9 +372,8 @@ def _dense_cohort_update(network, hp):
   finite and it has examples.
   """
 
-  def update(weights, steps):
-    steps = client_work_lib.without_autotune(steps)
-    g = steps.take(1).reduce(tf.constant(0), lambda _, b: tf.shape(b["y"])[0])
+  def update(weights, data):
+    steps, g = _steps(data)
     initial = list(weights.trainable)
     params = [_tile(w, g) for w in initial]
     params, (examples, loss_sum, correct) = cohort.train(
