@@ -83,7 +83,8 @@ statistics), on a phase built by `phases.build_phase` from the settings
 `ExperimentConfig.resolve` fills in. The step's sub-steps are timed by
 wrapping them: `sample_clients` (sampling), `client_datasets` (data sets),
 `run_clients` (`process.next` and reading its metrics: next_seconds) and
-the process's `get_model_weights`; bookkeeping is the rest of the step
+the process's `get_model_weights` (0 where the step reads the weights from
+the state itself, `rounds.model_weights`); bookkeeping is the rest of the step
 (ledger and mask statistics). A round's seconds are those of the whole
 step; evaluation is timed separately. The
 first round of every configuration (tracing, worker start-up) is excluded
@@ -580,6 +581,11 @@ class _ObservedProcess:
   def next(self, state, data):
     output = self._process.next(state, data)
     self._rounds.metrics = output.metrics
+    # The weights the round step reads next (`rounds.model_weights`: from
+    # the state itself where it holds them, without `get_model_weights`).
+    from tff_feddst import rounds as rounds_lib  # pylint: disable=g-import-not-at-top  (TFF)
+
+    self._rounds.weights = rounds_lib.model_weights(self._process, output.state)
     return output
 
   def get_model_weights(self, state):

@@ -18,6 +18,7 @@ from tff_feddst import aggregation
 from tff_feddst import costs
 from tff_feddst import feddst
 from tff_feddst import optimizers
+from tff_feddst import rounds as rounds_lib
 from tff_feddst import sparse_model
 
 # `portability` (pyproject.toml), on the tests that compare floating-point
@@ -206,13 +207,45 @@ def feddst_run(small_federated_data):
   state = process.initialize()
   rounds = []
   previous = process.get_model_weights(state)
+  READ_FROM_STATE.append(_read_from_state(process, state))
   for r in range(1, ROUNDS + 1):
     output = process.next(state, _client_datasets(fed, r))
     state = output.state
     weights = process.get_model_weights(state)
     rounds.append((previous, weights, output.metrics))
+    READ_FROM_STATE.append(_read_from_state(process, state))
     previous = weights
   return layout, initial, rounds
+
+
+# The weights the driver reads from each state (`rounds.model_weights`), by
+# round from 0, filled by `feddst_run`.
+READ_FROM_STATE = []
+
+
+def _read_from_state(process, state):
+  # The state holds the weights: the driver reads them without calling
+  # the process (the path under test, not its fallback).
+  assert isinstance(state, tff.learning.templates.LearningAlgorithmState)
+  return rounds_lib.model_weights(process, state)
+
+
+def test_the_driver_reads_what_get_model_weights_returns(feddst_run):
+  """A run reads the global weights from the state in Python, without a
+  call to TFF's worker; they are what the process's get_model_weights
+  gives, bit for bit, in every round."""
+  _, initial, rounds = feddst_run
+  by_process = [rounds[0][0]] + [weights for _, weights, _ in rounds]
+  assert len(READ_FROM_STATE) == len(by_process) == ROUNDS + 1
+  for read, want in zip(READ_FROM_STATE, by_process):
+    assert isinstance(read, tff.learning.models.ModelWeights)
+    for part in ("trainable", "non_trainable"):
+      got, expected = getattr(read, part), getattr(want, part)
+      assert len(got) == len(expected)
+      for a, b in zip(got, expected):
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+        np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(READ_FROM_STATE[0].trainable[0], initial.trainable[0])
 
 
 def test_initial_model_holds_exact_budgets(feddst_run):

@@ -464,7 +464,7 @@ class LotteryFLStep(rounds.RoundStep):
     return self.ledger.download_kept([sum(self.phase.store.kept_of(c)) for c in client_ids])
 
   def run_clients(self, state, survivors):
-    theta = [np.asarray(w) for w in self.phase.built.process.get_model_weights(state).trainable]
+    theta = [np.asarray(w) for w in rounds.model_weights(self.phase.built.process, state).trainable]
     new_state, outcome, skipped = super().run_clients(state, survivors)
     if survivors:
       self._store_new_masks(theta, survivors, self.last_metrics["client_work"]["clients"])

@@ -187,7 +187,7 @@ def _start(context: RunContext, checkpoints) -> Run:
 def _next_phase(run: Run, context: RunContext) -> None:
   """Hands the finished phase's result over to a newly built next phase."""
   phase = run.phase
-  weights = phase.built.process.get_model_weights(run.state)
+  weights = rounds_lib.model_weights(phase.built.process, run.state)
   run.phase_results[phase.report_name] = phase.report(weights, run.evaluation, run.step.ledger)
   found = phase.hand_over(weights, context.config.output_dir)
   run.phase = phases.build_phase(phase.number + 1, context.config, context, context.log, found)
@@ -217,7 +217,7 @@ def _train(run: Run, context: RunContext, releaser, checkpoints) -> None:
         or round_num == config.rounds
         or round_num == run.phase.last_round
     ):
-      weights = run.phase.built.process.get_model_weights(run.state)
+      weights = rounds_lib.model_weights(run.phase.built.process, run.state)
       evaluation = run.phase.evaluator.evaluate(weights.trainable)
       run.evaluation = evaluation
     run.last_extra = result.extra
@@ -248,7 +248,7 @@ def _layer_kept(phase, weights) -> dict | None:
 def _summary(run: Run, context: RunContext, started: float) -> dict:
   """summary.json: final figures (and a TFLite export's report)."""
   config, phase, ledger = context.config, run.phase, run.step.ledger
-  weights = phase.built.process.get_model_weights(run.state)
+  weights = rounds_lib.model_weights(phase.built.process, run.state)
   summary = {
       "algorithm": config.algorithm,
       "dataset": config.dataset,
