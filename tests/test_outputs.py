@@ -194,3 +194,47 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, fashion_mnist_a
   assert first.returncode == 0, stderr[-3000:]
   assert [int(r["round"]) for r in _rows(out)] == list(range(1, 9))
   assert not (out / outputs.LOCK_FILE).exists()
+
+
+def test_cohorts_packed_ahead_give_the_run_packed_in_turn(tmp_path, monkeypatch, fashion_mnist_available):
+  """Each round's cohorts are packed in a background thread while the
+  round before trains (`RoundStep.prefetch`); the run is the one whose
+  cohorts are packed when their round comes, bit for bit."""
+  from tff_feddst import rounds  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+
+  settings = dict(
+      algorithm="feddst", total_clients=12, clients_per_round=4, examples_per_class=5,
+      local_epochs=1, rounds=4, eval_every=4, client_failure_rate=0.25,
+      rounds_between_readjustments=2, seed=7,
+  )
+  packed_in = []
+  pack = rounds.RoundStep._pack_cohorts  # pylint: disable=protected-access
+
+  def spy(self, clients):
+    packed_in.append(threading.current_thread().name.startswith("feddst-pack"))
+    return pack(self, clients)
+
+  monkeypatch.setattr(rounds.RoundStep, "_pack_cohorts", spy)
+  ahead = tmp_path / "ahead"
+  training.run_experiment(
+      config_lib.ExperimentConfig(output_dir=str(ahead), **settings), log=lambda line: None
+  )
+  # Round 1 is packed in turn, rounds 2-4 ahead (none after the last).
+  assert packed_in == [False, True, True, True]
+
+  packed_in.clear()
+  monkeypatch.setattr(rounds.RoundStep, "prefetch", lambda self, round_num: None)
+  in_turn = tmp_path / "in_turn"
+  training.run_experiment(
+      config_lib.ExperimentConfig(output_dir=str(in_turn), **settings), log=lambda line: None
+  )
+  assert packed_in == [False] * 4
+  for a, b in zip(_rows(ahead), _rows(in_turn)):
+    a.pop("round_seconds"), b.pop("round_seconds")
+    assert a == b
+  for a, b in zip(
+      tf.keras.models.load_model(ahead / "final_model.keras").get_weights(),
+      tf.keras.models.load_model(in_turn / "final_model.keras").get_weights(),
+  ):
+    np.testing.assert_array_equal(a, b)

@@ -10,7 +10,10 @@ the new state and a typed `RoundResult`. `training.run_experiment` and
 """
 
 import collections
+import concurrent.futures
+import copy
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -150,6 +153,17 @@ def _advance_client_round(state):
   return state
 
 
+_PACKER = None  # (pid, the thread pool of `prefetch`)
+
+
+def _packer() -> concurrent.futures.ThreadPoolExecutor:
+  """One background thread of this process (a forked run makes its own)."""
+  global _PACKER
+  if _PACKER is None or _PACKER[0] != os.getpid():
+    _PACKER = (os.getpid(), concurrent.futures.ThreadPoolExecutor(1, "feddst-pack"))
+  return _PACKER[1]
+
+
 def model_weights(process, state):
   """`process.get_model_weights(state)`, read from the state in Python
   where it holds them, without a call to TFF's worker (a round trip of the
@@ -230,12 +244,16 @@ class RoundStep:
     self.last_metrics = None
     # The round's clients that hold no copy of the current global mask.
     self._stale = set()
+    # (clients, future) of the next round's cohorts (`prefetch`), and the
+    # round being run.
+    self._prefetched = None
+    self._round_num = 0
     remote.check_splittable(phase.built.process.next)
     weights = model_weights(phase.built.process, state)
     self.sparsity, self.flops, self._masks = phase.stats(weights, ledger)
 
-  def sample_clients(self) -> list[str]:
-    chosen = self.sampler.choice(
+  def sample_clients(self, sampler=None) -> list[str]:
+    chosen = (sampler or self.sampler).choice(
         len(self.population), self.config.clients_per_round, replace=False
     )
     return [self.population[i] for i in sorted(chosen)]
@@ -272,13 +290,43 @@ class RoundStep:
       return self._compact_download_inputs(survivors)
     if settings is None or not survivors:
       return [dataset for _, dataset, _ in survivors]
+    clients = [(cid, shuffle_seed) for cid, _, shuffle_seed in survivors]
+    prefetched, self._prefetched = self._prefetched, None
+    if prefetched is not None and prefetched[0] == clients:
+      return prefetched[1].result()
+    return self._pack_cohorts(clients)
+
+  def _pack_cohorts(self, clients) -> list:
     from tff_feddst import cohort_work  # pylint: disable=g-import-not-at-top
 
     return cohort_work.pack_cohorts_from_arrays(
-        self.fed_data, [(cid, shuffle_seed) for cid, _, shuffle_seed in survivors],
-        self.config.local_epochs, self.config.batch_size,
-        self.config.cohort_size or self._default_cohort_size(len(survivors)),
+        self.fed_data, clients, self.config.local_epochs, self.config.batch_size,
+        self.config.cohort_size or self._default_cohort_size(len(clients)),
     )
+
+  def prefetch(self, round_num: int) -> None:
+    """Packs round `round_num`'s cohorts in a background thread while this
+    round trains (the driver only waits for TFF's worker then).
+
+    The round's clients are drawn from a copy of the sampler, so the run's
+    own draws do not move; `client_inputs` takes the packed cohorts only if
+    the round's surviving clients and their shuffle seeds are the ones
+    packed, and packs them itself otherwise. Only the plain step with
+    cohorts prefetches (steps of other algorithms draw or pack their own
+    way).
+    """
+    built = self.phase.built
+    if (
+        type(self) is not RoundStep or built.cohort is None or built.compact_download
+        or round_num > self.phase.last_round
+    ):
+      return
+    ids = self.sample_clients(copy.deepcopy(self.sampler))
+    seeds = self.client_seeds(round_num, len(ids))
+    failed = self.draw_failures(round_num, len(ids))
+    clients = [(c, s) for c, s, f in zip(ids, seeds, failed) if not f]
+    if clients:
+      self._prefetched = (clients, _packer().submit(self._pack_cohorts, clients))
 
   def _compact_download_inputs(self, survivors, extra=None) -> list:
     """Each client's data set, the packed global mask it holds, or none
@@ -321,7 +369,9 @@ class RoundStep:
     self.last_metrics = None
     if not survivors:
       return _advance_client_round(state), _ClientsOutcome(), True
-    output = built.process.next(state, self.client_inputs(survivors))
+    inputs = self.client_inputs(survivors)
+    self.prefetch(self._round_num + 1)  # packed while this round trains
+    output = built.process.next(state, inputs)
     self.last_metrics = output.metrics
     outcome = _read_metrics(output.metrics, built.sparse)
     # A round in which the server rejected every update keeps the previous
@@ -353,6 +403,7 @@ class RoundStep:
     download_bits = self.charge_download(
         [c for c, f in zip(client_ids, failed) if f] if measured else client_ids, state
     )
+    self._round_num = round_num
     state, outcome, skipped = self.run_clients(state, survivors)
     if measured and survivors:
       download_bits += ledger.download_measured(
