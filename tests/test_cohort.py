@@ -17,6 +17,7 @@ import keras_models
 from tff_feddst import cohort
 from tff_feddst import cohort_work
 from tff_feddst import feddst
+from tff_feddst import messages
 from tff_feddst import optimizers
 from tff_feddst import sparse_model
 from tff_feddst import structured
@@ -185,7 +186,10 @@ def _settings():
   return cohort_work.CohortSettings(_keras, 0.05, 0.9, 0.001, (28, 28, 1))
 
 
-def _assert_same_round(ref, coh, out_ref, out_coh, layout_masks, upload_dtype=tf.float32):
+def _assert_same_round(ref, coh, out_ref, out_coh, layout_masks, upload_dtype=tf.float32,
+                       layout=None):
+  """The cohort round equals the per-client one; given `layout`, the cohort
+  sent compact uploads and measured the formula's bits."""
   w_ref, w_coh = ref.get_model_weights(out_ref.state), coh.get_model_weights(out_coh.state)
   # float16 uploads: a float32 rounding difference can move an uploaded value
   # by one float16 step (2**-11 of it).
@@ -195,7 +199,18 @@ def _assert_same_round(ref, coh, out_ref, out_coh, layout_masks, upload_dtype=tf
   for i in layout_masks:
     np.testing.assert_array_equal(w_ref.non_trainable[i], w_coh.non_trainable[i])
   m_ref, m_coh = out_ref.metrics["client_work"], out_coh.metrics["client_work"]
-  assert dict(m_ref["clients"]) == dict(m_coh["clients"])
+  clients = dict(m_coh["clients"])
+  if layout is not None:  # compact uploads: the bits measured on the clients' messages
+    value_bits = 32 if upload_dtype == tf.float32 else 16
+    packed_mask_bits = 8 * sum(
+        messages.packed_size(messages.mask_units(s, r))
+        for s, r in zip(layout.kernel_shapes, layout.all_rows)
+    )
+    assert int(clients.pop("upload_bits")) == (
+        int(clients["clients"]) * value_bits * (layout.num_kept + layout.num_unmasked)
+        + int(clients["mask_changed"]) * packed_mask_bits
+    )
+  assert dict(m_ref["clients"]) == clients
   for key in ("loss", "accuracy"):
     assert float(m_coh["train"][key]) == pytest.approx(float(m_ref["train"][key]), rel=1e-5)
   assert out_ref.metrics["aggregator"]["voting"] == out_coh.metrics["aggregator"]["voting"]
@@ -214,7 +229,9 @@ def _feddst_pair(upload_dtype):
   model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=True)
   optimizer = optimizers.build_sgdw(0.05, 0.9, 0.001)
   ref = feddst.build_feddst(model_fn, layout, initial, optimizer, **common)
-  coh = feddst.build_feddst(model_fn, layout, initial, optimizer, cohort=_settings(), **common)
+  coh = feddst.build_feddst(
+      model_fn, layout, initial, optimizer, cohort=_settings(), compact_messages=True, **common
+  )
   return layout, ref, coh
 
 
@@ -226,7 +243,7 @@ def test_cohort_feddst_equals_per_client_feddst(upload_dtype):
     out_ref = ref.next(s_ref, _datasets(round_num))
     out_coh = coh.next(s_coh, _cohorts(_datasets(round_num)))
     assert int(out_coh.metrics["client_work"]["clients"]["mask_changed"]) > 0
-    _assert_same_round(ref, coh, out_ref, out_coh, layout.mask_index, upload_dtype)
+    _assert_same_round(ref, coh, out_ref, out_coh, layout.mask_index, upload_dtype, layout)
     s_ref, s_coh = out_ref.state, out_coh.state
 
 
@@ -246,14 +263,16 @@ def test_block_feddst_cohort_equals_per_client_and_keeps_whole_blocks(mask_block
   model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=True)
   optimizer = optimizers.build_sgdw(0.05, 0.9, 0.001)
   ref = feddst.build_feddst(model_fn, layout, initial, optimizer, **common)
-  coh = feddst.build_feddst(model_fn, layout, initial, optimizer, cohort=_settings(), **common)
+  coh = feddst.build_feddst(
+      model_fn, layout, initial, optimizer, cohort=_settings(), compact_messages=True, **common
+  )
   s_ref, s_coh = ref.initialize(), coh.initialize()
   masks_before = [initial.non_trainable[i] for i in layout.mask_index]
   for round_num in (1, 2):
     out_ref = ref.next(s_ref, _datasets(round_num))
     out_coh = coh.next(s_coh, _cohorts(_datasets(round_num)))
     assert int(out_coh.metrics["client_work"]["clients"]["mask_changed"]) > 0
-    _assert_same_round(ref, coh, out_ref, out_coh, layout.mask_index)
+    _assert_same_round(ref, coh, out_ref, out_coh, layout.mask_index, layout=layout)
     s_ref, s_coh = out_ref.state, out_coh.state
   weights = ref.get_model_weights(s_ref)
   for slot, i in enumerate(layout.mask_index):
@@ -273,7 +292,8 @@ def test_a_nan_client_in_a_cohort_is_rejected_like_a_single_client():
   out_ref = ref.next(ref.initialize(), _datasets(1, poisoned=2))
   out_coh = coh.next(coh.initialize(), _cohorts(_datasets(1, poisoned=2), cohort_size=5))
   assert out_coh.metrics["aggregator"]["voting"]["rejected"] == 1
-  _assert_same_round(ref, coh, out_ref, out_coh, layout.mask_index)
+  # The rejected client's upload was sent and counts.
+  _assert_same_round(ref, coh, out_ref, out_coh, layout.mask_index, layout=layout)
 
 
 def test_cohort_structured_search_equals_per_client():

@@ -25,6 +25,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_feddst import client_work
+from tff_feddst import cohort_work
 from tff_feddst import compact_download
 from tff_feddst import compact_voting
 from tff_feddst import costs
@@ -161,6 +162,59 @@ def test_compact_uploads_train_as_dense_ones_and_measure_the_formulas_bits(
     assert m_c["finalizer"]["voting"]["rejected"] == 0
     assert (m_c["finalizer"]["voting"]["voted_positions"]
             == m_d["aggregator"]["voting"]["voted_positions"])
+  assert readjusted == [1, 3]
+
+
+def _cohort_run(layout, upload_dtype):
+  """The run with cohorts of 2 clients (the last one alone), each client's
+  upload built, counted and decoded inside its cohort."""
+  settings = cohort_work.CohortSettings(_keras, 0.05, 0.9, 0.001, (8, 8, 1))
+  process = feddst.build_feddst(
+      sparse_model.make_model_fn(_keras, _spec(), True), layout,
+      sparse_model.initial_model_weights(_keras, 3, layout),
+      optimizers.build_sgdw(0.05, 0.9, 0.001), local_epochs=1, readjustment_ratio=0.3,
+      rounds_between_readjustments=DELTA_R, readjustment_end_round=R_END,
+      upload_dtype=upload_dtype, compact_messages=True, cohort=settings,
+  )
+  state, rounds = process.initialize(), []
+  for r in range(1, ROUNDS + 1):
+    datasets = _clients(r)
+    per_epoch = [-(-(24 + 5 * c) // 8) for c in range(CLIENTS)]
+    output = process.next(state, cohort_work.pack_cohorts(datasets, 1, per_epoch, 8, 2))
+    state = output.state
+    rounds.append((process.get_model_weights(state), output.metrics))
+  return rounds
+
+
+@pytest.mark.parametrize("upload_dtype", [tf.float32, tf.float16])
+def test_cohorts_measure_their_clients_compact_uploads(layout, upload_dtype):
+  """Cohorts: the bits counted on the clients' messages, built inside the
+  cohort, equal the formula in every round; the run equals the one with
+  dense per-client uploads."""
+  value_bits = 32 if upload_dtype == tf.float32 else 16
+  packed_mask_bits = 8 * sum(
+      messages.packed_size(messages.mask_units(s, r))
+      for s, r in zip(layout.kernel_shapes, layout.all_rows)
+  )
+  readjusted = []
+  for r, ((w_c, m_c), (w_d, m_d)) in enumerate(
+      zip(_cohort_run(layout, upload_dtype), _dense_run(upload_dtype)), start=1
+  ):
+    for a, b in zip(w_c.non_trainable, w_d.non_trainable):
+      np.testing.assert_array_equal(a, b)
+    # Batched against single-client arithmetic: float32 rounding; through
+    # float16, one half-precision step (docs/testing.md).
+    rtol, atol = (1e-5, 1e-6) if upload_dtype == tf.float32 else (1e-3, 1e-5)
+    for a, b in zip(w_c.trainable, w_d.trainable):
+      np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+    stats = m_c["client_work"]["clients"]
+    changed = int(stats["mask_changed"])
+    readjusted += [r] if changed else []
+    assert changed == int(m_d["client_work"]["clients"]["mask_changed"])
+    assert int(stats["upload_bits"]) == (
+        CLIENTS * value_bits * (layout.num_kept + layout.num_unmasked)
+        + changed * packed_mask_bits
+    )
   assert readjusted == [1, 3]
 
 

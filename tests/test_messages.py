@@ -166,3 +166,92 @@ def test_a_tff_computation_sends_the_compact_types():
   assert messages.message_bits(tff.types.type_to_tf_tensor_specs(result)) == (
       messages.message_bits(value)
   )
+
+
+def _client_masks(layout, seed, keep):
+  """One client's masks: random at the budgets, with `keep` of each
+  layer's kept positions (fewer than the budget when below 1, the
+  padding case; more when above, a mask the server rejects)."""
+  rng = np.random.default_rng(seed)
+  masks = masks_lib.random_masks(layout.kernel_shapes, layout.budgets, seed, layout.all_rows)
+  out = []
+  for mask, rows in zip(masks, layout.all_rows):
+    flat = mask.reshape(-1, *mask.shape[-1:]) if rows > 1 else mask.ravel()
+    grid = flat.reshape(flat.shape[0] // rows, rows, -1) if rows > 1 else flat
+    units = grid[:, 0, :] if rows > 1 else grid
+    on, off = np.flatnonzero(units.ravel() > 0), np.flatnonzero(units.ravel() == 0)
+    target = int(round(keep * len(on)))
+    chosen = rng.permutation(on)[:target] if target <= len(on) else np.concatenate(
+        [on, rng.permutation(off)[:target - len(on)]])
+    new_units = np.zeros(units.size, np.float32)
+    new_units[chosen] = 1.0
+    if rows > 1:
+      new_units = np.repeat(new_units.reshape(units.shape)[:, None, :], rows, axis=1)
+    out.append(new_units.reshape(mask.shape).astype(np.float32))
+  return out
+
+
+@pytest.mark.parametrize("mask_block", [1, 4])
+@pytest.mark.parametrize("value_dtype", [tf.float32, tf.float16])
+def test_a_cohorts_uploads_are_its_clients_messages_batched(mask_block, value_dtype):
+  """`encode_cohort_uploads` of G clients holds, row by row, what each
+  client's `encode_upload` holds (the mask bits of the clients that send
+  them only), counts the sum of their bits, and decodes as each client's
+  message decodes: clients at their budgets, below (zero padding), above
+  (values cut at the budget), with and without mask bits."""
+  model, layout = _layout(mask_block)
+  rng = np.random.default_rng(11)
+  keeps = (1.0, 1.0, 0.5, 1.0, 1.2)
+  send = np.array([True, False, True, False, True])
+  masks = [_client_masks(layout, 20 + g, keep) for g, keep in enumerate(keeps)]
+  held = [masks_lib.random_masks(layout.kernel_shapes, layout.budgets, 40 + g, layout.all_rows)
+          for g in range(len(keeps))]
+  for g in np.flatnonzero(~send):  # a client that sends no bits holds the global mask
+    held[g] = masks[g]
+  trainable = []
+  for i, w in enumerate(model.trainable_weights):
+    values = rng.normal(size=(len(keeps), *w.shape)).astype(np.float32)
+    if i in layout.kernel_index:
+      values *= np.stack([m[layout.kernel_index.index(i)] for m in masks])
+    trainable.append(values)
+  stacked_masks = [np.stack([m[slot] for m in masks]) for slot in range(len(layout.budgets))]
+  stacked_held = [np.stack([m[slot] for m in held]) for slot in range(len(layout.budgets))]
+
+  message = messages.encode_cohort_uploads(
+      [tf.constant(t) for t in trainable], [tf.constant(m) for m in stacked_masks], layout,
+      value_dtype, tf.constant(send),
+  )
+  back, back_masks = messages.decode_cohort_uploads(
+      message, layout, [tf.constant(m) for m in stacked_held], tf.constant(send)
+  )
+  total_bits = 0
+  for g in range(len(keeps)):
+    own = messages.encode_upload(
+        [tf.constant(t[g]) for t in trainable], [tf.constant(m) for m in masks[g]], layout,
+        value_dtype, bool(send[g]),
+    )
+    total_bits += int(messages.tensor_bits(own))
+    sender_row = int(send[:g].sum())
+    for slot, layer in enumerate(own["layers"]):
+      got = message["layers"][slot]
+      np.testing.assert_array_equal(got["values"][g].numpy(), layer["values"].numpy())
+      if send[g]:
+        np.testing.assert_array_equal(got["mask_bits"][sender_row].numpy(), layer["mask_bits"].numpy())
+      mask = masks[g][slot]
+      np.testing.assert_array_equal(back_masks[slot][g].numpy(), mask)
+      kernel = messages.scatter_kept(layer["values"], tf.constant(mask)).numpy()
+      np.testing.assert_array_equal(back[layout.kernel_index[slot]][g].numpy(), kernel)
+    for got, want in zip(message["other"], own["other"]):
+      np.testing.assert_array_equal(got[g].numpy(), want.numpy())
+  assert int(messages.tensor_bits(message)) == total_bits
+  assert message["layers"][0]["mask_bits"].shape[0] == send.sum()
+  # Nobody sends bits: every mask is the held one.
+  bare = messages.encode_cohort_uploads(
+      [tf.constant(t) for t in trainable], [tf.constant(m) for m in stacked_masks], layout,
+      value_dtype, tf.zeros([len(keeps)], tf.bool),
+  )
+  _, bare_masks = messages.decode_cohort_uploads(
+      bare, layout, [tf.constant(m) for m in stacked_held], tf.zeros([len(keeps)], tf.bool)
+  )
+  for got, want in zip(bare_masks, stacked_held):
+    np.testing.assert_array_equal(got.numpy(), want)

@@ -176,9 +176,10 @@ def _build_sparse(readjusts: bool) -> Builder:
       server_optimizer = _server_optimizer(config)
     cohort = cohort_settings(config, keras_fn, input_spec)
     table = gradual_budgets(config, layout)
-    # Per-client work sends compact messages; cohorts send their clients'
-    # summed contributions, and a budget table changes the message types.
-    compact = cohort is None and table is None
+    # Clients send compact messages (in cohorts, decoded before the
+    # cohort's sum) and per-client work receives compact downloads; a
+    # budget table changes the message types.
+    compact = table is None
     tier_setup = None
     if config.client_sparsity_tiers:
       from tff_feddst import tiers  # pylint: disable=g-import-not-at-top
@@ -206,14 +207,14 @@ def _build_sparse(readjusts: bool) -> Builder:
         remember_old=config.remember_old,
         compact_messages=compact,
         num_tiers=0 if tier_setup is None else len(tier_setup[0].sparsities),
-        compact_download=compact,
+        compact_download=compact and cohort is None,
     )
     size = costs.ModelSize(layout.num_prunable, layout.num_unmasked, layout.num_mask_bits)
     value_bits = 16 if config.upload_dtype == "float16" else 32
     return BuiltAlgorithm(
         process, initial, layout, size, epochs_in_process=True,
         upload_value_bits=value_bits, cohort=cohort, budget_table=table,
-        tiers=tier_setup, compact_download=compact,
+        tiers=tier_setup, compact_download=compact and cohort is None,
     )
 
   return build

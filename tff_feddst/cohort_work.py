@@ -31,6 +31,7 @@ import tensorflow_federated as tff
 from tff_feddst import aggregation
 from tff_feddst import client_work as client_work_lib
 from tff_feddst import cohort
+from tff_feddst import messages
 from tff_feddst.sparse_model import SparseLayout
 
 
@@ -224,11 +225,14 @@ def _tile(t, g):
   return tf.broadcast_to(t[tf.newaxis], tf.concat([[g], tf.shape(t)], 0))
 
 
-def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate):
+def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate, compact):
   """The TF body: (contributions, train sums, client stats) of a cohort.
 
   `validate`: reject a client whose mask keeps more than the round's budget
-  of a layer (`round_budgets`, from the server's plan).
+  of a layer (`round_budgets`, from the server's plan). `compact`: each
+  client's upload is built as its compact message
+  (`messages.encode_cohort_uploads`), its bits counted (`upload_bits`), and
+  decoded as the server decodes it before the sum (fixed budgets only).
   """
   slot_of = layout.mask_slot()
   kernel_index = layout.kernel_index
@@ -260,29 +264,38 @@ def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate):
         lambda: (tuple(params), tuple(initial_masks)),
     )
     params, kernel_masks = list(params), list(kernel_masks)
-    values = params
-    if upload_dtype != tf.float32:
-      values = [tf.cast(tf.cast(v, upload_dtype), tf.float32) for v in values]
-    upload_masks = [kernel_masks[slot_of[i]] if i in slot_of else tf.ones([g]) for i in range(len(values))]
-    budgets = {}
-    if validate:
-      budgets = {i: tf.cast(round_budgets[slot], tf.int64) for slot, i in enumerate(kernel_index)}
-    contributions = aggregation.contributions(values, upload_masks, examples, budgets)
     per_client = lambda t: tf.reshape(t, [g, -1])  # noqa: E731
-    finite = tf.reduce_all(
-        tf.stack([tf.reduce_all(tf.math.is_finite(per_client(v)), axis=1) for v in values]), axis=0
-    )
-    kept = tf.cast(finite, tf.float32)  # a rejected update's loss stays out of the metrics
     changed = tf.reduce_any(tf.stack([
         tf.reduce_any(tf.not_equal(per_client(m), per_client(m0)), axis=1)
         for m, m0 in zip(kernel_masks, initial_masks)
     ]), axis=0)
+    extra_stats = {}
+    if compact:
+      # Each client's upload as it sends it (the mask bits if its mask
+      # changed), decoded as the server decodes it, then summed.
+      message = messages.encode_cohort_uploads(params, kernel_masks, layout, upload_dtype, changed)
+      values, sent_masks = messages.decode_cohort_uploads(message, layout, initial_masks, changed)
+      extra_stats["upload_bits"] = messages.tensor_bits(message)
+    else:
+      values, sent_masks = params, kernel_masks
+      if upload_dtype != tf.float32:
+        values = [tf.cast(tf.cast(v, upload_dtype), tf.float32) for v in values]
+    upload_masks = [sent_masks[slot_of[i]] if i in slot_of else tf.ones([g]) for i in range(len(values))]
+    budgets = {}
+    if validate:
+      budgets = {i: tf.cast(round_budgets[slot], tf.int64) for slot, i in enumerate(kernel_index)}
+    contributions = aggregation.contributions(values, upload_masks, examples, budgets)
+    finite = tf.reduce_all(
+        tf.stack([tf.reduce_all(tf.math.is_finite(per_client(v)), axis=1) for v in values]), axis=0
+    )
+    kept = tf.cast(finite, tf.float32)  # a rejected update's loss stays out of the metrics
     active = tf.add_n([tf.reduce_sum(tf.cast(per_client(m) > 0, tf.int64), axis=1) for m in kernel_masks])
     stats = collections.OrderedDict(
         mask_changed=tf.reduce_sum(tf.cast(changed, tf.int32)),
         uploaded_values=tf.reduce_sum(active),
         clients=g,
         examples=tf.reduce_sum(tf.cast(examples, tf.int64)),
+        **extra_stats,
     )
     train = collections.OrderedDict(
         loss=tf.reduce_sum(loss_sum * kept),
@@ -320,6 +333,7 @@ def build_cohort_client_work(
     budgets: dict[int, int] | None = None,
     readjustment_schedule: str = "cosine",
     budget_table=None,
+    compact: bool = False,
 ) -> tff.learning.templates.ClientWorkProcess:
   """FedDST's client work for cohorts (alpha = 0 gives RandomMask).
 
@@ -327,6 +341,8 @@ def build_cohort_client_work(
   `aggregation.SparseVotingFactory(presummed=True)`). Given `budgets`, each
   client's update is checked against the round's budgets (`layout.budgets`,
   or the row of `budget_table` for the round: `client_work.build_schedule`).
+  `compact` (fixed budgets): each client's upload is its compact message,
+  decoded before the sum, and the stats count its bits (`upload_bits`).
   """
   cohort.check_grouped_convolutions()
   _, weights_type, _ = client_work_lib.model_types(model_fn)
@@ -337,7 +353,11 @@ def build_cohort_client_work(
       readjustment_schedule, budget_table,
   )
   k_type = tff.TensorType(np.int32, [len(layout.budgets)])
-  update = _cohort_update(network, layout, hp, local_epochs, upload_dtype, budgets is not None)
+  if compact and budget_table is not None:
+    raise ValueError("compact messages need fixed budgets (no budget table)")
+  update = _cohort_update(
+      network, layout, hp, local_epochs, upload_dtype, budgets is not None, compact
+  )
 
   @tff.tensorflow.computation(weights_type, steps_type, k_type, k_type)
   def cohort_update_tf(weights, steps, num_to_readjust, round_budgets):

@@ -90,8 +90,10 @@ def build_feddst(
       (`masks.budget_table`, rows in layout order); None: `layout.budgets`.
     remember_old: a position of the global mask that no client voted for
       keeps its previous value (`finalizer.remember_unvoted`).
-    compact_messages: compact uploads (`messages.encode_upload`, summed by
-      `compact_voting.CompactVotingFactory`; per client, fixed budgets).
+    compact_messages: compact uploads (fixed budgets): per client
+      `messages.encode_upload`, summed by
+      `compact_voting.CompactVotingFactory`; in cohorts
+      `messages.encode_cohort_uploads`, decoded in the cohort before its sum.
     num_tiers: clients of this many sparsity tiers (`tier_work`, section 3.8
       of docs/algorithms.md; `layout` is at the lowest tier sparsity).
     compact_download: with `compact_messages`, compact
@@ -103,9 +105,12 @@ def build_feddst(
   )
   if num_tiers:  # sparser tiers cannot vote for every position of the global mask
     compact_messages, remember_old = True, True
+  # Cohorts decode their clients' compact uploads themselves and send the
+  # summed contributions (`cohort_work`), which the voting factory finishes.
+  cohort_compact = cohort is not None and compact_messages
   finalizer_options = dict(
       budget_table=budget_table, remember_old=remember_old,
-      min_votes=min_votes if compact_messages else None,
+      min_votes=min_votes if compact_messages and not cohort_compact else None,
   )
   if compact_download:
     if not compact_messages:
@@ -114,11 +119,16 @@ def build_feddst(
         model_fn, layout, initial_weights, client_optimizer, schedule, prox_mu,
         server_optimizer, finalizer_options, num_tiers,
     )
-  blocks = _compact_client_work_and_factory if compact_messages else _client_work_and_factory
-  client_work, factory = blocks(
-      model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
-      aggregation_factory, cohort, num_tiers,
-  )
+  if compact_messages and not cohort_compact:
+    client_work, factory = _compact_client_work_and_factory(
+        model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
+        aggregation_factory, cohort, num_tiers,
+    )
+  else:
+    client_work, factory = _client_work_and_factory(
+        model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
+        aggregation_factory, cohort, num_tiers, compact=cohort_compact,
+    )
   return _compose_sparse(
       client_work, factory, initial_weights, layout, server_optimizer, **finalizer_options
   )
@@ -213,15 +223,16 @@ def _compact_client_work_and_factory(
 
 def _client_work_and_factory(
     model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
-    aggregation_factory, cohort, num_tiers=0,
+    aggregation_factory, cohort, num_tiers=0, compact=False,
 ):
-  """FedDST's client work (per client or cohorts) and its aggregation factory."""
+  """FedDST's client work (per client or cohorts) and its aggregation
+  factory; `compact`: cohorts of clients sending compact uploads."""
   del num_tiers  # 0: clients of tiers send compact messages
   budgets = dict(zip(layout.kernel_index, layout.budgets))
   if cohort is not None:
     client_work = cohort_work.build_cohort_client_work(
         model_fn, cohort.keras_fn, layout, cohort.hyperparameters(prox_mu),
-        image_shape=cohort.image_shape, budgets=budgets, **schedule,
+        image_shape=cohort.image_shape, budgets=budgets, compact=compact, **schedule,
     )
     return client_work, aggregation.SparseVotingFactory(
         min_votes, budgets=budgets, presummed=True

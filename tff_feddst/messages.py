@@ -279,3 +279,132 @@ def tensor_bits(message):
     bits = DTYPE_BITS[np.dtype(leaf.dtype.as_numpy_dtype)]
     total += tf.size(leaf, out_type=tf.int64) * bits
   return total
+
+
+# ------------------------------------------------------ a cohort's uploads
+#
+# A cohort (`cohort_work`) trains G clients as one computation, every tensor
+# with a leading client axis. Each client's upload is built as
+# `encode_upload` builds it, G at once, and decoded as the server decodes
+# it, before the cohort sums the clients' voting contributions.
+
+
+def _block_grids(mask, shape, rows: int):
+  """[G, units]: each client's mask, or block mask (`_block_grid`)."""
+  g, units = tf.shape(mask)[0], mask_units(shape, rows)
+  if rows == 1:
+    return tf.reshape(mask, [g, units])
+  grid = tf.reshape(mask, [g, shape[0] // rows, rows, shape[1]])
+  return tf.reshape(grid[:, :, 0, :], [g, units])
+
+
+def _pack_rows(mask, shape, rows: int):
+  """uint8 [G, ceil(units / 8)]: `pack_bits` of each client's mask."""
+  units = mask_units(shape, rows)
+  bits = tf.cast(_block_grids(mask, shape, rows) > 0, tf.int32)
+  bits = tf.pad(bits, [[0, 0], [0, packed_size(units) * 8 - units]])
+  bits = tf.reshape(bits, [tf.shape(bits)[0], packed_size(units), 8])
+  return tf.cast(tf.reduce_sum(bits * tf.constant(_BIT_WEIGHTS, tf.int32), axis=2), tf.uint8)
+
+
+def _unpack_rows(packed, shape, rows: int):
+  """float32 [S, *shape]: `unpack_bits` of each row of `packed`."""
+  units = mask_units(shape, rows)
+  s = tf.shape(packed)[0]
+  bytes_ = tf.cast(packed, tf.int32)[:, :, tf.newaxis]
+  bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bytes_, tf.range(7, -1, -1)), 1)
+  bits = tf.cast(tf.reshape(bits, [s, packed_size(units) * 8])[:, :units], tf.float32)
+  if rows == 1:
+    return tf.reshape(bits, [s, *shape])
+  grid = tf.reshape(bits, [s, shape[0] // rows, 1, shape[1]])
+  return tf.reshape(tf.tile(grid, [1, 1, rows, 1]), [s, *shape])
+
+
+def _row_counts(keep, g, size: int):
+  """int32 [G]: each row's kept positions, and [G] the exclusive prefix sums
+  (where each row's run starts among all rows' kept positions)."""
+  counts = tf.reduce_sum(tf.cast(tf.reshape(keep, [g, size]), tf.int32), axis=1)
+  return counts, tf.cumsum(counts, exclusive=True)
+
+
+def _padded_rows(kernel, mask, shape, budget: int, value_dtype):
+  """value_dtype [G, budget]: `padded_values` of each client (its kept
+  values in increasing position, cut or zero-padded to `budget`)."""
+  g, size = tf.shape(kernel)[0], int(np.prod(shape))
+  keep = tf.reshape(mask, [-1]) > 0
+  kept = tf.boolean_mask(tf.reshape(kernel, [-1]), keep)  # row after row
+  counts, starts = _row_counts(keep, g, size)
+  if budget == 0:
+    return tf.zeros([g, 0], value_dtype)
+  rank = tf.range(budget)[tf.newaxis]
+  present = rank < counts[:, tf.newaxis]
+  values = tf.gather(kept, tf.where(present, starts[:, tf.newaxis] + rank, 0))
+  return tf.cast(tf.where(present, values, 0.0), value_dtype)
+
+
+def encode_cohort_uploads(trainable, masks, layout, value_dtype, send_mask):
+  """The uploads of a cohort's G clients (`trainable`, `masks`: each tensor
+  with a leading client axis) as one message of batched tensors: per layer
+  `values` value_dtype[G, budget_l] (row g: client g's `encode_upload`
+  values) and `mask_bits` uint8[S, ceil(units_l / 8)], the packed masks of
+  the S clients whose `send_mask` (bool [G]) is true, in client order;
+  `other` [G, ...]. Its `tensor_bits` are the sum of the G clients'
+  `encode_upload` messages' bits."""
+  layers = []
+  for slot, i in enumerate(layout.kernel_index):
+    shape, rows = list(layout.kernel_shapes[slot]), layout.rows(slot)
+    layers.append(collections.OrderedDict(
+        values=_padded_rows(
+            trainable[i], masks[slot], shape, layout.budgets[slot], value_dtype
+        ),
+        mask_bits=_pack_rows(tf.boolean_mask(masks[slot], send_mask), shape, rows),
+    ))
+  kernels = set(layout.kernel_index)
+  other = [tf.cast(v, value_dtype) for i, v in enumerate(trainable) if i not in kernels]
+  return collections.OrderedDict(layers=layers, other=other)
+
+
+def _decode_rows(values, mask, shape, budget: int):
+  """float32 [G, *shape]: each client's kept values at its mask's ones in
+  increasing position (`scatter_kept`: ones past the budget get 0)."""
+  g, size = tf.shape(mask)[0], int(np.prod(shape))
+  if budget == 0:
+    return tf.zeros_like(tf.reshape(mask, [g, *shape]))
+  keep = tf.reshape(mask, [-1]) > 0
+  positions = tf.where(keep)  # [K, 1], row after row
+  _, starts = _row_counts(keep, g, size)
+  row = tf.cast(positions[:, 0] // size, tf.int32)
+  rank = tf.range(tf.shape(positions)[0]) - tf.gather(starts, row)
+  taken = rank < budget
+  flat_values = tf.reshape(tf.cast(values, tf.float32), [-1])
+  picked = tf.where(taken, tf.gather(flat_values, row * budget + tf.minimum(rank, budget - 1)), 0.0)
+  # SparseToDense: a plain scatter of sorted positions (4x scatter_nd's speed here).
+  flat = tf.raw_ops.SparseToDense(
+      sparse_indices=positions, output_shape=tf.cast(tf.stack([g * size]), tf.int64),
+      sparse_values=picked, default_value=0.0, validate_indices=False,
+  )
+  return tf.reshape(flat, [g, *shape])
+
+
+def decode_cohort_uploads(message, layout, held_masks, send_mask):
+  """(trainable, masks), each tensor [G, ...] float32, of
+  `encode_cohort_uploads`' message: a client's mask from its bits if it
+  sent them, else the mask the receiver holds for it (`held_masks`, the
+  global mask it was sent)."""
+  senders = tf.where(send_mask)
+  trainable = [None] * (len(layout.kernel_index) + len(message["other"]))
+  decoded_masks = []
+  for slot, i in enumerate(layout.kernel_index):
+    shape, rows = list(layout.kernel_shapes[slot]), layout.rows(slot)
+    layer = message["layers"][slot]
+    mask = tf.tensor_scatter_nd_update(
+        tf.cast(held_masks[slot], tf.float32), senders,
+        _unpack_rows(layer["mask_bits"], shape, rows),
+    )
+    trainable[i] = _decode_rows(layer["values"], mask, shape, layout.budgets[slot])
+    decoded_masks.append(mask)
+  others = (tf.cast(v, tf.float32) for v in message["other"])
+  for i in range(len(trainable)):
+    if trainable[i] is None:
+      trainable[i] = next(others)
+  return trainable, decoded_masks
