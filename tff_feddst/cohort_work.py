@@ -225,6 +225,15 @@ def _tile(t, g):
   return tf.broadcast_to(t[tf.newaxis], tf.concat([[g], tf.shape(t)], 0))
 
 
+def _changed(masks, initial_masks, g):
+  """bool [G]: whose mask differs from the one it received."""
+  per_client = lambda t: tf.reshape(t, [g, -1])  # noqa: E731
+  return tf.reduce_any(tf.stack([
+      tf.reduce_any(tf.not_equal(per_client(m), per_client(m0)), axis=1)
+      for m, m0 in zip(masks, initial_masks)
+  ]), axis=0)
+
+
 def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate, compact):
   """The TF body: (contributions, train sums, client stats) of a cohort.
 
@@ -265,10 +274,7 @@ def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate, co
     )
     params, kernel_masks = list(params), list(kernel_masks)
     per_client = lambda t: tf.reshape(t, [g, -1])  # noqa: E731
-    changed = tf.reduce_any(tf.stack([
-        tf.reduce_any(tf.not_equal(per_client(m), per_client(m0)), axis=1)
-        for m, m0 in zip(kernel_masks, initial_masks)
-    ]), axis=0)
+    changed = _changed(kernel_masks, initial_masks, g)
     extra_stats = {}
     if compact:
       # Each client's upload as it sends it (the mask bits if its mask
