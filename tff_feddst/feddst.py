@@ -88,16 +88,12 @@ def build_feddst(
     readjustment_schedule: how alpha_r decays, "cosine" or "constant".
     budget_table: gradual sparsification, the layers' budgets of every round
       (`masks.budget_table`, rows in layout order); None: `layout.budgets`.
-    remember_old: a position of the global mask that no client voted for
-      keeps its previous value (`finalizer.remember_unvoted`).
-    compact_messages: compact uploads (fixed budgets): per client
-      `messages.encode_upload`, summed by
-      `compact_voting.CompactVotingFactory`; in cohorts
-      `messages.encode_cohort_uploads`, decoded in the cohort before its sum.
+    remember_old: unvoted global-mask positions keep their previous value.
+    compact_messages: compact uploads (fixed budgets; `messages`), summed by
+      `compact_voting`, or decoded in the cohort before its sum.
     num_tiers: clients of this many sparsity tiers (`tier_work`, section 3.8
       of docs/algorithms.md; `layout` is at the lowest tier sparsity).
-    compact_download: with `compact_messages`, compact
-      downloads (`compact_download`; clients take `client_data`'s values).
+    compact_download: with `compact_messages`, compact downloads too.
   """
   schedule = _schedule(
       local_epochs, readjustment_ratio, rounds_between_readjustments,
@@ -105,8 +101,7 @@ def build_feddst(
   )
   if num_tiers:  # sparser tiers cannot vote for every position of the global mask
     compact_messages, remember_old = True, True
-  # Cohorts decode their clients' compact uploads themselves and send the
-  # summed contributions (`cohort_work`), which the voting factory finishes.
+  # Cohorts decode their clients' compact uploads and send summed contributions.
   cohort_compact = cohort is not None and compact_messages
   finalizer_options = dict(
       budget_table=budget_table, remember_old=remember_old,
@@ -119,19 +114,26 @@ def build_feddst(
         model_fn, layout, initial_weights, client_optimizer, schedule, prox_mu,
         server_optimizer, finalizer_options, num_tiers,
     )
-  if compact_messages and not cohort_compact:
-    client_work, factory = _compact_client_work_and_factory(
-        model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
-        aggregation_factory, cohort, num_tiers,
-    )
-  else:
-    client_work, factory = _client_work_and_factory(
-        model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
-        aggregation_factory, cohort, num_tiers, compact=cohort_compact,
-    )
+  client_work, factory = _pick_client_work(
+      compact_messages and not cohort_compact, cohort_compact, model_fn, layout,
+      client_optimizer, schedule, min_votes, prox_mu, aggregation_factory, cohort,
+      num_tiers,
+  )
   return _compose_sparse(
       client_work, factory, initial_weights, layout, server_optimizer, **finalizer_options
   )
+
+
+def _pick_client_work(per_client_compact, cohort_compact, model_fn, layout,
+                      client_optimizer, schedule, min_votes, prox_mu,
+                      aggregation_factory, cohort, num_tiers):
+  """The client work and its aggregation factory: compact per-client uploads
+  summed by the compact voting factory, or dense (cohorts: compact inside)."""
+  args = (model_fn, layout, client_optimizer, schedule, min_votes, prox_mu,
+          aggregation_factory, cohort, num_tiers)
+  if per_client_compact:
+    return _compact_client_work_and_factory(*args)
+  return _client_work_and_factory(*args, compact=cohort_compact)
 
 
 def _schedule(local_epochs, readjustment_ratio, rounds_between_readjustments,

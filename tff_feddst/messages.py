@@ -198,11 +198,14 @@ def decode(message, layout, masks=None):
     )
     trainable[i] = kernel
     decoded_masks.append(mask)
-  others = (tf.cast(v, tf.float32) for v in message["other"])
-  for i in range(len(trainable)):
-    if trainable[i] is None:
-      trainable[i] = next(others)
-  return trainable, decoded_masks
+  return _fill_others(trainable, message["other"]), decoded_masks
+
+
+def _fill_others(trainable, other):
+  """`trainable` with its unset (non-kernel) entries taken in order from
+  `other`, as float32."""
+  others = (tf.cast(v, tf.float32) for v in other)
+  return [next(others) if t is None else t for t in trainable]
 
 
 def message_bits(message) -> int:
@@ -403,8 +406,4 @@ def decode_cohort_uploads(message, layout, held_masks, send_mask):
     )
     trainable[i] = _decode_rows(layer["values"], mask, shape, layout.budgets[slot])
     decoded_masks.append(mask)
-  others = (tf.cast(v, tf.float32) for v in message["other"])
-  for i in range(len(trainable)):
-    if trainable[i] is None:
-      trainable[i] = next(others)
-  return trainable, decoded_masks
+  return _fill_others(trainable, message["other"]), decoded_masks
