@@ -3,8 +3,8 @@ imports, so that a test's run does not pay for them (about 5 s of CPU).
 
     python tests/cli_runner.py --serve        (tests/run_server.py starts it)
 
-This process makes the imports that `run.py` makes and runs no TensorFlow
-op. For each request it forks a child that executes run.py as `__main__`
+This process makes the imports that `run.py` makes, reads Fashion-MNIST
+(numpy only) and runs no TensorFlow op. For each request it forks a child that executes run.py as `__main__`
 with that `sys.argv`, its stdout and stderr going to files, and ends as the
 interpreter would (exit handlers, then the exit status of its
 `SystemExit`). What the child does is what `python run.py ARGS` does after
@@ -135,8 +135,20 @@ def _reap(running: dict) -> None:
     _send({"id": running.pop(pid), "returncode": os.waitstatus_to_exitcode(status)})
 
 
+def _read_fashion_mnist() -> None:
+  """Reads Fashion-MNIST from the Debian package's directory, where run.py
+  finds it first (numpy only, no TensorFlow op), so that every forked run
+  has the arrays already (`data.loaders` keeps them while the files are
+  unchanged). Elsewhere each run reads or reports it as run.py does."""
+  from tff_feddst.data import loaders
+  directory = loaders.DEBIAN_FASHION_MNIST_DIR
+  if all(os.path.exists(os.path.join(directory, f"{base}.gz")) for base in loaders.IDX_FILES.values()):
+    data.load_arrays("fashion_mnist", directory)
+
+
 def serve() -> None:
   """The loop of `--serve` (see the module's docstring)."""
+  _read_fashion_mnist()
   _no_thread_but_this_one()
   running = {}  # pid -> request id
   pending = b""

@@ -186,6 +186,26 @@ def test_mnist_like_loaders_read_idx_files(tmp_path, name, gz):
   assert split.train_client_ids is None and split.test_client_ids is None
 
 
+def test_idx_arrays_are_read_once_while_the_files_are_unchanged(tmp_path):
+  """A second load of the same files gives the arrays of the first, read-only
+  (no caller can change what the next run reads); a rewritten file is read
+  again."""
+  raw = _write_mnist_like(tmp_path)
+  first = data.load_arrays("mnist", str(tmp_path))
+  again = data.load_arrays("mnist", str(tmp_path))
+  assert again.x_train is first.x_train and again.y_test is first.y_test
+  for array in (first.x_train, first.y_train, first.x_test, first.y_test):
+    assert not array.flags.writeable
+  with pytest.raises(ValueError, match="read-only"):
+    first.x_train[0, 0, 0, 0] = 0.5
+  raw["y_test"][0] = (raw["y_test"][0] + 1) % 10
+  data.write_idx(os.path.join(tmp_path, IDX_NAMES["y_test"] + ".gz"), raw["y_test"])
+  changed = data.load_arrays("mnist", str(tmp_path))
+  assert changed.y_test is not first.y_test
+  np.testing.assert_array_equal(changed.y_test, raw["y_test"])
+  np.testing.assert_array_equal(changed.x_train, first.x_train)
+
+
 def test_mnist_needs_data_dir(tmp_path):
   with pytest.raises(data.DataError, match="--data_dir"):
     data.load_arrays("mnist")
