@@ -17,7 +17,6 @@ so a checkpoint is either complete or absent; temporary directories left by
 a crash are removed and never loaded.
 """
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -26,6 +25,8 @@ import shutil
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+
+from tff_feddst import runtime
 
 PREFIX = "round_"
 
@@ -60,7 +61,7 @@ class RunCheckpoints:
         shutil.rmtree(os.path.join(self.root_dir, entry), ignore_errors=True)
 
   def latest_round(self) -> int | None:
-    versions = asyncio.run(self._manager.get_versions())
+    versions = runtime.run_coroutine(self._manager.get_versions())
     return versions[-1] if versions else None
 
   def save(self, round_num: int, state, extras: dict, arrays=()) -> None:
@@ -73,7 +74,7 @@ class RunCheckpoints:
     }
     if arrays:
       program_state["driver"] = [np.asarray(a) for a in arrays]
-    asyncio.run(self._manager.save(program_state, round_num))
+    runtime.run_coroutine(self._manager.save(program_state, round_num))
 
   def _unreadable(self, path: str, e: Exception) -> CheckpointError:
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -106,7 +107,7 @@ class RunCheckpoints:
       structure["driver"] = driver_template
     path = os.path.join(self.root_dir, f"{PREFIX}{round_num}")
     try:
-      loaded = asyncio.run(self._manager.load(round_num, structure))
+      loaded = runtime.run_coroutine(self._manager.load(round_num, structure))
       leaves = loaded["state"]
       if len(leaves) != len(template):
         raise ValueError(f"{len(leaves)} arrays, expected {len(template)}")

@@ -17,7 +17,6 @@ Every other file is written with `files.write_atomic`.
 `RunLock` keeps two runs from sharing an output directory.
 """
 
-import asyncio
 import csv
 import errno
 import fcntl
@@ -29,6 +28,7 @@ import tensorflow_federated as tff
 
 from tff_feddst import costs
 from tff_feddst import files
+from tff_feddst import runtime
 from tff_feddst.config import ConfigError
 from tff_feddst.rounds import METRIC_COLUMNS
 
@@ -134,7 +134,7 @@ def _release_saved_rows(path: str, last_round: int, manager) -> None:
     rows = [r for r in csv.DictReader(f) if int(r["round"]) <= last_round]
   for row in rows:
     values = {k: _number(v) for k, v in row.items() if k != "round" and v != ""}
-    asyncio.run(manager.release(values, int(row["round"])))
+    runtime.run_coroutine(manager.release(values, int(row["round"])))
 
 
 def console_line(row, rounds: int, note: str = "") -> str:
@@ -206,4 +206,4 @@ class MetricsReleaser:
   def release(self, row: dict) -> None:
     assert tuple(row) == self._columns, tuple(row)
     values = {k: v for k, v in row.items() if k != "round"}
-    asyncio.run(self._manager.release(values, int(row["round"])))
+    runtime.run_coroutine(self._manager.release(values, int(row["round"])))

@@ -7,6 +7,7 @@ parent's stdout). `stop_tff_workers` stops it explicitly; `managed_runtime`
 makes sure that happens when a run ends, fails or is interrupted.
 """
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -14,6 +15,7 @@ import gc
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -186,6 +188,33 @@ def install_shutdown_handlers() -> None:
   if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
   _installed = True
+
+
+_loops = threading.local()
+
+
+def run_coroutine(coro):
+  """Runs `coro` to its end on this thread's event loop and returns its value.
+
+  For the driver's `tff.program` managers (metrics, checkpoints), which are
+  coroutines. `asyncio.run` would install its own SIGINT handler and shut a
+  fresh loop down on each call; a Ctrl-C arriving just as its coroutine
+  finished (after the coroutine ran a step on the loop's thread pool, as
+  TFF's release managers do) ended in `RuntimeError: Event loop stopped
+  before Future completed` during that shutdown, and the run stopped with a
+  traceback instead of its one-line "rerun to resume". Here an interrupt
+  (KeyboardInterrupt, or SIGTERM's SystemExit) reaches the caller as it is,
+  wherever it lands; the loop it interrupted, with what was left on it, is
+  dropped and the next call starts a new one.
+  """
+  loop = getattr(_loops, "loop", None)
+  if loop is None or loop.is_closed():
+    loop = _loops.loop = asyncio.new_event_loop()
+  try:
+    return loop.run_until_complete(coro)
+  except BaseException:
+    _loops.loop = None
+    raise
 
 
 @contextlib.contextmanager
