@@ -159,8 +159,8 @@ def _mnist_like_split(name, x_train, y_train, x_test, y_test, sources):
   )
 
 
-# IDX data sets read in this process: (name, each file's path, size and
-# modification time) -> the ArraySplit, its arrays read-only. A run reads
+# IDX data sets read in this process: (name, each file's path, inode, size,
+# modification and change times) -> the ArraySplit, its arrays read-only. A run reads
 # Fashion-MNIST (0.3 to 1 s: gunzip and conversion to float32); a second run
 # in the same process (a sweep, the tests, a resume) or forked from it (the
 # tests' run server) reuses the arrays while the files are unchanged.
