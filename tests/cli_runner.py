@@ -5,9 +5,9 @@ imports, so that a test's run does not pay for them (about 5 s of CPU).
 
 This process makes the imports that `run.py` makes, reads Fashion-MNIST
 (numpy only) and runs no TensorFlow op. For each request it forks a child
-that executes run.py as `__main__` with that `sys.argv`, its stdout and stderr going to files, and ends as the
-interpreter would (exit handlers, then the exit status of its
-`SystemExit`). What the child does is what `python run.py ARGS` does after
+that executes run.py as `__main__` with that `sys.argv`, its stdout and
+stderr going to files, and ends as the interpreter would (exit handlers,
+then the exit status of its `SystemExit`). What the child does is what `python run.py ARGS` does after
 its imports (tests/test_cli.py compares the two).
 
 Requests come one JSON object per line on stdin: {"id", "args", "cwd",
