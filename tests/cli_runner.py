@@ -7,8 +7,9 @@ This process makes the imports that `run.py` makes, reads Fashion-MNIST
 (numpy only) and runs no TensorFlow op. For each request it forks a child
 that executes run.py as `__main__` with that `sys.argv`, its stdout and
 stderr going to files, and ends as the interpreter would (exit handlers,
-then the exit status of its `SystemExit`). What the child does is what `python run.py ARGS` does after
-its imports (tests/test_cli.py compares the two).
+then the exit status of its `SystemExit`). What the child does is what
+`python run.py ARGS` does after its imports (tests/test_cli.py compares
+the two).
 
 Requests come one JSON object per line on stdin: {"id", "args", "cwd",
 "env", "stdout", "stderr"}, and "module" to run `python -m module ARGS`
