@@ -165,22 +165,32 @@ def test_compact_uploads_train_as_dense_ones_and_measure_the_formulas_bits(
   assert readjusted == [1, 3]
 
 
-def _cohort_run(layout, upload_dtype):
-  """The run with cohorts of 2 clients (the last one alone), each client's
-  upload built, counted and decoded inside its cohort."""
+def _cohort_process(layout, upload_dtype, download=False):
   settings = cohort_work.CohortSettings(_keras, 0.05, 0.9, 0.001, (8, 8, 1))
-  process = feddst.build_feddst(
+  return feddst.build_feddst(
       sparse_model.make_model_fn(_keras, _spec(), True), layout,
       sparse_model.initial_model_weights(_keras, 3, layout),
       optimizers.build_sgdw(0.05, 0.9, 0.001), local_epochs=1, readjustment_ratio=0.3,
       rounds_between_readjustments=DELTA_R, readjustment_end_round=R_END,
       upload_dtype=upload_dtype, compact_messages=True, cohort=settings,
+      compact_download=download,
   )
+
+
+def _cohort_values(r):
+  """Round r's cohorts of 2 clients (the last one alone)."""
+  per_epoch = [-(-(24 + 5 * c) // 8) for c in range(CLIENTS)]
+  return cohort_work.pack_cohorts(_clients(r), 1, per_epoch, 8, 2)
+
+
+@functools.cache
+def _cohort_run(layout, upload_dtype):
+  """The run with cohorts, each client's upload built, counted and decoded
+  inside its cohort; TFF's broadcast of the model weights."""
+  process = _cohort_process(layout, upload_dtype)
   state, rounds = process.initialize(), []
   for r in range(1, ROUNDS + 1):
-    datasets = _clients(r)
-    per_epoch = [-(-(24 + 5 * c) // 8) for c in range(CLIENTS)]
-    output = process.next(state, cohort_work.pack_cohorts(datasets, 1, per_epoch, 8, 2))
+    output = process.next(state, _cohort_values(r))
     state = output.state
     rounds.append((process.get_model_weights(state), output.metrics))
   return rounds
@@ -377,6 +387,59 @@ def test_compact_downloads_send_the_mask_only_to_clients_without_it(layout):
     masks = new_masks
     held_by_round.append(held)
   assert held_by_round == [[], [], ["a", "b"], []]
+
+
+def test_cohorts_receive_compact_downloads_and_count_each_clients_copy(layout):
+  """Cohorts of 2 on compact downloads: the broadcast is the compact
+  message; a cohort receives the mask when any of its clients lacks it and
+  counts the mask once per such client. Round 3's cohorts: [a, e] (a holds
+  the mask, e does not), [b] (holds it). Every round's measured download
+  equals the ledger's formula for the same clients, and the run equals the
+  cohort run on TFF's broadcast of the model weights."""
+  process = _cohort_process(layout, tf.float32, download=True)
+  weights_type = process.get_model_weights.type_signature.result
+  (broadcast,) = [
+      c for c in wire.crossings(process.next) if c.intrinsic == "federated_broadcast"
+      and c.bits == wire.type_bits(compact_download.message_type(weights_type, layout))
+  ]
+  assert broadcast.bits == 32 * (layout.num_kept + layout.num_unmasked)
+  ledger = costs.CommunicationLedger(
+      costs.ModelSize(layout.num_prunable, layout.num_unmasked, layout.num_mask_bits), True
+  )
+  ids = [["a", "b", "c"], ["a", "b", "d"], ["a", "e", "b"], ["a", "e", "f"]]
+  state = process.initialize()
+  masks = sparse_model.kernels_and_masks(process.get_model_weights(state), layout)[1]
+  stale_by_round = []
+  for r, (clients, (want, _)) in enumerate(zip(ids, _cohort_run(layout, tf.float32)), start=1):
+    packed = compact_download.pack_masks_np(masks, layout)
+    members = [clients[:2], clients[2:]]
+    stale = [sum(ledger.needs_mask(cid) for cid in cohort) for cohort in members]
+    data = [
+        compact_download.cohort_data(value, len(cohort), n, packed, layout)
+        for value, cohort, n in zip(_cohort_values(r), members, stale)
+    ]
+    output = process.next(state, data)
+    state = output.state
+    measured = int(output.metrics["client_work"]["clients"]["download_bits"])
+    assert measured == ledger.download(clients, layout.num_kept)
+    weights = process.get_model_weights(state)
+    new_masks = sparse_model.kernels_and_masks(weights, layout)[1]
+    _, want_masks = sparse_model.kernels_and_masks(want, layout)
+    for a, b in zip(new_masks, want_masks):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(weights.trainable, want.trainable):  # as in the upload test
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if any(not np.array_equal(a, b) for a, b in zip(masks, new_masks)):
+      ledger.global_mask_changed()
+    masks = new_masks
+    stale_by_round.append(stale)
+  assert stale_by_round == [[2, 1], [2, 1], [1, 0], [2, 1]]
+
+
+def test_a_cohorts_stale_count_is_checked(layout):
+  value = _cohort_values(1)[0]
+  with pytest.raises(ValueError, match="3 stale clients in a cohort of 2"):
+    compact_download.cohort_data(value, 2, 3, None, layout)
 
 
 # ------------------------------------------ dense algorithms: their TFF types

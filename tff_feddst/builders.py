@@ -51,7 +51,7 @@ class BuiltAlgorithm:
   tiers: tuple | None = None
   # The server sends compact messages, the mask only to clients that need
   # it (`compact_download`); the clients' values are
-  # `compact_download.client_data`.
+  # `compact_download.client_data`, a cohort's `compact_download.cohort_data`.
   compact_download: bool = False
   # (download, upload) bits per client of the model messages, read from the
   # TFF types of `process.next` (`wire.model_message_bits`): set for the
@@ -177,8 +177,8 @@ def _build_sparse(readjusts: bool) -> Builder:
     cohort = cohort_settings(config, keras_fn, input_spec)
     table = gradual_budgets(config, layout)
     # Clients send compact messages (in cohorts, decoded before the
-    # cohort's sum) and per-client work receives compact downloads; a
-    # budget table changes the message types.
+    # cohort's sum) and receive compact downloads; a budget table changes
+    # the message types.
     compact = table is None
     tier_setup = None
     if config.client_sparsity_tiers:
@@ -207,14 +207,14 @@ def _build_sparse(readjusts: bool) -> Builder:
         remember_old=config.remember_old,
         compact_messages=compact,
         num_tiers=0 if tier_setup is None else len(tier_setup[0].sparsities),
-        compact_download=compact and cohort is None,
+        compact_download=compact,
     )
     size = costs.ModelSize(layout.num_prunable, layout.num_unmasked, layout.num_mask_bits)
     value_bits = 16 if config.upload_dtype == "float16" else 32
     return BuiltAlgorithm(
         process, initial, layout, size, epochs_in_process=True,
         upload_value_bits=value_bits, cohort=cohort, budget_table=table,
-        tiers=tier_setup, compact_download=compact and cohort is None,
+        tiers=tier_setup, compact_download=compact,
     )
 
   return build

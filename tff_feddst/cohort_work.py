@@ -31,6 +31,7 @@ import tensorflow_federated as tff
 from tff_feddst import aggregation
 from tff_feddst import client_work as client_work_lib
 from tff_feddst import cohort
+from tff_feddst import compact_download
 from tff_feddst import messages
 from tff_feddst.sparse_model import SparseLayout
 
@@ -315,6 +316,24 @@ def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate, co
   return tf.function(update, autograph=False)
 
 
+def _on_compact_download(update, layout, non_trainable):
+  """`update` (`_cohort_update`'s) on the server's compact message and the
+  cohort's `compact_download.cohort_data`; its stats add `download_bits`."""
+
+  def on_message(message, data, num_to_readjust, round_budgets):
+    weights, message_bits, mask_bits = compact_download.receive_parts(
+        message, data, layout, non_trainable
+    )
+    contributions, train, stats = update(weights, data["train"], num_to_readjust, round_budgets)
+    stale = tf.cast(data[compact_download.STALE].get_single_element()[0], tf.int64)
+    stats["download_bits"] = (
+        tf.cast(stats["clients"], tf.int64) * message_bits + stale * mask_bits
+    )
+    return contributions, train, stats
+
+  return tf.function(on_message, autograph=False)
+
+
 def _finalize_train(sums):
   count = tf.maximum(sums["examples"], 1.0)
   return collections.OrderedDict(
@@ -340,6 +359,7 @@ def build_cohort_client_work(
     readjustment_schedule: str = "cosine",
     budget_table=None,
     compact: bool = False,
+    download_non_trainable=None,
 ) -> tff.learning.templates.ClientWorkProcess:
   """FedDST's client work for cohorts (alpha = 0 gives RandomMask).
 
@@ -349,6 +369,13 @@ def build_cohort_client_work(
   or the row of `budget_table` for the round: `client_work.build_schedule`).
   `compact` (fixed budgets): each client's upload is its compact message,
   decoded before the sum, and the stats count its bits (`upload_bits`).
+  `download_non_trainable` (with `compact`; the model's non-trainable
+  values, numpy): compact downloads. The work takes the server's compact
+  message (`compact_download.message_type`) and the cohort's
+  `compact_download.cohort_data`, decodes the message once for its clients
+  (`compact_download.receive_parts`) and counts what its clients received
+  (`download_bits`): the message once per client and the mask once per
+  client that needed it.
   """
   cohort.check_grouped_convolutions()
   _, weights_type, _ = client_work_lib.model_types(model_fn)
@@ -364,6 +391,12 @@ def build_cohort_client_work(
   update = _cohort_update(
       network, layout, hp, local_epochs, upload_dtype, budgets is not None, compact
   )
+  if download_non_trainable is not None:
+    if not compact:
+      raise ValueError("compact downloads go with compact uploads")
+    update = _on_compact_download(update, layout, download_non_trainable)
+    weights_type = compact_download.message_type(weights_type, layout)
+    steps_type = compact_download.cohort_data_type(steps_type, layout)
 
   @tff.tensorflow.computation(weights_type, steps_type, k_type, k_type)
   def cohort_update_tf(weights, steps, num_to_readjust, round_budgets):

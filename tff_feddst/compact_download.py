@@ -22,6 +22,11 @@ Three parts, around the process `feddst.build_feddst` composes:
   counts the bits it received (`download_bits`: the message's and the
   selected mask's tensors, at run time).
 
+Cohorts (`cohort_work`): a TFF client is a cohort of clients, whose value
+(`cohort_data`) adds how many of them lack the mask; the cohort decodes the
+message once for all of them and counts one copy of the message per client
+and one of the mask per client that lacked it.
+
 TFF's clients keep nothing between rounds; the mask a client holds travels
 in its own data (TFF's way of keeping client state in simulation), is not
 sent by the server and is not counted. The driver keeps it per client in
@@ -160,13 +165,51 @@ def receive(message, data, layout: SparseLayout, non_trainable):
   The bits are the message's and the selected mask's tensors (at run
   time: an empty selection counts 0). `non_trainable`: numpy values of
   the model's non-trainable variables (`decode_broadcast`)."""
+  weights, message_bits, mask_bits = receive_parts(message, data, layout, non_trainable)
+  return weights, message_bits + mask_bits
+
+
+def receive_parts(message, data, layout: SparseLayout, non_trainable):
+  """`receive`, the bits apart: (ModelWeights, the message's bits, the
+  selected mask's bits)."""
   received = data["received"].get_single_element()
   mask_bits = [
       tf.cond(tf.size(held) > 0, lambda held=held: held, lambda got=got: got)
       for held, got in zip(data["held"].get_single_element(), received)
   ]
   weights = decode_broadcast(message, mask_bits, layout, [tf.constant(v) for v in non_trainable])
-  return weights, messages.tensor_bits(message) + messages.tensor_bits(received)
+  return weights, messages.tensor_bits(message), messages.tensor_bits(received)
+
+
+# A cohort's own field (`cohort_data`): how many of its clients need the mask.
+STALE = "stale"
+
+
+def cohort_data_type(steps_type, layout: SparseLayout):
+  """What a cohort's client work takes on compact downloads:
+  OrderedDict(train, stale, held, received) (`client_data_type`), `stale`
+  a one-element sequence of int32[1]."""
+  stale_type = tff.SequenceType(tff.TensorType(np.int32, [1]))
+  return client_data_type(steps_type, layout, extra=((STALE, stale_type),))
+
+
+def cohort_data(cohort_value, num_clients: int, num_stale: int, held, layout: SparseLayout):
+  """A cohort's value of the round (`wrap_process`): the cohort's steps
+  (`cohort_work.client_value`), `stale`, the number of its `num_clients`
+  clients that hold no current global mask, and the packed global mask the
+  others hold (`pack_masks_np`; none when every client is stale).
+
+  The server sends the mask to the cohort when any of its clients needs it
+  (its key is `num_stale`); the cohort counts it once per stale client.
+  """
+  if not 0 <= num_stale <= num_clients:
+    raise ValueError(f"{num_stale} stale clients in a cohort of {num_clients}")
+  value = client_data(cohort_value, None if num_stale == num_clients else held, layout)
+  value[STALE] = tf.data.Dataset.from_tensors(np.array([num_stale], np.int32))
+  value["key"] = value[STALE]
+  return collections.OrderedDict(
+      (name, value[name]) for name in ("train", STALE, "held", "key")
+  )
 
 
 def build_broadcast(weights_type, layout: SparseLayout) -> tff.templates.MeasuredProcess:

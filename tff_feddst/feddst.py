@@ -112,7 +112,7 @@ def build_feddst(
       raise ValueError("compact downloads go with compact uploads")
     return _compose_compact_download(
         model_fn, layout, initial_weights, client_optimizer, schedule, prox_mu,
-        server_optimizer, finalizer_options, num_tiers,
+        server_optimizer, finalizer_options, num_tiers, cohort, min_votes,
     )
   client_work, factory = _pick_client_work(
       compact_messages and not cohort_compact, cohort_compact, model_fn, layout,
@@ -152,14 +152,28 @@ def _schedule(local_epochs, readjustment_ratio, rounds_between_readjustments,
 
 
 def _compose_compact_download(model_fn, layout, initial_weights, client_optimizer, schedule,
-                              prox_mu, server_optimizer, finalizer_options, num_tiers=0):
+                              prox_mu, server_optimizer, finalizer_options, num_tiers=0,
+                              cohort=None, min_votes=1):
   """The process of compact downloads and uploads (`compact_download`), of
-  clients of `num_tiers` tiers (`tier_work`) or all at the layout's budgets."""
+  clients of `num_tiers` tiers (`tier_work`), of cohorts (`cohort_work`,
+  whose sums the presummed voting factory adds; `min_votes` applies there)
+  or of single clients at the layout's budgets."""
   if schedule["budget_table"] is not None:
     raise ValueError("compact downloads need fixed budgets (no budget table)")
   _, weights_type, _ = client_work_lib.model_types(model_fn)
   fixed = {k: v for k, v in schedule.items() if k != "budget_table"}
-  if num_tiers:
+  factory = compact_voting.CompactVotingFactory(layout)
+  if cohort is not None:
+    if num_tiers:
+      raise ValueError("clients of sparsity tiers train one by one, not in cohorts")
+    budgets = dict(zip(layout.kernel_index, layout.budgets))
+    client_work = cohort_work.build_cohort_client_work(
+        model_fn, cohort.keras_fn, layout, cohort.hyperparameters(prox_mu),
+        image_shape=cohort.image_shape, budgets=budgets, compact=True,
+        download_non_trainable=initial_weights.non_trainable, **schedule,
+    )
+    factory = aggregation.SparseVotingFactory(min_votes, budgets=budgets, presummed=True)
+  elif num_tiers:
     client_work = tier_work.build_client_work(
         model_fn, layout, client_optimizer, num_tiers, prox_mu=prox_mu,
         initial_non_trainable=initial_weights.non_trainable, **fixed,
@@ -170,7 +184,7 @@ def _compose_compact_download(model_fn, layout, initial_weights, client_optimize
         **fixed,
     )
   inner = _compose_sparse(
-      client_work, compact_voting.CompactVotingFactory(layout), initial_weights, layout,
+      client_work, factory, initial_weights, layout,
       server_optimizer, weights_type=weights_type,
       distributor=compact_download.build_broadcast(weights_type, layout), **finalizer_options,
   )

@@ -286,23 +286,47 @@ class RoundStep:
     data set would give (`cohort_work.pack_cohorts_from_arrays`).
     """
     settings = self.phase.built.cohort
-    if self.phase.built.compact_download:
+    if self.phase.built.compact_download and settings is None:
       return self._compact_download_inputs(survivors)
     if settings is None or not survivors:
       return [dataset for _, dataset, _ in survivors]
     clients = [(cid, shuffle_seed) for cid, _, shuffle_seed in survivors]
     prefetched, self._prefetched = self._prefetched, None
     if prefetched is not None and prefetched[0] == clients:
-      return prefetched[1].result()
-    return self._pack_cohorts(clients)
+      cohorts = prefetched[1].result()
+    else:
+      cohorts = self._pack_cohorts(clients)
+    if self.phase.built.compact_download:
+      return self._compact_cohort_inputs([cid for cid, _ in clients], cohorts)
+    return cohorts
+
+  def _compact_cohort_inputs(self, client_ids, cohorts) -> list:
+    """Each cohort's value on compact downloads: its steps, how many of its
+    clients need the global mask, the packed mask the others hold
+    (`compact_download.cohort_data`). Cohorts hold consecutive clients
+    (`_pack_cohorts`)."""
+    from tff_feddst import compact_download  # pylint: disable=g-import-not-at-top
+
+    layout = self.phase.built.layout
+    held = compact_download.pack_masks_np(self._masks, layout)
+    size = self._cohort_size(len(client_ids))
+    values = []
+    for c, value in enumerate(cohorts):
+      members = client_ids[c * size:(c + 1) * size]
+      stale = sum(cid in self._stale for cid in members)
+      values.append(compact_download.cohort_data(value, len(members), stale, held, layout))
+    return values
 
   def _pack_cohorts(self, clients) -> list:
     from tff_feddst import cohort_work  # pylint: disable=g-import-not-at-top
 
     return cohort_work.pack_cohorts_from_arrays(
         self.fed_data, clients, self.config.local_epochs, self.config.batch_size,
-        self.config.cohort_size or self._default_cohort_size(len(clients)),
+        self._cohort_size(len(clients)),
     )
+
+  def _cohort_size(self, num_clients: int) -> int:
+    return self.config.cohort_size or self._default_cohort_size(num_clients)
 
   def prefetch(self, round_num: int) -> None:
     """Packs round `round_num`'s cohorts in a background thread while this
@@ -317,7 +341,7 @@ class RoundStep:
     """
     built = self.phase.built
     if (
-        type(self) is not RoundStep or built.cohort is None or built.compact_download
+        type(self) is not RoundStep or built.cohort is None
         or round_num > self.phase.last_round
     ):
       return
