@@ -10,7 +10,10 @@
 - compact downloads: the server's message round-trips, has no kernel-shaped
   tensor, and a run in which the mask goes only to the clients without it
   equals the dense run, with the bits the clients measure receiving equal
-  to the ledger's formula for the same clients;
+  to the ledger's formula for the same clients; cohorts receive it once
+  and count a copy per client;
+- gradual sparsification: messages of each round's length both ways,
+  measured equal to the formula at that round's budgets;
 - the dense algorithms' per-client messages, read from the TFF types of
   their rounds (`wire.py`), equal the formula.
 """
@@ -30,6 +33,7 @@ from tff_feddst import compact_download
 from tff_feddst import compact_voting
 from tff_feddst import costs
 from tff_feddst import feddst
+from tff_feddst import masks as masks_lib
 from tff_feddst import messages
 from tff_feddst import optimizers
 from tff_feddst import sparse_model
@@ -434,6 +438,75 @@ def test_cohorts_receive_compact_downloads_and_count_each_clients_copy(layout):
     masks = new_masks
     stale_by_round.append(stale)
   assert stale_by_round == [[2, 1], [2, 1], [1, 0], [2, 1]]
+
+
+def _gradual_process(layout, table, compact):
+  return feddst.build_feddst(
+      sparse_model.make_model_fn(_keras, _spec(), True),
+      layout,
+      sparse_model.initial_model_weights(_keras, 3, layout),
+      optimizers.build_sgdw(0.05, 0.9, 0.001),
+      local_epochs=1,
+      readjustment_ratio=0.3,
+      rounds_between_readjustments=DELTA_R,
+      readjustment_end_round=R_END,
+      budget_table=table,
+      compact_messages=compact,
+      compact_download=compact,
+  )
+
+
+def test_gradual_sparsification_sends_each_rounds_budget_both_ways(layout):
+  """Budgets that shrink by round (S 0.6 -> 0.8 by round 4): messages both
+  ways hold exactly the round's kept values (`float32[?]`); the measured
+  bits equal the ledger's formula at the round's budgets in every round,
+  and the run equals the one with TFF's broadcast and dense uploads."""
+  table = masks_lib.budget_table(layout.kernel_shapes, 0.6, 0.8, R_END, "erk", layout.all_rows)
+  assert sum(table[0]) == layout.num_kept and sum(table[-1]) < sum(table[1]) < sum(table[0])
+  table = tuple(tuple(row) for row in table)
+  compact, dense = _gradual_process(layout, table, True), _gradual_process(layout, table, False)
+  types = [c.type for c in wire.crossings(compact.next) if c.intrinsic == "federated_broadcast"]
+  assert any("float32[?]" in t for t in types)
+  ledger = costs.CommunicationLedger(
+      costs.ModelSize(layout.num_prunable, layout.num_unmasked, layout.num_mask_bits), True
+  )
+  packed_mask_bits = 8 * sum(
+      messages.packed_size(messages.mask_units(s, r))
+      for s, r in zip(layout.kernel_shapes, layout.all_rows)
+  )
+  clients = ["a", "b", "c"]
+  s_c, s_d = compact.initialize(), dense.initialize()
+  changed_rounds = []
+  for r in range(1, ROUNDS + 1):
+    weights = compact.get_model_weights(s_c)
+    masks = sparse_model.kernels_and_masks(weights, layout)[1]
+    assert sum(int(np.sum(m)) for m in masks) == sum(table[r - 1])
+    held = compact_download.pack_masks_np(masks, layout)
+    data = [
+        compact_download.client_data(ds, None if ledger.needs_mask(cid) else held, layout)
+        for cid, ds in zip(clients, _clients(r))
+    ]
+    out_c, out_d = compact.next(s_c, data), dense.next(s_d, _clients(r))
+    s_c, s_d = out_c.state, out_d.state
+    stats = out_c.metrics["client_work"]["clients"]
+    assert int(stats["download_bits"]) == ledger.download(clients, sum(table[r - 1]))
+    assert int(stats["uploaded_values"]) == CLIENTS * sum(table[r - 1])
+    changed = int(stats["mask_changed"])
+    changed_rounds += [r] if changed else []
+    assert int(stats["upload_bits"]) == (
+        32 * (int(stats["uploaded_values"]) + CLIENTS * layout.num_unmasked)
+        + changed * packed_mask_bits
+    )
+    assert int(out_c.metrics["aggregator"]["rejected"]) == 0
+    w_c, w_d = compact.get_model_weights(s_c), dense.get_model_weights(s_d)
+    for a, b in zip(w_c.non_trainable, w_d.non_trainable):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(w_c.trainable, w_d.trainable):  # as in the upload test
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    new_masks = sparse_model.kernels_and_masks(w_c, layout)[1]
+    if any(not np.array_equal(a, b) for a, b in zip(masks, new_masks)):
+      ledger.global_mask_changed()
+  assert changed_rounds == [1, 3]
 
 
 def test_a_cohorts_stale_count_is_checked(layout):

@@ -220,9 +220,10 @@ def build_client_update(
     prox_mu: float = 0.0,
     upload_dtype: tf.DType = tf.float32,
     compact: bool = False,
+    padded: bool = True,
 ):
   """Returns the `tf.function` run by each client (`compact`: it uploads
-  `messages.encode_upload`'s message)."""
+  `messages.encode_upload`'s message, `padded` or exactly its kept values)."""
   model = model_fn()
   loss_fn = sparse_model.summed_loss()
   kernel_index = layout.kernel_index
@@ -243,7 +244,7 @@ def build_client_update(
     )
     return _client_outputs(
         model, trainable, mask_vars, initial_masks, slot_of, num_examples,
-        upload_dtype, layout if compact else None,
+        upload_dtype, layout if compact else None, padded=padded,
     )
 
   return client_update
@@ -337,10 +338,8 @@ def build_feddst_client_work(
 ) -> tff.learning.templates.ClientWorkProcess:
   """The FedDST `ClientWorkProcess` (alpha = 0 gives RandomMask). `compact`:
   clients upload compact messages (`messages.encode_upload`, summed by
-  `compact_voting.CompactVotingFactory`); not with a budget table, whose
-  budgets change by round."""
-  if compact and budget_table is not None:
-    raise ValueError("compact messages need fixed budgets (no budget table)")
+  `compact_voting.CompactVotingFactory`): with a budget table, whose
+  budgets change by round, exactly their kept values (`float[?]`)."""
   metrics_aggregation_fn, weights_type, data_type = model_types(model_fn)
   num_layers = len(layout.budgets)
   k_type = tff.TensorType(np.int32, [num_layers])
@@ -352,7 +351,8 @@ def build_feddst_client_work(
   @tff.tensorflow.computation(weights_type, data_type, k_type)
   def client_update_tf(initial_weights, dataset, num_to_readjust):
     client_update = build_client_update(
-        model_fn, layout, optimizer, local_epochs, prox_mu, upload_dtype, compact
+        model_fn, layout, optimizer, local_epochs, prox_mu, upload_dtype, compact,
+        padded=budget_table is None,
     )
     return client_update(initial_weights, dataset, num_to_readjust)
 

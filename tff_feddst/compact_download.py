@@ -44,13 +44,16 @@ from tff_feddst import messages
 from tff_feddst.sparse_model import SparseLayout
 
 
-def encode_broadcast(trainable, masks, layout: SparseLayout):
+def encode_broadcast(trainable, masks, layout: SparseLayout, padded: bool = True):
   """The server's message: OrderedDict(layers=[OrderedDict(values=
   float32[budget_l])], other=[the other trainable values]), values in
-  increasing position of the global mask, zero-padded to the budget."""
+  increasing position of the global mask, zero-padded to the budget;
+  `padded=False` (budgets that change by round): float32[?], exactly the
+  global mask's kept values."""
   layers = [
       collections.OrderedDict(values=messages.padded_values(
-          trainable[i], masks[slot], layout.budgets[slot], tf.float32))
+          trainable[i], masks[slot], layout.budgets[slot], tf.float32) if padded
+          else messages.kept_values(trainable[i], masks[slot], tf.float32))
       for slot, i in enumerate(layout.kernel_index)
   ]
   kernels = set(layout.kernel_index)
@@ -97,12 +100,13 @@ def decode_broadcast(message, mask_bits, layout: SparseLayout, non_trainable):
   return tff.learning.models.ModelWeights(trainable=trainable, non_trainable=non_trainable)
 
 
-def message_type(weights_type, layout: SparseLayout):
+def message_type(weights_type, layout: SparseLayout, padded: bool = True):
   """The type of `encode_broadcast`'s message."""
   slot_of = layout.mask_slot()
   layer_types = [
       tff.types.StructWithPythonType(
-          [("values", tff.TensorType(np.float32, [b]))], collections.OrderedDict
+          [("values", tff.TensorType(np.float32, [b if padded else None]))],
+          collections.OrderedDict,
       )
       for b in layout.budgets
   ]
@@ -212,14 +216,15 @@ def cohort_data(cohort_value, num_clients: int, num_stale: int, held, layout: Sp
   )
 
 
-def build_broadcast(weights_type, layout: SparseLayout) -> tff.templates.MeasuredProcess:
+def build_broadcast(weights_type, layout: SparseLayout,
+                    padded: bool = True) -> tff.templates.MeasuredProcess:
   """The distributor: `encode_broadcast` on the server, then broadcast."""
-  sent_type = message_type(weights_type, layout)
+  sent_type = message_type(weights_type, layout, padded)
 
   @tff.tensorflow.computation(weights_type)
   def encode_tf(weights):
     masks = [weights.non_trainable[i] for i in layout.mask_index]
-    return encode_broadcast(list(weights.trainable), masks, layout)
+    return encode_broadcast(list(weights.trainable), masks, layout, padded)
 
   encode_tf.type_signature.result.check_equivalent_to(sent_type)
 
@@ -238,26 +243,31 @@ def build_broadcast(weights_type, layout: SparseLayout) -> tff.templates.Measure
 def build_client_work(model_fn, layout: SparseLayout, optimizer, initial_non_trainable, *,
                       local_epochs,
                       readjustment_ratio, rounds_between_readjustments, readjustment_end_round,
-                      prox_mu=0.0, upload_dtype=tf.float32, readjustment_schedule="cosine"):
+                      prox_mu=0.0, upload_dtype=tf.float32, readjustment_schedule="cosine",
+                      budget_table=None):
   """FedDST's per-client work (`client_work.build_feddst_client_work`,
   compact uploads) on the compact download: weights are `encode_broadcast`'s
   message, data OrderedDict(train, held, received). `initial_non_trainable`:
   the model's non-trainable values (numpy; the masks among them are
   replaced by the decoded ones, and the pruning wrappers' other
-  variables never change under `sparse_model.KeepMaskSchedule`)."""
+  variables never change under `sparse_model.KeepMaskSchedule`).
+  `budget_table` (gradual sparsification): messages both ways hold exactly
+  the kept values (`padded=False`)."""
   metrics_aggregation_fn, weights_type, data_type = client_work_lib.model_types(model_fn)
-  sent_type = message_type(weights_type, layout)
+  padded = budget_table is None
+  sent_type = message_type(weights_type, layout, padded)
   data_type = client_data_type(data_type, layout)
   k_type = tff.TensorType(np.int32, [len(layout.budgets)])
   schedule = client_work_lib.build_schedule(
       layout, readjustment_ratio, rounds_between_readjustments, readjustment_end_round,
-      readjustment_schedule, None,
+      readjustment_schedule, budget_table,
   )
 
   @tff.tensorflow.computation(sent_type, data_type, k_type)
   def client_update_tf(message, data, num_to_readjust):
     client_update = client_work_lib.build_client_update(
-        model_fn, layout, optimizer, local_epochs, prox_mu, upload_dtype, compact=True
+        model_fn, layout, optimizer, local_epochs, prox_mu, upload_dtype, compact=True,
+        padded=padded,
     )
     weights, download_bits = receive(message, data, layout, initial_non_trainable)
     result, train, stats = client_update(weights, data["train"], num_to_readjust)

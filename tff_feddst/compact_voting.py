@@ -24,10 +24,12 @@ average and reports the voting statistics.
 
 import collections
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_feddst import aggregation
+from tff_feddst import client_work as client_work_lib
 from tff_feddst import messages
 from tff_feddst.sparse_model import SparseLayout
 
@@ -44,8 +46,11 @@ def _trainable_shapes(layout: SparseLayout, value_type):
   ]
 
 
-def zero_sums(layout: SparseLayout, shapes):
-  """The sums before any client: VotingSums of zeros."""
+def zero_sums(layout: SparseLayout, shapes, shared_sizes=None):
+  """The sums before any client: VotingSums of zeros. `shared_sizes`: the
+  length of each layer's sum of values on the global mask (default: the
+  layout's budgets)."""
+  shared_sizes = layout.budgets if shared_sizes is None else shared_sizes
   slot_of = layout.mask_slot()
   per_value = lambda: [  # noqa: E731
       tf.zeros(shape if i in slot_of else [], tf.float32) for i, shape in enumerate(shapes)
@@ -58,7 +63,7 @@ def zero_sums(layout: SparseLayout, shapes):
       total=tf.constant(0.0),
       rejected=tf.constant(0, tf.int32),
       shared=collections.OrderedDict(
-          weighted=[tf.zeros([b], tf.float32) for b in layout.budgets],
+          weighted=[tf.zeros([b], tf.float32) for b in shared_sizes],
           total=tf.zeros([layers], tf.float32),
           clients=tf.zeros([layers], tf.float32),
       ),
@@ -72,14 +77,18 @@ def _fit(values, budget: int):
   return tf.ensure_shape(tf.pad(values, [[0, budget - tf.shape(values)[0]]]), [budget])
 
 
-def accumulate(sums, message, weight, layout: SparseLayout):
+def accumulate(sums, message, weight, layout: SparseLayout, budgets=None):
   """`sums` plus one client's validated, weighted contribution.
 
   A message is rejected (weight 0, no votes, counted) when its weight is
   not positive and finite, a value is not finite, a layer's mask bits are
   neither absent nor ceil(units / 8) bytes, or a mask keeps more positions
-  than its layer's budget, or than the values sent (with mask bits; values
-  of any length, `padded=False` uploads, are decoded against them)."""
+  than its layer's budget (`budgets`, int32 [L] in layout order: the
+  round's; default `layout.budgets`), or than the values sent (with mask
+  bits; values of any length, `padded=False` uploads, are decoded against
+  them)."""
+  if budgets is None:
+    budgets = list(layout.budgets)
   w = tf.cast(weight, tf.float32)
   checks = [tf.math.is_finite(w), w > 0]
   for leaf in tf.nest.flatten(message):
@@ -98,7 +107,7 @@ def accumulate(sums, message, weight, layout: SparseLayout):
         lambda shape=shape: tf.zeros(shape, tf.float32),
     )
     kept = tf.reduce_sum(tf.cast(mask > 0, tf.int64))
-    checks.append(kept <= layout.budgets[slot])
+    checks.append(kept <= tf.cast(budgets[slot], tf.int64))
     checks.append(kept <= tf.size(layer["values"], out_type=tf.int64))
     decoded_masks.append(mask)
     carried.append(has_mask)
@@ -132,7 +141,8 @@ def accumulate(sums, message, weight, layout: SparseLayout):
     new["votes"][i] += wm
     new["counts"][i] += voter * mask
     on_global = tf.cast(tf.logical_not(carried[slot]), tf.float32)
-    shared["weighted"][slot] += on_global * w * _fit(values, layout.budgets[slot])
+    size = sums["shared"]["weighted"][slot].shape[0]
+    shared["weighted"][slot] += on_global * w * _fit(values, size)
     shared["total"].append(on_global * w)
     shared["clients"].append(on_global * voter)
   return collections.OrderedDict(
@@ -170,16 +180,26 @@ def finish_with_global_masks(sums, global_masks, layout: SparseLayout, min_votes
 
 class CompactVotingFactory(tff.aggregators.WeightedAggregationFactory):
   """Sums compact uploads (`messages.encode_upload`) for the voting average;
-  the finalizer finishes it (module docstring)."""
+  the finalizer finishes it (module docstring).
 
-  def __init__(self, layout: SparseLayout):
+  `budget_table` (gradual sparsification, `masks.budget_table`: rows in
+  layout order, row j for round j + 1): the state counts rounds
+  (OrderedDict(round_num)), and each message is checked against its round's
+  budgets, which the server sends with the round (as
+  `aggregation.SparseVotingFactory` does for dense updates).
+  """
+
+  def __init__(self, layout: SparseLayout, budget_table=None):
     self._layout = layout
+    self._table = None if budget_table is None else [[int(b) for b in r] for r in budget_table]
 
   def create(self, value_type, weight_type) -> tff.templates.AggregationProcess:
     layout = self._layout
     if len(value_type.layers) != len(layout.kernel_index):
       raise TypeError(f"expected {len(layout.kernel_index)} layers, got {value_type}")
     shapes = _trainable_shapes(layout, value_type)
+    if self._table is not None:
+      return _scheduled_process(layout, self._table, shapes, value_type, weight_type)
 
     @tff.tensorflow.computation
     def zero_fn():
@@ -223,3 +243,73 @@ class CompactVotingFactory(tff.aggregators.WeightedAggregationFactory):
 
     return tff.templates.AggregationProcess(init_fn, next_fn)
 
+
+
+def _scheduled_process(layout: SparseLayout, table, shapes, value_type, weight_type):
+  """`CompactVotingFactory`'s process whose budgets change by round."""
+  if any(len(row) != len(layout.budgets) for row in table):
+    raise ValueError("every row of budget_table needs one budget per layer")
+  # The sums of values on the global mask hold the largest budget of any round.
+  sizes = [max([layout.budgets[slot]] + [row[slot] for row in table])
+           for slot in range(len(layout.budgets))]
+  budgets_type = tff.TensorType(np.int32, [len(layout.budgets)])
+
+  @tff.tensorflow.computation
+  def zero_fn():
+    return zero_sums(layout, shapes, sizes)
+
+  sums_type = zero_fn.type_signature.result
+
+  @tff.tensorflow.computation(sums_type, (value_type, weight_type, budgets_type))
+  def accumulate_fn(sums, client):
+    return accumulate(sums, client[0], client[1], layout, client[2])
+
+  @tff.tensorflow.computation(sums_type, sums_type)
+  def merge_fn(a, b):
+    return tf.nest.map_structure(tf.add, a, b)
+
+  @tff.tensorflow.computation(sums_type)
+  def report_fn(sums):
+    return sums
+
+  @tff.tensorflow.computation(sums_type)
+  def rejected_fn(sums):
+    return sums["rejected"]
+
+  @tff.tensorflow.computation
+  def init_tf():
+    return collections.OrderedDict(round_num=tf.constant(1, tf.int32))
+
+  state_type = init_tf.type_signature.result
+
+  @tff.tensorflow.computation(state_type)
+  def lookup(state):
+    return client_work_lib.round_budgets(table, state["round_num"])
+
+  @tff.tensorflow.computation(state_type)
+  def advance(state):
+    return collections.OrderedDict(round_num=state["round_num"] + 1)
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_eval(init_tf, tff.SERVER)
+
+  @tff.federated_computation(
+      init_fn.type_signature.result,
+      tff.FederatedType(value_type, tff.CLIENTS),
+      tff.FederatedType(weight_type, tff.CLIENTS),
+  )
+  def next_fn(state, value, weight):
+    budgets = tff.federated_broadcast(tff.federated_map(lookup, state))
+    sums = tff.federated_aggregate(
+        tff.federated_zip((value, weight, budgets)), zero_fn(), accumulate_fn, merge_fn,
+        report_fn,
+    )
+    measurements = tff.federated_zip(
+        collections.OrderedDict(rejected=tff.federated_map(rejected_fn, sums))
+    )
+    return tff.templates.MeasuredProcessOutput(
+        tff.federated_map(advance, state), sums, measurements
+    )
+
+  return tff.templates.AggregationProcess(init_fn, next_fn)

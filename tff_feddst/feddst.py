@@ -89,7 +89,7 @@ def build_feddst(
     budget_table: gradual sparsification, the layers' budgets of every round
       (`masks.budget_table`, rows in layout order); None: `layout.budgets`.
     remember_old: unvoted global-mask positions keep their previous value.
-    compact_messages: compact uploads (fixed budgets; `messages`), summed by
+    compact_messages: compact uploads (`messages`; cohorts: fixed budgets), summed by
       `compact_voting`, or decoded in the cohort before its sum.
     num_tiers: clients of this many sparsity tiers (`tier_work`, section 3.8
       of docs/algorithms.md; `layout` is at the lowest tier sparsity).
@@ -158,11 +158,12 @@ def _compose_compact_download(model_fn, layout, initial_weights, client_optimize
   clients of `num_tiers` tiers (`tier_work`), of cohorts (`cohort_work`,
   whose sums the presummed voting factory adds; `min_votes` applies there)
   or of single clients at the layout's budgets."""
-  if schedule["budget_table"] is not None:
-    raise ValueError("compact downloads need fixed budgets (no budget table)")
+  table = schedule["budget_table"]
+  if table is not None and (cohort is not None or num_tiers):
+    raise ValueError("compact messages of cohorts and tiers need fixed budgets (no budget table)")
   _, weights_type, _ = client_work_lib.model_types(model_fn)
   fixed = {k: v for k, v in schedule.items() if k != "budget_table"}
-  factory = compact_voting.CompactVotingFactory(layout)
+  factory = compact_voting.CompactVotingFactory(layout, table)
   if cohort is not None:
     if num_tiers:
       raise ValueError("clients of sparsity tiers train one by one, not in cohorts")
@@ -181,12 +182,13 @@ def _compose_compact_download(model_fn, layout, initial_weights, client_optimize
   else:
     client_work = compact_download.build_client_work(
         model_fn, layout, client_optimizer, initial_weights.non_trainable, prox_mu=prox_mu,
-        **fixed,
+        **schedule,
     )
   inner = _compose_sparse(
       client_work, factory, initial_weights, layout,
       server_optimizer, weights_type=weights_type,
-      distributor=compact_download.build_broadcast(weights_type, layout), **finalizer_options,
+      distributor=compact_download.build_broadcast(weights_type, layout, padded=table is None),
+      **finalizer_options,
   )
   return compact_download.wrap_process(inner, layout)
 
@@ -220,10 +222,11 @@ def _compact_client_work_and_factory(
   all at the layout's budgets) and the factory that sums them (the
   finalizer applies `min_votes`)."""
   del min_votes
-  if cohort is not None or aggregation_factory is not None or schedule["budget_table"]:
+  table = schedule["budget_table"]
+  if cohort is not None or aggregation_factory is not None or (table and num_tiers):
     raise ValueError(
-        "compact messages are sent by per-client work with fixed budgets and the "
-        "voting aggregation"
+        "compact messages are sent by per-client work with the voting aggregation "
+        "(clients of tiers: with fixed budgets)"
     )
   if num_tiers:
     client_work = tier_work.build_client_work(
@@ -234,7 +237,7 @@ def _compact_client_work_and_factory(
     client_work = client_work_lib.build_feddst_client_work(
         model_fn, layout, client_optimizer, prox_mu=prox_mu, compact=True, **schedule
     )
-  return client_work, compact_voting.CompactVotingFactory(layout)
+  return client_work, compact_voting.CompactVotingFactory(layout, table)
 
 
 def _client_work_and_factory(

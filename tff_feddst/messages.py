@@ -232,6 +232,12 @@ def padded_values(kernel, mask, budget: int, value_dtype):
   return tf.ensure_shape(tf.cast(values, value_dtype), [budget])
 
 
+def kept_values(kernel, mask, value_dtype):
+  """value_dtype[?]: the kept values in increasing position."""
+  kept = tf.reshape(mask, [-1]) > 0
+  return tf.cast(tf.boolean_mask(tf.reshape(kernel, [-1]), kept), value_dtype)
+
+
 def encode_upload(trainable, masks, layout, value_dtype=tf.float32, with_mask=True,
                   padded=True):
   """A client's upload: `encode`'s message with a fixed type for every
@@ -253,8 +259,7 @@ def encode_upload(trainable, masks, layout, value_dtype=tf.float32, with_mask=Tr
     if padded:
       values = padded_values(trainable[i], mask, layout.budgets[slot], value_dtype)
     else:
-      kept = tf.reshape(mask, [-1]) > 0
-      values = tf.cast(tf.boolean_mask(tf.reshape(trainable[i], [-1]), kept), value_dtype)
+      values = kept_values(trainable[i], mask, value_dtype)
     layers.append(collections.OrderedDict(values=values, mask_bits=bits))
   kernels = set(layout.kernel_index)
   other = [tf.cast(v, value_dtype) for i, v in enumerate(trainable) if i not in kernels]
