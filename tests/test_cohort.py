@@ -16,6 +16,7 @@ import tensorflow as tf
 import keras_models
 from tff_feddst import cohort
 from tff_feddst import cohort_work
+from tff_feddst import compact_download
 from tff_feddst import feddst
 from tff_feddst import messages
 from tff_feddst import optimizers
@@ -325,11 +326,33 @@ def test_cohort_gradual_sparsification_equals_per_client():
   model_fn = sparse_model.make_model_fn(_keras, SPEC, wrapped=True)
   optimizer = optimizers.build_sgdw(0.05, 0.9, 0.001)
   ref = feddst.build_feddst(model_fn, layout, initial, optimizer, **common)
-  coh = feddst.build_feddst(model_fn, layout, initial, optimizer, cohort=_settings(), **common)
+  # The cohort sends and receives compact messages of each round's length.
+  coh = feddst.build_feddst(
+      model_fn, layout, initial, optimizer, cohort=_settings(), compact_messages=True,
+      compact_download=True, **common,
+  )
+  packed_mask_bits = 8 * sum(
+      messages.packed_size(messages.mask_units(s, r))
+      for s, r in zip(layout.kernel_shapes, layout.all_rows)
+  )
   s_ref, s_coh = ref.initialize(), coh.initialize()
   for round_num in (1, 2):  # round 1 readjusts; each re-prunes to the next round's budgets
     out_ref = ref.next(s_ref, _datasets(round_num))
-    out_coh = coh.next(s_coh, _cohorts(_datasets(round_num)))
+    # Every client lacks the mask: it changes in every round.
+    values = _cohorts(_datasets(round_num))
+    out_coh = coh.next(s_coh, [
+        compact_download.cohort_data(v, n, n, None, layout) for v, n in zip(values, (3, 2))
+    ])
+    clients = out_coh.metrics["client_work"]["clients"]
+    kept = sum(table[round_num - 1])
+    assert int(clients["uploaded_values"]) == len(SIZES) * kept
+    assert int(clients.pop("upload_bits")) == (
+        32 * len(SIZES) * (kept + layout.num_unmasked)
+        + int(clients["mask_changed"]) * packed_mask_bits
+    )
+    assert int(clients.pop("download_bits")) == len(SIZES) * (
+        32 * (kept + layout.num_unmasked) + packed_mask_bits
+    )
     _assert_same_round(ref, coh, out_ref, out_coh, layout.mask_index)
     assert out_coh.metrics["aggregator"]["voting"]["rejected"] == 0
     _, kept = sparse_model.kernels_and_masks(coh.get_model_weights(out_coh.state), layout)

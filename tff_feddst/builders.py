@@ -177,9 +177,9 @@ def _build_sparse(readjusts: bool) -> Builder:
     cohort = cohort_settings(config, keras_fn, input_spec)
     table = gradual_budgets(config, layout)
     # Clients send compact messages (in cohorts, decoded before the
-    # cohort's sum) and receive compact downloads; with a budget table
-    # (values of every round's length) per client only.
-    compact = table is None or cohort is None
+    # cohort's sum) and receive compact downloads; with a budget table,
+    # values of each round's length.
+    compact = True
     tier_setup = None
     if config.client_sparsity_tiers:
       from tff_feddst import tiers  # pylint: disable=g-import-not-at-top

@@ -235,14 +235,17 @@ def _changed(masks, initial_masks, g):
   ]), axis=0)
 
 
-def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate, compact):
+def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate, compact,
+                   padded=True):
   """The TF body: (contributions, train sums, client stats) of a cohort.
 
   `validate`: reject a client whose mask keeps more than the round's budget
   of a layer (`round_budgets`, from the server's plan). `compact`: each
   client's upload is built as its compact message
-  (`messages.encode_cohort_uploads`), its bits counted (`upload_bits`), and
-  decoded as the server decodes it before the sum (fixed budgets only).
+  (`messages.encode_cohort_uploads`, `padded` to the layout's budgets or,
+  with budgets that change by round, as long as the kept values), its bits
+  counted (`upload_bits`), and decoded as the server decodes it before the
+  sum.
   """
   slot_of = layout.mask_slot()
   kernel_index = layout.kernel_index
@@ -280,8 +283,12 @@ def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate, co
     if compact:
       # Each client's upload as it sends it (the mask bits if its mask
       # changed), decoded as the server decodes it, then summed.
-      message = messages.encode_cohort_uploads(params, kernel_masks, layout, upload_dtype, changed)
-      values, sent_masks = messages.decode_cohort_uploads(message, layout, initial_masks, changed)
+      message = messages.encode_cohort_uploads(
+          params, kernel_masks, layout, upload_dtype, changed, padded
+      )
+      values, sent_masks = messages.decode_cohort_uploads(
+          message, layout, initial_masks, changed, padded
+      )
       extra_stats["upload_bits"] = messages.tensor_bits(message)
     else:
       values, sent_masks = params, kernel_masks
@@ -367,8 +374,9 @@ def build_cohort_client_work(
   `aggregation.SparseVotingFactory(presummed=True)`). Given `budgets`, each
   client's update is checked against the round's budgets (`layout.budgets`,
   or the row of `budget_table` for the round: `client_work.build_schedule`).
-  `compact` (fixed budgets): each client's upload is its compact message,
-  decoded before the sum, and the stats count its bits (`upload_bits`).
+  `compact`: each client's upload is its compact message, decoded before
+  the sum, and the stats count its bits (`upload_bits`); with a budget
+  table, messages both ways hold exactly the kept values.
   `download_non_trainable` (with `compact`; the model's non-trainable
   values, numpy): compact downloads. The work takes the server's compact
   message (`compact_download.message_type`) and the cohort's
@@ -386,16 +394,15 @@ def build_cohort_client_work(
       readjustment_schedule, budget_table,
   )
   k_type = tff.TensorType(np.int32, [len(layout.budgets)])
-  if compact and budget_table is not None:
-    raise ValueError("compact messages need fixed budgets (no budget table)")
+  padded = budget_table is None
   update = _cohort_update(
-      network, layout, hp, local_epochs, upload_dtype, budgets is not None, compact
+      network, layout, hp, local_epochs, upload_dtype, budgets is not None, compact, padded
   )
   if download_non_trainable is not None:
     if not compact:
       raise ValueError("compact downloads go with compact uploads")
     update = _on_compact_download(update, layout, download_non_trainable)
-    weights_type = compact_download.message_type(weights_type, layout)
+    weights_type = compact_download.message_type(weights_type, layout, padded)
     steps_type = compact_download.cohort_data_type(steps_type, layout)
 
   @tff.tensorflow.computation(weights_type, steps_type, k_type, k_type)

@@ -89,7 +89,7 @@ def build_feddst(
     budget_table: gradual sparsification, the layers' budgets of every round
       (`masks.budget_table`, rows in layout order); None: `layout.budgets`.
     remember_old: unvoted global-mask positions keep their previous value.
-    compact_messages: compact uploads (`messages`; cohorts: fixed budgets), summed by
+    compact_messages: compact uploads (`messages`), summed by
       `compact_voting`, or decoded in the cohort before its sum.
     num_tiers: clients of this many sparsity tiers (`tier_work`, section 3.8
       of docs/algorithms.md; `layout` is at the lowest tier sparsity).
@@ -159,8 +159,8 @@ def _compose_compact_download(model_fn, layout, initial_weights, client_optimize
   whose sums the presummed voting factory adds; `min_votes` applies there)
   or of single clients at the layout's budgets."""
   table = schedule["budget_table"]
-  if table is not None and (cohort is not None or num_tiers):
-    raise ValueError("compact messages of cohorts and tiers need fixed budgets (no budget table)")
+  if table is not None and num_tiers:
+    raise ValueError("compact messages of tiers need fixed budgets (no budget table)")
   _, weights_type, _ = client_work_lib.model_types(model_fn)
   fixed = {k: v for k, v in schedule.items() if k != "budget_table"}
   factory = compact_voting.CompactVotingFactory(layout, table)

@@ -335,14 +335,19 @@ def _row_counts(keep, g, size: int):
   return counts, tf.cumsum(counts, exclusive=True)
 
 
-def _padded_rows(kernel, mask, shape, budget: int, value_dtype):
+def _padded_rows(kernel, mask, shape, budget: int | None, value_dtype):
   """value_dtype [G, budget]: `padded_values` of each client (its kept
-  values in increasing position, cut or zero-padded to `budget`)."""
+  values in increasing position, cut or zero-padded to `budget`). `budget`
+  None: as long as the longest row (budgets that change by round; every
+  client keeps as many as the global mask it received, since readjustment
+  moves positions without changing their number)."""
   g, size = tf.shape(kernel)[0], int(np.prod(shape))
   keep = tf.reshape(mask, [-1]) > 0
   kept = tf.boolean_mask(tf.reshape(kernel, [-1]), keep)  # row after row
   counts, starts = _row_counts(keep, g, size)
-  if budget == 0:
+  if budget is None:
+    budget = tf.reduce_max(tf.concat([counts, [0]], 0))
+  elif budget == 0:
     return tf.zeros([g, 0], value_dtype)
   rank = tf.range(budget)[tf.newaxis]
   present = rank < counts[:, tf.newaxis]
@@ -350,20 +355,23 @@ def _padded_rows(kernel, mask, shape, budget: int, value_dtype):
   return tf.cast(tf.where(present, values, 0.0), value_dtype)
 
 
-def encode_cohort_uploads(trainable, masks, layout, value_dtype, send_mask):
+def encode_cohort_uploads(trainable, masks, layout, value_dtype, send_mask, padded=True):
   """The uploads of a cohort's G clients (`trainable`, `masks`: each tensor
   with a leading client axis) as one message of batched tensors: per layer
   `values` value_dtype[G, budget_l] (row g: client g's `encode_upload`
   values) and `mask_bits` uint8[S, ceil(units_l / 8)], the packed masks of
   the S clients whose `send_mask` (bool [G]) is true, in client order;
   `other` [G, ...]. Its `tensor_bits` are the sum of the G clients'
-  `encode_upload` messages' bits."""
+  `encode_upload` messages' bits. `padded=False` (budgets that change by
+  round): `values` value_dtype[G, ?], as long as the clients' kept values
+  (`encode_upload(padded=False)`; see `_padded_rows`)."""
   layers = []
   for slot, i in enumerate(layout.kernel_index):
     shape, rows = list(layout.kernel_shapes[slot]), layout.rows(slot)
     layers.append(collections.OrderedDict(
         values=_padded_rows(
-            trainable[i], masks[slot], shape, layout.budgets[slot], value_dtype
+            trainable[i], masks[slot], shape, layout.budgets[slot] if padded else None,
+            value_dtype,
         ),
         mask_bits=_pack_rows(tf.boolean_mask(masks[slot], send_mask), shape, rows),
     ))
@@ -372,12 +380,20 @@ def encode_cohort_uploads(trainable, masks, layout, value_dtype, send_mask):
   return collections.OrderedDict(layers=layers, other=other)
 
 
-def _decode_rows(values, mask, shape, budget: int):
+def _decode_rows(values, mask, shape, budget: int | None):
   """float32 [G, *shape]: each client's kept values at its mask's ones in
-  increasing position (`scatter_kept`: ones past the budget get 0)."""
+  increasing position (`scatter_kept`: ones past the budget get 0).
+  `budget` None: the values' width (`encode_cohort_uploads(padded=False)`)."""
   g, size = tf.shape(mask)[0], int(np.prod(shape))
-  if budget == 0:
+  if budget is None:
+    # A spare zero column keeps the gather below in range when the width is 0.
+    budget = tf.shape(values)[1]
+    values = tf.pad(values, [[0, 0], [0, 1]])
+    width = budget + 1
+  elif budget == 0:
     return tf.zeros_like(tf.reshape(mask, [g, *shape]))
+  else:
+    width = budget
   keep = tf.reshape(mask, [-1]) > 0
   positions = tf.where(keep)  # [K, 1], row after row
   _, starts = _row_counts(keep, g, size)
@@ -385,7 +401,9 @@ def _decode_rows(values, mask, shape, budget: int):
   rank = tf.range(tf.shape(positions)[0]) - tf.gather(starts, row)
   taken = rank < budget
   flat_values = tf.reshape(tf.cast(values, tf.float32), [-1])
-  picked = tf.where(taken, tf.gather(flat_values, row * budget + tf.minimum(rank, budget - 1)), 0.0)
+  picked = tf.where(
+      taken, tf.gather(flat_values, row * width + tf.minimum(rank, width - 1)), 0.0
+  )
   # SparseToDense: a plain scatter of sorted positions (4x scatter_nd's speed here).
   flat = tf.raw_ops.SparseToDense(
       sparse_indices=positions, output_shape=tf.cast(tf.stack([g * size]), tf.int64),
@@ -394,11 +412,11 @@ def _decode_rows(values, mask, shape, budget: int):
   return tf.reshape(flat, [g, *shape])
 
 
-def decode_cohort_uploads(message, layout, held_masks, send_mask):
+def decode_cohort_uploads(message, layout, held_masks, send_mask, padded=True):
   """(trainable, masks), each tensor [G, ...] float32, of
-  `encode_cohort_uploads`' message: a client's mask from its bits if it
-  sent them, else the mask the receiver holds for it (`held_masks`, the
-  global mask it was sent)."""
+  `encode_cohort_uploads`' message (of the same `padded`): a client's mask
+  from its bits if it sent them, else the mask the receiver holds for it
+  (`held_masks`, the global mask it was sent)."""
   senders = tf.where(send_mask)
   trainable = [None] * (len(layout.kernel_index) + len(message["other"]))
   decoded_masks = []
@@ -409,6 +427,8 @@ def decode_cohort_uploads(message, layout, held_masks, send_mask):
         tf.cast(held_masks[slot], tf.float32), senders,
         _unpack_rows(layer["mask_bits"], shape, rows),
     )
-    trainable[i] = _decode_rows(layer["values"], mask, shape, layout.budgets[slot])
+    trainable[i] = _decode_rows(
+        layer["values"], mask, shape, layout.budgets[slot] if padded else None
+    )
     decoded_masks.append(mask)
   return _fill_others(trainable, message["other"]), decoded_masks
