@@ -533,7 +533,10 @@ def test_dense_messages_are_read_from_the_tff_types_and_equal_the_formula(algori
   the model (all its parameters, float32) and upload a float32 update of
   the same size, the formula's 32 (n + b); besides these, the clients'
   learning-rate settings go down, and the weight and metrics' sums go up
-  (scalars). With cohorts, TFF's clients are cohorts: no figures."""
+  (scalars). With cohorts, a TFF client is a cohort: it receives the
+  model once and sends its clients' summed deltas (a delta's type, the
+  model's trainable weights, plus their total weight and rejected count);
+  each of its clients is charged the model and one delta, the formula."""
   from tff_feddst import algorithms  # pylint: disable=g-import-not-at-top
   from tff_feddst import builders  # pylint: disable=g-import-not-at-top
 
@@ -552,4 +555,7 @@ def test_dense_messages_are_read_from_the_tff_types_and_equal_the_formula(algori
   assert up[-1] == dense and up.count(dense) == 1 and sum(up[:-1]) < 1000
   assert any(c.type == "float32" for c in found if c.direction == wire.UP)  # the weight
   cohort = build(dataclasses.replace(config, client_execution="cohort"), _keras, _spec())
-  assert cohort.wire_bits is None
+  assert cohort.wire_bits == (dense, dense)
+  found = wire.crossings(cohort.process.next)
+  up = sorted(c.bits for c in found if c.direction == wire.UP)
+  assert up[-1] == dense + 2 * 32  # the summed deltas, their total weight and rejected count

@@ -107,6 +107,19 @@ def dense_model_size(model: tf.keras.Model) -> costs.ModelSize:
   return costs.ModelSize(num_kernel, model.count_params() - num_kernel)
 
 
+def _dense_wire_bits(process, cohorts: bool) -> tuple[int, int]:
+  """(download, upload) bits per client of a dense process's model
+  messages, read from the TFF types of its round (`wire`). A cohort is one
+  TFF client for several: it receives the broadcast model once for all of
+  them, and sends their summed model deltas (with their total weight and
+  rejected count), each of the type of one client's delta, the model's
+  trainable weights; a client's upload is that delta."""
+  download, upload = wire.model_message_bits(process.next)
+  if cohorts:
+    upload = wire.type_bits(process.get_model_weights.type_signature.result.trainable)
+  return download, upload
+
+
 def _build_dense(tff_builder, **extra):
   """A builder over a `tff.learning.algorithms` factory (None with
   `proximal_strength`: FedProx, `feddst.build_fedprox`)."""
@@ -140,9 +153,7 @@ def _build_dense(tff_builder, **extra):
     return BuiltAlgorithm(
         process, initial, None, dense_model_size(keras_fn()),
         epochs_in_process=cohort is not None, cohort=cohort,
-        # A cohort is one TFF client for several clients: its messages are
-        # not theirs, and the ledger's formula counts them.
-        wire_bits=wire.model_message_bits(process.next) if cohort is None else None,
+        wire_bits=_dense_wire_bits(process, cohort is not None),
     )
 
   return build
