@@ -1,16 +1,22 @@
 """python -m benchmarks: the paper's comparison, accuracy against upload.
 
-  python -m benchmarks --rounds=200 --output_dir=runs/benchmark
+  python -m benchmarks --rounds=100 --seeds=0,1,2 --output_dir=runs/benchmark
   python -m benchmarks --quick          # a few rounds of each, as a smoke test
 
-Trains FedAvg, FedAvgM, FedProx, RandomMask, SNIP, GraSP (S=0.8) and FedDST
-(S=0.8, alpha 0.05, Delta_R 10) on Fashion-MNIST with the paper's pathological split,
-same seed and partition, then writes into --output_dir:
-  runs.csv                 every round of every run;
-  results.md               clients_accuracy at upload caps and at the end;
-  accuracy_vs_upload.png, accuracy_vs_round.png.
-Finished runs in --output_dir/<algorithm> are reused (and, with checkpoints,
-interrupted ones resume), so rerunning continues where it stopped.
+Trains FedAvg, FedAvgM, FedProx, RandomMask, SNIP, GraSP, PruneFL, LotteryFL
+(S=0.8) and FedDST (S=0.8, alpha 0.05, Delta_R 10) on Fashion-MNIST with the
+paper's pathological split, on each seed (each seed its own partition and
+client sampling; every algorithm of a seed the same), evaluating every
+round by default, then writes into --output_dir:
+  runs.csv                 every round of every run, with its seed;
+  results.md               per algorithm and upload cap, over the seeds: the
+                           mean and [min, max] of the best evaluation and of
+                           the mean of the last 5 evaluations within the cap;
+  accuracy_vs_upload.png, accuracy_vs_round.png: the mean over seeds, with a
+                           band from min to max.
+Finished runs in --output_dir/seed<k>/<algorithm> are reused (and, with
+checkpoints, interrupted ones resume), so rerunning continues where it
+stopped; seeds run one after the other, all algorithms of one seed first.
 """
 
 import dataclasses
@@ -31,10 +37,10 @@ from tff_feddst import runtime  # noqa: E402
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/benchmark", "Where runs, table and plots go.")
 _ROUNDS = flags.DEFINE_integer("rounds", 200, "Rounds of every algorithm.", lower_bound=1)
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 5, "Evaluation period.", lower_bound=1)
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 1, "Evaluation period (rounds).", lower_bound=1)
 _ALGORITHMS = flags.DEFINE_list("algorithms", list(accuracy.ALGORITHMS), "Algorithms to compare.")
 _CAPS = flags.DEFINE_list("upload_caps_gib", ["0.1", "0.2", "0.4", "0.8"], "Total upload caps (GiB) of the table (FedDST at S=0.8 uploads about 0.4 GiB in 100 rounds).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of every run.", lower_bound=0)
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds: every algorithm runs on each.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Fashion-MNIST directory (default: the Debian package's).")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 4 rounds, 40 clients, 5 per round, 1 epoch, FedDST readjusting every round.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild table and plots from finished runs.")
@@ -63,8 +69,14 @@ def main(argv):
     sys.exit(f"error: --upload_caps_gib must be numbers, got {','.join(_CAPS.value)}")
   if any(c <= 0 for c in caps):
     sys.exit("error: --upload_caps_gib must be > 0")
+  try:
+    seeds = [int(s) for s in _SEEDS.value]
+  except ValueError:
+    sys.exit(f"error: --seeds must be integers, got {','.join(_SEEDS.value)}")
+  if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+    sys.exit(f"error: --seeds must be distinct integers >= 0, got {','.join(_SEEDS.value)}")
   settings = accuracy.BenchmarkSettings(
-      rounds=_ROUNDS.value, eval_every=_EVAL_EVERY.value, seed=_SEED.value, data_dir=_DATA_DIR.value
+      rounds=_ROUNDS.value, eval_every=_EVAL_EVERY.value, data_dir=_DATA_DIR.value
   )
   if _QUICK.value:
     settings = dataclasses.replace(settings, **accuracy.QUICK)
@@ -74,36 +86,46 @@ def main(argv):
   from tff_feddst import data as data_lib  # pylint: disable=g-import-not-at-top
   from tff_feddst import config as config_lib  # pylint: disable=g-import-not-at-top
 
+  seed_dirs = {s: os.path.join(out, f"seed{s}") for s in seeds}
   if _REPORT_ONLY.value:
-    run_dirs = {a: os.path.join(out, a) for a in _ALGORITHMS.value}
-    missing = [d for d in run_dirs.values() if not os.path.exists(os.path.join(d, "metrics.csv"))]
+    run_dirs = {
+        a: {s: os.path.join(d, a) for s, d in seed_dirs.items()} for a in _ALGORITHMS.value
+    }
+    missing = [
+        d for by_seed in run_dirs.values() for d in by_seed.values()
+        if not os.path.exists(os.path.join(d, "metrics.csv"))
+    ]
     if missing:
       sys.exit(f"error: no finished run in {', '.join(missing)}")
   else:
+    run_dirs = {a: {} for a in _ALGORITHMS.value}
     try:
       with runtime.managed_runtime():
-        run_dirs = accuracy.run_all(_ALGORITHMS.value, settings, out)
+        for s, seed_dir in seed_dirs.items():
+          seed_settings = dataclasses.replace(settings, seed=s)
+          for a, d in accuracy.run_all(_ALGORITHMS.value, seed_settings, seed_dir).items():
+            run_dirs[a][s] = d
     except (data_lib.DataError, config_lib.ConfigError) as e:
       sys.exit(f"error: {e}")
     except KeyboardInterrupt:
       sys.exit("interrupted; rerun the same command to continue")
 
-  runs = {a: report.load_rows(d) for a, d in run_dirs.items()}
-  report.write_runs_csv(runs, os.path.join(out, "runs.csv"))
-  table = report.markdown_table(runs, caps, LABELS)
+  runs = {a: {s: report.load_rows(d) for s, d in by_seed.items()} for a, by_seed in run_dirs.items()}
+  report.write_seed_runs_csv(runs, os.path.join(out, "runs.csv"))
+  table = report.seed_table(runs, caps, LABELS)
   header = (
-      f"{accuracy.describe(settings)}, seed {settings.seed}; "
-      f"{settings.rounds} rounds, evaluated every {settings.eval_every}. "
-      f"Cells: clients_accuracy at the last evaluation within the cap (round in "
-      f"brackets; * = the run ended below the cap). Generated "
+      f"{accuracy.describe(settings)}; {settings.rounds} rounds, evaluated every "
+      f"{settings.eval_every}. Cells: clients_accuracy within the cap, over the seeds' "
+      f"runs (* = some run ended below the cap). Generated "
       f"{datetime.date.today().isoformat()} by `python -m benchmarks "
       f"--rounds={settings.rounds} --eval_every={settings.eval_every} "
+      f"--seeds={','.join(map(str, seeds))} "
       f"--upload_caps_gib={','.join(f'{c:g}' for c in caps)}"
       f"{' --quick' if _QUICK.value else ''}`. Timings: see `python -m benchmarks.speed`.\n\n"
   )
   path = os.path.join(out, "results.md")
   files.write_atomic(path, header + table)
-  plots = report.plot(runs, caps, LABELS, out, accuracy.describe(settings))
+  plots = report.plot_bands(runs, caps, LABELS, out, accuracy.describe(settings))
   print(table)
   print(f"wrote {path}, {os.path.join(out, 'runs.csv')}, {', '.join(plots)}")
 

@@ -24,7 +24,7 @@ class BenchmarkSettings:
   """What varies between benchmark invocations (the rest is the paper's setting)."""
 
   rounds: int = 200
-  eval_every: int = 5
+  eval_every: int = 1
   seed: int = 0
   data_dir: str | None = None
   total_clients: int = 400

@@ -1,15 +1,19 @@
-"""Tables and plots from finished benchmark runs (metrics.csv of each run).
+"""Tables and plots from finished benchmark runs (metrics.csv of each run,
+one run per algorithm and seed).
 
 Accuracy at an upload cap: the paper's headline comparison. For a cap of C
-bytes uploaded in total (over all clients and rounds), an algorithm's entry
-is its `clients_accuracy` at the last evaluated round whose cumulative upload
-is within C. A run that ended below the cap is marked with `*` (it could have
-trained further within the cap).
+bits uploaded in total (over all clients and rounds), an algorithm's run is
+judged on its evaluations whose cumulative upload is within C: the best of
+them, and the mean of the last few (single evaluations on the pathological
+split swing by 10 points). Over the seeds, the table gives the mean and the
+[min, max]. A run that ended below the cap is marked with `*` (it could
+have trained further within the cap).
 """
 
 import csv
 import math
 import os
+import textwrap
 
 from tff_feddst import files
 
@@ -34,52 +38,101 @@ def evaluated(rows):
   ]
 
 
-def accuracy_at_cap(rows, cap_bits: float):
-  """(accuracy, round, ended_below_cap) or None if nothing was evaluated in time."""
-  points = [p for p in evaluated(rows) if p[1] <= cap_bits]
-  if not points:
+# Evaluations averaged at the end of a curve (within a cap): single
+# evaluations on the pathological split swing by 10 points.
+LAST_EVALUATIONS = 5
+
+
+def cap_figures(rows, cap_bits: float):
+  """(best, mean of the last `LAST_EVALUATIONS`, ended below the cap) of
+  the evaluations within `cap_bits` uploaded, or None if none was in time."""
+  accuracies = [acc for _, bits, acc in evaluated(rows) if bits <= cap_bits]
+  if not accuracies:
     return None
-  r, _, acc = points[-1]
+  last = accuracies[-LAST_EVALUATIONS:]
   ended_below = int(rows[-1]["cumulative_upload_bits"]) < cap_bits
-  return acc, r, ended_below
+  return max(accuracies), sum(last) / len(last), ended_below
 
 
-def write_runs_csv(runs: dict[str, list[dict]], path: str) -> None:
-  columns = ["algorithm"] + list(next(iter(runs.values()))[0].keys())
-  with files.atomic_output(path) as temp, open(temp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    for algorithm, rows in runs.items():
-      for row in rows:
-        writer.writerow({"algorithm": algorithm, **row})
+def spread(values) -> tuple[float, float, float]:
+  """(mean, min, max)."""
+  values = list(values)
+  return sum(values) / len(values), min(values), max(values)
 
 
-def markdown_table(runs: dict[str, list[dict]], caps_gib: list[float], labels: dict[str, str]) -> str:
-  header = ["algorithm"] + [f"≤ {c:g} GiB" for c in caps_gib]
-  rounds = max(int(rows[-1]["round"]) for rows in runs.values())
+def _cell(values) -> str:
+  mean, low, high = spread(values)
+  if len(values) == 1:
+    return f"{mean:.4f}"
+  return f"{mean:.4f} [{low:.4f}, {high:.4f}]"
+
+
+def seed_table(
+    runs: dict[str, dict[int, list[dict]]], caps_gib: list[float], labels: dict[str, str]
+) -> str:
+  """Per algorithm and upload cap, over the seeds' runs (`runs[algorithm]
+  [seed]`): the mean and [min, max] of (a) the best evaluation within the
+  cap and (b) the mean of its last `LAST_EVALUATIONS` evaluations within
+  the cap; and the same at the end of the runs. `*`: some seed's run ended
+  below the cap; `–`: some seed evaluated nothing within it."""
+  seeds = sorted({s for by_seed in runs.values() for s in by_seed})
+  header = ["algorithm", "figure"] + [f"≤ {c:g} GiB" for c in caps_gib]
+  rounds = max(int(rows[-1]["round"]) for by_seed in runs.values() for rows in by_seed.values())
   header += [f"round {rounds}", "total upload (GiB)"]
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for algorithm, rows in runs.items():
-    cells = [labels.get(algorithm, algorithm)]
-    for cap in caps_gib:
-      found = accuracy_at_cap(rows, cap * GIB_BITS)
-      if found is None:
-        cells.append("–")
-      else:
-        acc, r, below = found
-        cells.append(f"{acc:.4f} (r{r}){'*' if below else ''}")
-    final = evaluated(rows)[-1]
-    cells.append(f"{final[2]:.4f}")
-    cells.append(f"{int(rows[-1]['cumulative_upload_bits']) / GIB_BITS:.3f}")
-    lines.append("| " + " | ".join(cells) + " |")
+  lines = [
+      f"Seeds {', '.join(map(str, seeds))}: mean [min, max] over seeds.\n",
+      "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+  ]
+  for algorithm, by_seed in runs.items():
+    label = labels.get(algorithm, algorithm)
+    for index, figure in enumerate(("best", f"mean of last {LAST_EVALUATIONS}")):
+      cells = [label if index == 0 else "", figure]
+      for cap in [c * GIB_BITS for c in caps_gib] + [math.inf]:
+        found = [cap_figures(rows, cap) for rows in by_seed.values()]
+        if any(f is None for f in found):
+          cells.append("–")
+          continue
+        below = cap != math.inf and any(f[2] for f in found)
+        cells.append(_cell([f[index] for f in found]) + ("*" if below else ""))
+      totals = [int(rows[-1]["cumulative_upload_bits"]) / GIB_BITS for rows in by_seed.values()]
+      cells.append(f"{spread(totals)[0]:.3f}" if index == 0 else "")
+      lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
-def plot(
-    runs: dict[str, list[dict]], caps_gib: list[float], labels: dict[str, str], out_dir: str,
-    title: str = "",
+def write_seed_runs_csv(runs: dict[str, dict[int, list[dict]]], path: str) -> None:
+  """Every round of every run, with its algorithm and seed."""
+  first = next(iter(next(iter(runs.values())).values()))
+  columns = ["algorithm", "seed"] + list(first[0].keys())
+  with files.atomic_output(path) as temp, open(temp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    for algorithm, by_seed in runs.items():
+      for seed, rows in sorted(by_seed.items()):
+        for row in rows:
+          writer.writerow({"algorithm": algorithm, "seed": seed, **row})
+
+
+def band(by_seed: dict[int, list[dict]]):
+  """(rounds, mean cumulative upload bits, mean, min, max accuracy) over the
+  rounds every seed's run evaluated."""
+  points = [{r: (bits, acc) for r, bits, acc in evaluated(rows)} for rows in by_seed.values()]
+  common = sorted(set.intersection(*(set(p) for p in points)))
+  columns = ([], [], [], [], [])
+  for r in common:
+    bits = [p[r][0] for p in points]
+    mean, low, high = spread(p[r][1] for p in points)
+    for column, value in zip(columns, (r, sum(bits) / len(bits), mean, low, high)):
+      column.append(value)
+  return columns
+
+
+def plot_bands(
+    runs: dict[str, dict[int, list[dict]]], caps_gib: list[float], labels: dict[str, str],
+    out_dir: str, title: str = "",
 ) -> list[str]:
-  """Accuracy against cumulative upload and against round (PNG files), titled `title`."""
+  """Accuracy against cumulative upload and against round: per algorithm
+  the mean over seeds, with a band from the seeds' min to max (PNG files)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
@@ -87,21 +140,28 @@ def plot(
 
   paths = []
   for name, x_index, xlabel in (
-      ("accuracy_vs_upload.png", 1, "cumulative upload, all clients (GiB)"),
+      ("accuracy_vs_upload.png", 1, "cumulative upload, all clients (GiB; mean over seeds)"),
       ("accuracy_vs_round.png", 0, "round"),
   ):
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for algorithm, rows in runs.items():
-      points = evaluated(rows)
-      xs = [p[x_index] / (GIB_BITS if x_index == 1 else 1) for p in points]
-      ax.plot(xs, [p[2] for p in points], label=labels.get(algorithm, algorithm), linewidth=1.6)
+    for algorithm, by_seed in runs.items():
+      rounds, bits, mean, low, high = band(by_seed)
+      xs = rounds if x_index == 0 else [b / GIB_BITS for b in bits]
+      (line,) = ax.plot(xs, mean, label=labels.get(algorithm, algorithm), linewidth=1.4)
+      if len(by_seed) > 1:
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.18, linewidth=0)
     if x_index == 1:
       for cap in caps_gib:
         ax.axvline(cap, color="grey", linewidth=0.6, linestyle=":")
       ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("clients_accuracy (mean over clients)")
-    ax.set_title(title, fontsize=9)
+    seeds = len(next(iter(runs.values())))
+    lines = textwrap.wrap(title, 90) + [
+        f"mean over {seeds} seed{'s' if seeds > 1 else ''}"
+        + (", band: min to max" if seeds > 1 else "")
+    ]
+    ax.set_title("\n".join(lines), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -23,31 +23,59 @@ def _rows(per_round_bits, accuracies, eval_every=2):
   return rows
 
 
-def test_accuracy_at_cap_is_the_last_evaluation_within_the_cap():
+def test_cap_figures_are_the_evaluations_within_the_cap():
   rows = _rows(GIB // 4, [0.1, 0.2, 0.3, 0.4, 0.5])  # 0.25 GiB per round
   # Evaluated rounds 2 (0.5 GiB), 4 (1 GiB), 5 (1.25 GiB).
-  assert report.accuracy_at_cap(rows, 0.4 * GIB) is None
-  assert report.accuracy_at_cap(rows, 0.5 * GIB) == (0.2, 2, False)
-  assert report.accuracy_at_cap(rows, 1.2 * GIB) == (0.4, 4, False)
-  # The run ended below the cap: its last evaluation, marked.
-  assert report.accuracy_at_cap(rows, 2 * GIB) == (0.5, 5, True)
+  assert report.cap_figures(rows, 0.4 * GIB) is None
+  assert report.cap_figures(rows, 0.5 * GIB) == (0.2, 0.2, False)
+  assert report.cap_figures(rows, 1.2 * GIB) == (0.4, pytest.approx(0.3), False)
+  # The run ended below the cap: all its evaluations, marked.
+  assert report.cap_figures(rows, 2 * GIB) == (0.5, pytest.approx(1.1 / 3), True)
 
 
-def test_table_and_plots(tmp_path):
+def test_one_seed_gives_plain_values():
   runs = {
-      "fedavg": _rows(GIB // 4, [0.1, 0.2, 0.3, 0.4, 0.5]),
-      "feddst": _rows(GIB // 16, [0.2, 0.3, 0.4, 0.5, 0.6]),
+      "fedavg": {0: _rows(GIB // 4, [0.1, 0.2, 0.3, 0.4, 0.5])},
+      "feddst": {0: _rows(GIB // 16, [0.2, 0.3, 0.4, 0.5, 0.6])},
   }
-  table = report.markdown_table(runs, [0.5, 1.0], {"feddst": "FedDST"})
-  lines = table.strip().splitlines()
-  assert lines[0].startswith("| algorithm | ≤ 0.5 GiB | ≤ 1 GiB | round 5 |")
-  assert lines[2].split(" | ")[1:3] == ["0.2000 (r2)", "0.4000 (r4)"]
+  lines = [line for line in report.seed_table(runs, [0.5, 1.0], {"feddst": "FedDST"}).splitlines() if line]
+  assert lines[0] == "Seeds 0: mean [min, max] over seeds."
+  assert lines[3].split(" | ")[1:4] == ["best", "0.2000", "0.4000"]
   # FedDST sent 5/16 GiB in all: both caps are above its total.
-  assert lines[3].split(" | ")[1:4] == ["0.6000 (r5)*", "0.6000 (r5)*", "0.6000"]
-  report.write_runs_csv(runs, str(tmp_path / "runs.csv"))
-  assert (tmp_path / "runs.csv").read_text().count("\n") == 11
-  paths = report.plot(runs, [0.5, 1.0], {}, str(tmp_path))
-  for path in paths:
+  assert lines[5].split(" | ")[:5] == ["| FedDST", "best", "0.6000*", "0.6000*", "0.6000"]
+
+
+def test_seed_table_gives_mean_and_range_of_best_and_last_evaluations(tmp_path):
+  """Two seeds, evaluated every round, 0.25 GiB a round: at the 1 GiB cap
+  (rounds 1-4) seed 0's best is 0.4 and its last evaluations' mean
+  (0.1 + 0.2 + 0.3 + 0.4) / 4 = 0.25; seed 1's 0.6 and 0.45."""
+  runs = {
+      "fedavg": {
+          0: _rows(GIB // 4, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], eval_every=1),
+          1: _rows(GIB // 4, [0.3, 0.4, 0.5, 0.6, 0.2, 0.1, 0.0], eval_every=1),
+      },
+  }
+  assert report.cap_figures(runs["fedavg"][0], 1.0 * GIB) == (0.4, 0.25, False)
+  table = report.seed_table(runs, [0.1, 1.0], {"fedavg": "FedAvg"})
+  lines = [line for line in table.splitlines() if line]
+  assert lines[0] == "Seeds 0, 1: mean [min, max] over seeds."
+  assert lines[1].startswith("| algorithm | figure | ≤ 0.1 GiB | ≤ 1 GiB | round 7 |")
+  best, last = lines[3].split(" | "), lines[4].split(" | ")
+  assert best[1:5] == ["best", "–", "0.5000 [0.4000, 0.6000]", "0.6500 [0.6000, 0.7000]"]
+  # At the end, the last five: seed 0 (0.3..0.7) 0.5, seed 1 (0.5, 0.6, 0.2, 0.1, 0.0) 0.28.
+  assert last[1:5] == ["mean of last 5", "–", "0.3500 [0.2500, 0.4500]", "0.3900 [0.2800, 0.5000]"]
+  assert best[5].strip(" |") == f"{7 / 4:.3f}"
+  # A run that ended below a cap is marked.
+  below = [line for line in report.seed_table(runs, [4.0], {}).splitlines() if line][3]
+  assert below.split(" | ")[2].endswith("*")
+  report.write_seed_runs_csv(runs, str(tmp_path / "runs.csv"))
+  text = (tmp_path / "runs.csv").read_text().splitlines()
+  assert text[0].startswith("algorithm,seed,round,") and len(text) == 1 + 14
+  assert text[8].startswith("fedavg,1,1,0.3,")
+  rounds, bits, mean, low, high = report.band(runs["fedavg"])
+  assert rounds == list(range(1, 8)) and bits[0] == GIB // 4
+  assert mean[0] == pytest.approx(0.2) and (low[4], high[4]) == (0.2, 0.5)
+  for path in report.plot_bands(runs, [1.0], {}, str(tmp_path), "title"):
     assert os.path.getsize(path) > 1000
 
 
