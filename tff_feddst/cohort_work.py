@@ -235,6 +235,26 @@ def _changed(masks, initial_masks, g):
   ]), axis=0)
 
 
+def _as_sent(params, kernel_masks, initial_masks, changed, *, layout, upload_dtype, compact,
+             padded):
+  """(values, masks, extra stats) of the clients' uploads as the server
+  reads them: with `compact`, each client's compact message (the mask bits
+  if its mask `changed`), its bits counted (`upload_bits`) and decoded as
+  the server decodes it; otherwise the values at the upload's dtype."""
+  if compact:
+    message = messages.encode_cohort_uploads(
+        params, kernel_masks, layout, upload_dtype, changed, padded
+    )
+    values, sent_masks = messages.decode_cohort_uploads(
+        message, layout, initial_masks, changed, padded
+    )
+    return values, sent_masks, {"upload_bits": messages.tensor_bits(message)}
+  values = params
+  if upload_dtype != tf.float32:
+    values = [tf.cast(tf.cast(v, upload_dtype), tf.float32) for v in values]
+  return values, kernel_masks, {}
+
+
 def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate, compact,
                    padded=True):
   """The TF body: (contributions, train sums, client stats) of a cohort.
@@ -249,6 +269,8 @@ def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate, co
   """
   slot_of = layout.mask_slot()
   kernel_index = layout.kernel_index
+  sent = functools.partial(_as_sent, layout=layout, upload_dtype=upload_dtype,
+                           compact=compact, padded=padded)
 
   def update(weights, data, num_to_readjust, round_budgets):
     steps, g = _steps(data)
@@ -279,21 +301,7 @@ def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate, co
     params, kernel_masks = list(params), list(kernel_masks)
     per_client = lambda t: tf.reshape(t, [g, -1])  # noqa: E731
     changed = _changed(kernel_masks, initial_masks, g)
-    extra_stats = {}
-    if compact:
-      # Each client's upload as it sends it (the mask bits if its mask
-      # changed), decoded as the server decodes it, then summed.
-      message = messages.encode_cohort_uploads(
-          params, kernel_masks, layout, upload_dtype, changed, padded
-      )
-      values, sent_masks = messages.decode_cohort_uploads(
-          message, layout, initial_masks, changed, padded
-      )
-      extra_stats["upload_bits"] = messages.tensor_bits(message)
-    else:
-      values, sent_masks = params, kernel_masks
-      if upload_dtype != tf.float32:
-        values = [tf.cast(tf.cast(v, upload_dtype), tf.float32) for v in values]
+    values, sent_masks, extra_stats = sent(params, kernel_masks, initial_masks, changed)
     upload_masks = [sent_masks[slot_of[i]] if i in slot_of else tf.ones([g]) for i in range(len(values))]
     budgets = {}
     if validate:
