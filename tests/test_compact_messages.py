@@ -78,7 +78,7 @@ def _layout():
   return sparse_model.build_layout(sparse_model.wrap_prunable(_keras()), 0.6, "erk")
 
 
-def _process(layout, compact, upload_dtype=tf.float32, download=False):
+def _process(layout, compact, upload_dtype=tf.float32, download=False, budget_table=None):
   return feddst.build_feddst(
       sparse_model.make_model_fn(_keras, _spec(), True),
       layout,
@@ -91,6 +91,7 @@ def _process(layout, compact, upload_dtype=tf.float32, download=False):
       upload_dtype=upload_dtype,
       compact_messages=compact,
       compact_download=download,
+      budget_table=budget_table,
   )
 
 
@@ -440,22 +441,6 @@ def test_cohorts_receive_compact_downloads_and_count_each_clients_copy(layout):
   assert stale_by_round == [[2, 1], [2, 1], [1, 0], [2, 1]]
 
 
-def _gradual_process(layout, table, compact):
-  return feddst.build_feddst(
-      sparse_model.make_model_fn(_keras, _spec(), True),
-      layout,
-      sparse_model.initial_model_weights(_keras, 3, layout),
-      optimizers.build_sgdw(0.05, 0.9, 0.001),
-      local_epochs=1,
-      readjustment_ratio=0.3,
-      rounds_between_readjustments=DELTA_R,
-      readjustment_end_round=R_END,
-      budget_table=table,
-      compact_messages=compact,
-      compact_download=compact,
-  )
-
-
 def test_gradual_sparsification_sends_each_rounds_budget_both_ways(layout):
   """Budgets that shrink by round (S 0.6 -> 0.8 by round 4): messages both
   ways hold exactly the round's kept values (`float32[?]`); the measured
@@ -464,7 +449,8 @@ def test_gradual_sparsification_sends_each_rounds_budget_both_ways(layout):
   table = masks_lib.budget_table(layout.kernel_shapes, 0.6, 0.8, R_END, "erk", layout.all_rows)
   assert sum(table[0]) == layout.num_kept and sum(table[-1]) < sum(table[1]) < sum(table[0])
   table = tuple(tuple(row) for row in table)
-  compact, dense = _gradual_process(layout, table, True), _gradual_process(layout, table, False)
+  compact = _process(layout, True, download=True, budget_table=table)
+  dense = _process(layout, False, budget_table=table)
   types = [c.type for c in wire.crossings(compact.next) if c.intrinsic == "federated_broadcast"]
   assert any("float32[?]" in t for t in types)
   ledger = costs.CommunicationLedger(

@@ -211,17 +211,7 @@ class CompactVotingFactory(tff.aggregators.WeightedAggregationFactory):
     def accumulate_fn(sums, client):
       return accumulate(sums, client[0], client[1], layout)
 
-    @tff.tensorflow.computation(sums_type, sums_type)
-    def merge_fn(a, b):
-      return tf.nest.map_structure(tf.add, a, b)
-
-    @tff.tensorflow.computation(sums_type)
-    def report_fn(sums):
-      return sums
-
-    @tff.tensorflow.computation(sums_type)
-    def rejected_fn(sums):
-      return sums["rejected"]
+    merge_fn, report_fn, rejected_fn = _sum_steps(sums_type)
 
     @tff.federated_computation
     def init_fn():
@@ -244,6 +234,24 @@ class CompactVotingFactory(tff.aggregators.WeightedAggregationFactory):
     return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
+def _sum_steps(sums_type):
+  """`federated_aggregate`'s merge and report steps for the sums, and the
+  sums' rejected count."""
+
+  @tff.tensorflow.computation(sums_type, sums_type)
+  def merge_fn(a, b):
+    return tf.nest.map_structure(tf.add, a, b)
+
+  @tff.tensorflow.computation(sums_type)
+  def report_fn(sums):
+    return sums
+
+  @tff.tensorflow.computation(sums_type)
+  def rejected_fn(sums):
+    return sums["rejected"]
+
+  return merge_fn, report_fn, rejected_fn
+
 
 def _scheduled_process(layout: SparseLayout, table, shapes, value_type, weight_type):
   """`CompactVotingFactory`'s process whose budgets change by round."""
@@ -264,31 +272,12 @@ def _scheduled_process(layout: SparseLayout, table, shapes, value_type, weight_t
   def accumulate_fn(sums, client):
     return accumulate(sums, client[0], client[1], layout, client[2])
 
-  @tff.tensorflow.computation(sums_type, sums_type)
-  def merge_fn(a, b):
-    return tf.nest.map_structure(tf.add, a, b)
+  merge_fn, report_fn, rejected_fn = _sum_steps(sums_type)
+  init_tf, advance = client_work_lib.round_counter()  # OrderedDict(round_num)
 
-  @tff.tensorflow.computation(sums_type)
-  def report_fn(sums):
-    return sums
-
-  @tff.tensorflow.computation(sums_type)
-  def rejected_fn(sums):
-    return sums["rejected"]
-
-  @tff.tensorflow.computation
-  def init_tf():
-    return collections.OrderedDict(round_num=tf.constant(1, tf.int32))
-
-  state_type = init_tf.type_signature.result
-
-  @tff.tensorflow.computation(state_type)
+  @tff.tensorflow.computation(init_tf.type_signature.result)
   def lookup(state):
     return client_work_lib.round_budgets(table, state["round_num"])
-
-  @tff.tensorflow.computation(state_type)
-  def advance(state):
-    return collections.OrderedDict(round_num=state["round_num"] + 1)
 
   @tff.federated_computation
   def init_fn():
