@@ -352,6 +352,26 @@ def test_the_broadcast_round_trips_padded_and_has_no_kernel_shaped_tensor(layout
   assert not set(shapes) & set(map(tuple, layout.kernel_shapes))
 
 
+def _download_round(process, state, data, want, clients, ledger, masks, layout):
+  """Runs a round on compact downloads; its measured download equals the
+  ledger's formula for `clients` and its result equals `want` (the run on
+  TFF's broadcast). Returns (state, the new global masks); the ledger
+  learns whether the global mask changed."""
+  output = process.next(state, data)
+  measured = int(output.metrics["client_work"]["clients"]["download_bits"])
+  assert measured == ledger.download(clients, layout.num_kept)
+  weights = process.get_model_weights(output.state)
+  new_masks = sparse_model.kernels_and_masks(weights, layout)[1]
+  _, want_masks = sparse_model.kernels_and_masks(want, layout)
+  for a, b in zip(new_masks, want_masks):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(weights.trainable, want.trainable):  # as in the upload test
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  if any(not np.array_equal(a, b) for a, b in zip(masks, new_masks)):
+    ledger.global_mask_changed()
+  return output.state, new_masks
+
+
 def test_compact_downloads_send_the_mask_only_to_clients_without_it(layout):
   """Clients a and b come back in round 3, after a round that kept the
   global mask: they hold it, and receive only the values. Every round's
@@ -376,20 +396,7 @@ def test_compact_downloads_send_the_mask_only_to_clients_without_it(layout):
         compact_download.client_data(ds, packed if cid in held else None, layout)
         for cid, ds in zip(clients, _clients(r))
     ]
-    output = process.next(state, data)
-    state = output.state
-    measured = int(output.metrics["client_work"]["clients"]["download_bits"])
-    assert measured == ledger.download(clients, layout.num_kept)
-    weights = process.get_model_weights(state)
-    new_masks = sparse_model.kernels_and_masks(weights, layout)[1]
-    _, want_masks = sparse_model.kernels_and_masks(want, layout)
-    for a, b in zip(new_masks, want_masks):
-      np.testing.assert_array_equal(a, b)
-    for a, b in zip(weights.trainable, want.trainable):  # as in the upload test
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    if any(not np.array_equal(a, b) for a, b in zip(masks, new_masks)):
-      ledger.global_mask_changed()
-    masks = new_masks
+    state, masks = _download_round(process, state, data, want, clients, ledger, masks, layout)
     held_by_round.append(held)
   assert held_by_round == [[], [], ["a", "b"], []]
 
@@ -423,20 +430,7 @@ def test_cohorts_receive_compact_downloads_and_count_each_clients_copy(layout):
         compact_download.cohort_data(value, len(cohort), n, packed, layout)
         for value, cohort, n in zip(_cohort_values(r), members, stale)
     ]
-    output = process.next(state, data)
-    state = output.state
-    measured = int(output.metrics["client_work"]["clients"]["download_bits"])
-    assert measured == ledger.download(clients, layout.num_kept)
-    weights = process.get_model_weights(state)
-    new_masks = sparse_model.kernels_and_masks(weights, layout)[1]
-    _, want_masks = sparse_model.kernels_and_masks(want, layout)
-    for a, b in zip(new_masks, want_masks):
-      np.testing.assert_array_equal(a, b)
-    for a, b in zip(weights.trainable, want.trainable):  # as in the upload test
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    if any(not np.array_equal(a, b) for a, b in zip(masks, new_masks)):
-      ledger.global_mask_changed()
-    masks = new_masks
+    state, masks = _download_round(process, state, data, want, clients, ledger, masks, layout)
     stale_by_round.append(stale)
   assert stale_by_round == [[2, 1], [2, 1], [1, 0], [2, 1]]
 
