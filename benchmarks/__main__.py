@@ -2,16 +2,22 @@
 
   python -m benchmarks --rounds=100 --seeds=0,1,2 --output_dir=runs/benchmark
   python -m benchmarks --quick          # a few rounds of each, as a smoke test
+  python -m benchmarks --rounds=100 --seeds=0,1,2 --algorithms=fedavg,feddst \
+      --ablations=alpha --output_dir=runs/ablations/alpha   # the paper's ablations
 
 Trains FedAvg, FedAvgM, FedProx, RandomMask, SNIP, GraSP, PruneFL, LotteryFL
 (S=0.8) and FedDST (S=0.8, alpha 0.05, Delta_R 10) on Fashion-MNIST with the
 paper's pathological split, on each seed (each seed its own partition and
 client sampling; every algorithm of a seed the same), evaluating every
-round by default, then writes into --output_dir:
+round by default; --ablations adds FedDST variants with one setting changed
+(`accuracy.ABLATIONS`: alpha, Delta_R, S, uniform vs ERK, float16 uploads,
+server momentum). Then it writes into --output_dir:
   runs.csv                 every round of every run, with its seed;
   results.md               per algorithm and upload cap, over the seeds: the
                            mean and [min, max] of the best evaluation and of
                            the mean of the last 5 evaluations within the cap;
+                           and at equal rounds (--round_figures) the
+                           evaluation and the mean of the last 5 up to it;
   accuracy_vs_upload.png, accuracy_vs_round.png: the mean over seeds, with a
                            band from min to max.
 Finished runs in --output_dir/seed<k>/<algorithm> are reused (and, with
@@ -38,7 +44,9 @@ from tff_feddst import runtime  # noqa: E402
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/benchmark", "Where runs, table and plots go.")
 _ROUNDS = flags.DEFINE_integer("rounds", 200, "Rounds of every algorithm.", lower_bound=1)
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 1, "Evaluation period (rounds).", lower_bound=1)
-_ALGORITHMS = flags.DEFINE_list("algorithms", list(accuracy.ALGORITHMS), "Algorithms to compare.")
+_ALGORITHMS = flags.DEFINE_list("algorithms", list(accuracy.ALGORITHMS), "Algorithms (or FedDST ablation variants) to compare.")
+_ABLATIONS = flags.DEFINE_list("ablations", [], f"FedDST ablations whose variants join --algorithms: {', '.join(accuracy.ABLATIONS)}.")
+_ROUND_FIGURES = flags.DEFINE_list("round_figures", ["40", "100"], "Rounds at which the table also compares the algorithms (those the runs reach).")
 _CAPS = flags.DEFINE_list("upload_caps_gib", ["0.1", "0.2", "0.4", "0.8"], "Total upload caps (GiB) of the table (FedDST at S=0.8 uploads about 0.4 GiB in 100 rounds).")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds: every algorithm runs on each.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Fashion-MNIST directory (default: the Debian package's).")
@@ -53,6 +61,10 @@ LABELS = {
     "snip": "SNIP (S=0.8)",
     "grasp": "GraSP (S=0.8)",
     "feddst": "FedDST (S=0.8, a=0.05, dR=10)",
+    **{
+        name: "FedDST, " + ", ".join(f"{k}={v}" for k, v in overrides.items())
+        for name, (_, overrides) in accuracy.VARIANTS.items()
+    },
 }
 
 
@@ -60,9 +72,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
-  unknown = [a for a in _ALGORITHMS.value if a not in accuracy.ALGORITHMS]
+  unknown = [a for a in _ALGORITHMS.value if a not in accuracy.ALGORITHMS and a not in accuracy.VARIANTS]
   if unknown:
-    sys.exit(f"error: unknown --algorithms {', '.join(unknown)}; choose from {', '.join(accuracy.ALGORITHMS)}")
+    sys.exit(
+        f"error: unknown --algorithms {', '.join(unknown)}; choose from "
+        f"{', '.join(accuracy.ALGORITHMS)} or {', '.join(accuracy.VARIANTS)}"
+    )
+  bad = [a for a in _ABLATIONS.value if a not in accuracy.ABLATIONS]
+  if bad:
+    sys.exit(f"error: unknown --ablations {', '.join(bad)}; choose from {', '.join(accuracy.ABLATIONS)}")
+  algorithms = list(dict.fromkeys(
+      _ALGORITHMS.value + [v for a in _ABLATIONS.value for v in accuracy.ABLATIONS[a]]
+  ))
+  try:
+    round_figures = sorted({int(r) for r in _ROUND_FIGURES.value})
+  except ValueError:
+    sys.exit(f"error: --round_figures must be integers, got {','.join(_ROUND_FIGURES.value)}")
   try:
     caps = sorted(float(c) for c in _CAPS.value)
   except ValueError:
@@ -89,7 +114,7 @@ def main(argv):
   seed_dirs = {s: os.path.join(out, f"seed{s}") for s in seeds}
   if _REPORT_ONLY.value:
     run_dirs = {
-        a: {s: os.path.join(d, a) for s, d in seed_dirs.items()} for a in _ALGORITHMS.value
+        a: {s: os.path.join(d, a) for s, d in seed_dirs.items()} for a in algorithms
     }
     missing = [
         d for by_seed in run_dirs.values() for d in by_seed.values()
@@ -98,12 +123,12 @@ def main(argv):
     if missing:
       sys.exit(f"error: no finished run in {', '.join(missing)}")
   else:
-    run_dirs = {a: {} for a in _ALGORITHMS.value}
+    run_dirs = {a: {} for a in algorithms}
     try:
       with runtime.managed_runtime():
         for s, seed_dir in seed_dirs.items():
           seed_settings = dataclasses.replace(settings, seed=s)
-          for a, d in accuracy.run_all(_ALGORITHMS.value, seed_settings, seed_dir).items():
+          for a, d in accuracy.run_all(algorithms, seed_settings, seed_dir).items():
             run_dirs[a][s] = d
     except (data_lib.DataError, config_lib.ConfigError) as e:
       sys.exit(f"error: {e}")
@@ -112,14 +137,14 @@ def main(argv):
 
   runs = {a: {s: report.load_rows(d) for s, d in by_seed.items()} for a, by_seed in run_dirs.items()}
   report.write_seed_runs_csv(runs, os.path.join(out, "runs.csv"))
-  table = report.seed_table(runs, caps, LABELS)
+  table = report.seed_table(runs, caps, LABELS) + "\n" + report.round_table(runs, round_figures, LABELS)
   header = (
       f"{accuracy.describe(settings)}; {settings.rounds} rounds, evaluated every "
       f"{settings.eval_every}. Cells: clients_accuracy within the cap, over the seeds' "
       f"runs (* = some run ended below the cap). Generated "
       f"{datetime.date.today().isoformat()} by `python -m benchmarks "
       f"--rounds={settings.rounds} --eval_every={settings.eval_every} "
-      f"--seeds={','.join(map(str, seeds))} "
+      f"--seeds={','.join(map(str, seeds))} --algorithms={','.join(algorithms)} "
       f"--upload_caps_gib={','.join(f'{c:g}' for c in caps)}"
       f"{' --quick' if _QUICK.value else ''}`. Timings: see `python -m benchmarks.speed`.\n\n"
   )

@@ -18,6 +18,24 @@ ALGORITHMS = (
     "feddst",
 )
 
+# The paper's ablations of FedDST (S = 0.8, alpha 0.05, Delta_R 10, ERK,
+# float32 uploads, no server momentum), one setting changed at a time:
+# {ablation: {variant: ExperimentConfig settings}}. A variant runs like an
+# algorithm (`--algorithms=feddst,feddst_alpha0.2`), into its own directory.
+ABLATIONS = {
+    "alpha": {f"feddst_alpha{a:g}": {"readjustment_ratio": a} for a in (0.0, 0.01, 0.2)},
+    "delta_r": {f"feddst_dR{r}": {"rounds_between_readjustments": r} for r in (1, 5, 20)},
+    "sparsity": {f"feddst_S{s:g}": {"sparsity": s} for s in (0.5, 0.9, 0.95)},
+    "distribution": {"feddst_uniform": {"sparsity_distribution": "uniform"}},
+    "float16": {"feddst_float16": {"upload_dtype": "float16"}},
+    "momentum": {"feddst_momentum0.9": {"server_momentum": 0.9}},
+}
+VARIANTS = {
+    name: ("feddst", overrides)
+    for variants in ABLATIONS.values()
+    for name, overrides in variants.items()
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkSettings:
@@ -51,11 +69,19 @@ def describe(settings: BenchmarkSettings) -> str:
   )
 
 
-def experiment_config(algorithm: str, settings: BenchmarkSettings, run_dir: str) -> ExperimentConfig:
-  """The resolved run.py settings of one algorithm in the benchmark."""
-  if algorithm not in ALGORITHMS:
-    raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
-  return ExperimentConfig(
+def experiment_config(name: str, settings: BenchmarkSettings, run_dir: str) -> ExperimentConfig:
+  """The resolved run.py settings of one algorithm (or ablation variant,
+  `VARIANTS`) in the benchmark."""
+  if name in VARIANTS:
+    algorithm, overrides = VARIANTS[name]
+  elif name in ALGORITHMS:
+    algorithm, overrides = name, {}
+  else:
+    raise ValueError(
+        f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)} or the "
+        f"ablation variants {', '.join(VARIANTS)}"
+    )
+  config = ExperimentConfig(
       algorithm=algorithm,
       dataset="fashion_mnist",
       data_dir=settings.data_dir,
@@ -70,7 +96,8 @@ def experiment_config(algorithm: str, settings: BenchmarkSettings, run_dir: str)
       eval_every=settings.eval_every,
       seed=settings.seed,
       output_dir=run_dir,
-  ).resolve()
+  )
+  return dataclasses.replace(config, **overrides).resolve()
 
 
 def _finished_with(config: ExperimentConfig) -> bool:

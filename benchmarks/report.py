@@ -100,6 +100,46 @@ def seed_table(
   return "\n".join(lines) + "\n"
 
 
+def round_figures(rows, round_: int):
+  """(the evaluation at `round_`, the mean of the last `LAST_EVALUATIONS`
+  evaluations up to it), or None if the run did not evaluate that round."""
+  points = [(r, acc) for r, _, acc in evaluated(rows) if r <= round_]
+  if not points or points[-1][0] != round_:
+    return None
+  last = [acc for _, acc in points[-LAST_EVALUATIONS:]]
+  return points[-1][1], sum(last) / len(last)
+
+
+def round_table(
+    runs: dict[str, dict[int, list[dict]]], rounds: list[int], labels: dict[str, str]
+) -> str:
+  """Per algorithm, at equal rounds: the mean and [min, max] over the seeds'
+  runs of the evaluation at each round and of the mean of the last
+  `LAST_EVALUATIONS` evaluations up to it; rounds that not every run
+  evaluated are left out."""
+  rounds = [
+      r for r in rounds
+      if all(round_figures(rows, r) for by_seed in runs.values() for rows in by_seed.values())
+  ]
+  if not rounds:
+    return ""
+  header = ["algorithm"] + [
+      f"{figure} {r}" for r in rounds
+      for figure in ("round", f"last {LAST_EVALUATIONS} to")
+  ]
+  lines = [
+      "At equal rounds (clients_accuracy; mean [min, max] over seeds):\n",
+      "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+  ]
+  for algorithm, by_seed in runs.items():
+    cells = [labels.get(algorithm, algorithm)]
+    for r in rounds:
+      found = [round_figures(rows, r) for rows in by_seed.values()]
+      cells += [_cell([f[0] for f in found]), _cell([f[1] for f in found])]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def write_seed_runs_csv(runs: dict[str, dict[int, list[dict]]], path: str) -> None:
   """Every round of every run, with its algorithm and seed."""
   first = next(iter(next(iter(runs.values())).values()))

@@ -1,5 +1,6 @@
 """The benchmark's table and plots from hand-made metrics."""
 
+import dataclasses
 import os
 
 import pytest
@@ -77,6 +78,55 @@ def test_seed_table_gives_mean_and_range_of_best_and_last_evaluations(tmp_path):
   assert mean[0] == pytest.approx(0.2) and (low[4], high[4]) == (0.2, 0.5)
   for path in report.plot_bands(runs, [1.0], {}, str(tmp_path), "title"):
     assert os.path.getsize(path) > 1000
+
+
+def test_round_table_compares_at_equal_rounds():
+  """Two seeds evaluated every round: at round 4, seed 0's evaluation 0.4
+  and its mean of rounds 1-4 0.25; seed 1's 0.6 and 0.45. A round that one
+  run did not evaluate (3 with evaluations every 2 rounds) is left out."""
+  runs = {
+      "fedavg": {
+          0: _rows(GIB // 4, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], eval_every=1),
+          1: _rows(GIB // 4, [0.3, 0.4, 0.5, 0.6, 0.2, 0.1, 0.0], eval_every=1),
+      },
+  }
+  assert report.round_figures(runs["fedavg"][0], 4) == (0.4, pytest.approx(0.25))
+  assert report.round_figures(runs["fedavg"][0], 8) is None
+  lines = [line for line in report.round_table(runs, [4, 7, 9], {"fedavg": "FedAvg"}).splitlines() if line]
+  assert lines[1] == "| algorithm | round 4 | last 5 to 4 | round 7 | last 5 to 7 |"
+  assert lines[3].split(" | ")[:3] == ["| FedAvg", "0.5000 [0.4000, 0.6000]", "0.3500 [0.2500, 0.4500]"]
+  # Round 7, the last 5: seed 0 (0.3..0.7) 0.5, seed 1 (0.5, 0.6, 0.2, 0.1, 0.0) 0.28.
+  assert lines[3].split(" | ")[4] == "0.3900 [0.2800, 0.5000] |"
+  runs["feddst"] = {0: _rows(GIB // 4, [0.1] * 7, eval_every=2)}
+  assert "round 3" not in report.round_table(runs, [3, 4], {})
+  assert report.round_table(runs, [3], {}) == ""
+
+
+def test_ablation_variants_change_one_feddst_setting_each():
+  settings = accuracy.BenchmarkSettings(rounds=100)
+  base = accuracy.experiment_config("feddst", settings, "/x/feddst")
+  expected = {
+      "feddst_alpha0": ("readjustment_ratio", 0.0),
+      "feddst_alpha0.01": ("readjustment_ratio", 0.01),
+      "feddst_alpha0.2": ("readjustment_ratio", 0.2),
+      "feddst_dR1": ("rounds_between_readjustments", 1),
+      "feddst_dR5": ("rounds_between_readjustments", 5),
+      "feddst_dR20": ("rounds_between_readjustments", 20),
+      "feddst_S0.5": ("sparsity", 0.5),
+      "feddst_S0.9": ("sparsity", 0.9),
+      "feddst_S0.95": ("sparsity", 0.95),
+      "feddst_uniform": ("sparsity_distribution", "uniform"),
+      "feddst_float16": ("upload_dtype", "float16"),
+      "feddst_momentum0.9": ("server_momentum", 0.9),
+  }
+  assert set(accuracy.VARIANTS) == set(expected)
+  for name, (field, value) in expected.items():
+    config = accuracy.experiment_config(name, settings, f"/x/{name}")
+    assert config.algorithm == "feddst" and getattr(config, field) == value, name
+    was, now = dataclasses.asdict(base), dataclasses.asdict(config)
+    changed = {k for k in was if was[k] != now[k]} - {"output_dir"}
+    # The final sparsity follows S; nothing else differs from the base run.
+    assert changed == ({field, "final_sparsity"} if field == "sparsity" else {field}), name
 
 
 def test_benchmark_configs_share_seed_and_partition():

@@ -222,6 +222,8 @@ FAST_FLAG_ERRORS = [
      "error: checkpoint not found: /no/such/model.keras"),
     (["-m", "benchmarks", "--rounds=0"], "flag --rounds=0"),
     (["-m", "benchmarks", "--algorithms=nope"], "error: unknown --algorithms nope"),
+    (["-m", "benchmarks", "--ablations=beta"], "error: unknown --ablations beta; choose from alpha,"),
+    (["-m", "benchmarks", "--round_figures=x"], "error: --round_figures must be integers, got x"),
     (["-m", "benchmarks.speed", "--rounds=1"], "--rounds must be >= 2"),
 ]
 
