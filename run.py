@@ -64,6 +64,9 @@ HELP = {
     "prox_mu": f"FedProx strength mu (default: {_default_by_algorithm('prox_mu')}).",
     "sparsity": "Target sparsity S in [0, 1) of the sparse algorithms (dense ones train at 0).",
     "sparsity_distribution": "Layer-wise density distribution.",
+    "sparse_init": "FedDST, RandomMask: initial weights under the random mask as Keras draws "
+    "them (keras, the paper's), or divided by sqrt(the layer's density) (rescaled: each "
+    "layer's output variance at initialisation is the dense layer's).",
     "readjustment_ratio": "Readjustment ratio alpha.",
     "rounds_between_readjustments": "Delta_R.",
     "readjustment_end_round": "R_end (default: half the rounds of the process that readjusts).",

@@ -11,7 +11,7 @@ paper's pathological split, on each seed (each seed its own partition and
 client sampling; every algorithm of a seed the same), evaluating every
 round by default; --ablations adds FedDST variants with one setting changed
 (`accuracy.ABLATIONS`: alpha, Delta_R, S, uniform vs ERK, float16 uploads,
-server momentum). Then it writes into --output_dir:
+server momentum; and init, --sparse_init=rescaled). Then it writes into --output_dir:
   runs.csv                 every round of every run, with its seed;
   results.md               per algorithm and upload cap, over the seeds: the
                            mean and [min, max] of the best evaluation and of

@@ -29,6 +29,8 @@ ABLATIONS = {
     "distribution": {"feddst_uniform": {"sparsity_distribution": "uniform"}},
     "float16": {"feddst_float16": {"upload_dtype": "float16"}},
     "momentum": {"feddst_momentum0.9": {"server_momentum": 0.9}},
+    # Not the paper's: the initial weights divided by sqrt(layer density).
+    "init": {"feddst_rescaled": {"sparse_init": "rescaled"}},
 }
 VARIANTS = {
     name: ("feddst", overrides)

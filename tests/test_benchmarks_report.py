@@ -118,6 +118,7 @@ def test_ablation_variants_change_one_feddst_setting_each():
       "feddst_uniform": ("sparsity_distribution", "uniform"),
       "feddst_float16": ("upload_dtype", "float16"),
       "feddst_momentum0.9": ("server_momentum", 0.9),
+      "feddst_rescaled": ("sparse_init", "rescaled"),
   }
   assert set(accuracy.VARIANTS) == set(expected)
   for name, (field, value) in expected.items():

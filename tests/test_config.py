@@ -88,6 +88,11 @@ def test_resolve_is_idempotent_and_fills_the_model():
             "--structured_search_rounds=10 must be below --rounds=10",
         ),
         (dict(output_dir=""), "--output_dir must not be empty"),
+        (
+            dict(algorithm="snip", sparse_init="rescaled"),
+            "--sparse_init=rescaled is implemented for feddst, randommask only",
+        ),
+        (dict(sparse_init="scaled"), "--sparse_init=scaled is not one of keras, rescaled"),
         (dict(structured_rule="band"), "--structured_rule=band is not one of boundary, std_band"),
         (dict(structured_std_k=-1.0), "--structured_std_k=-1.0 must be >= 0 and finite"),
         (dict(structured_std_k=float("nan")), "--structured_std_k=nan must be >= 0 and finite"),

@@ -357,6 +357,32 @@ def _tiny_keras(input_shape=(8, 8, 1), classes=3):
   )
 
 
+def test_rescaled_initial_weights_divide_each_kernel_by_sqrt_of_its_density():
+  """`--sparse_init=rescaled`: the same masks, and each kernel's kept Keras
+  weights divided by sqrt(kept / size); a dense kernel (S = 0) unchanged."""
+  for sparsity in (0.0, 0.5, 0.9):
+    layout = sparse_model.build_layout(
+        sparse_model.wrap_prunable(_tiny_keras()), sparsity, "uniform"
+    )
+    plain = sparse_model.initial_model_weights(_tiny_keras, 3, layout)
+    rescaled = sparse_model.initial_model_weights(_tiny_keras, 3, layout, rescaled=True)
+    for a, b in zip(plain.non_trainable, rescaled.non_trainable, strict=True):
+      np.testing.assert_array_equal(a, b)
+    kernels, masks = sparse_model.kernels_and_masks(plain, layout)
+    new_kernels, _ = sparse_model.kernels_and_masks(rescaled, layout)
+    for kernel, new, mask, budget in zip(kernels, new_kernels, masks, layout.budgets):
+      density = budget / mask.size
+      assert (density == 1.0) == (sparsity == 0.0)
+      # One float32 rounding of a division.
+      np.testing.assert_allclose(new, kernel / np.sqrt(density), rtol=1e-7, atol=0)
+      assert np.count_nonzero(new) == np.count_nonzero(kernel) == budget
+      if density == 1.0:
+        np.testing.assert_array_equal(new, kernel)
+    others = [i for i in range(len(plain.trainable)) if i not in layout.kernel_index]
+    for i in others:  # biases
+      np.testing.assert_array_equal(plain.trainable[i], rescaled.trainable[i])
+
+
 def _tiny_client_data(seed, num_clients=3):
   rng = np.random.default_rng(seed)
   out = []

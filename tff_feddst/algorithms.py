@@ -53,6 +53,9 @@ class AlgorithmConfig:
   prox_mu: float = 0.0
   sparsity: float = 0.8
   sparsity_distribution: str = "erk"
+  # names.SPARSE_INITS: "rescaled" divides each masked kernel's initial
+  # weights by sqrt(its density).
+  sparse_init: str = "keras"
   readjustment_ratio: float = 0.05
   rounds_between_readjustments: int = 10
   readjustment_end_round: int = 0
@@ -118,6 +121,8 @@ class Algorithm:
   cohort: bool = False
   # Accepts `--mask_block` (its masks are drawn and readjusted in blocks).
   block_masks: bool = False
+  # Accepts `--sparse_init=rescaled` (its initial mask is the random one).
+  rescaled_init: bool = False
   # The name of the function in `builders` that makes the driver's
   # `phases.Phase` for this process (None: the plain `phases.Phase`).
   phase_maker: str | None = None
@@ -169,12 +174,12 @@ _ENTRIES = (
     Algorithm(
         "feddst", "FedDST: sparse training with mask readjustment",
         "build_feddst", sparse=True, float16_upload=True, cohort=True,
-        block_masks=True,
+        block_masks=True, rescaled_init=True,
     ),
     Algorithm(
         "randommask", "FedDST with readjustment ratio 0 (a fixed random mask)",
         "build_randommask", sparse=True, float16_upload=True, cohort=True,
-        block_masks=True,
+        block_masks=True, rescaled_init=True,
     ),
     Algorithm(
         "snip", "SNIP: RandomMask with the mask of largest |g * w| on one mini-batch",

@@ -181,7 +181,9 @@ def _build_sparse(readjusts: bool) -> Builder:
         config.sparsity_distribution,
         names.MASK_BLOCK_ROWS[config.mask_block],
     )
-    initial = sparse_model.initial_model_weights(keras_fn, config.seed, layout)
+    initial = sparse_model.initial_model_weights(
+        keras_fn, config.seed, layout, rescaled=config.sparse_init == "rescaled"
+    )
     server_optimizer = None
     if config.server_lr != 1.0 or config.server_momentum:
       server_optimizer = _server_optimizer(config)

@@ -33,6 +33,7 @@ CHOICES = {
     "model": model_names.MODEL_NAMES,
     "partition": names.PARTITIONS,
     "sparsity_distribution": names.DISTRIBUTIONS,
+    "sparse_init": names.SPARSE_INITS,
     "mask_block": names.MASK_BLOCKS,
     "upload_dtype": ("float32", "float16"),
     "tflite_quantization": tflite_export.QUANTIZATION_MODES,
@@ -253,6 +254,11 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
           f"--remember_old needs a sparse algorithm "
           f"({', '.join(a.name for a in algorithms.REGISTRY.values() if a.sparse)})"
       )
+    if self.sparse_init != "keras" and not self.spec.rescaled_init:
+      allowed = [a.name for a in algorithms.REGISTRY.values() if a.rescaled_init]
+      raise ConfigError(
+          f"--sparse_init={self.sparse_init} is implemented for {', '.join(allowed)} only"
+      )
     if self.mask_block != "none" and not self.spec.block_masks:
       allowed = [a.name for a in algorithms.REGISTRY.values() if a.block_masks]
       raise ConfigError(
@@ -326,7 +332,7 @@ def _saved_before_setting_existed(key: str, saved: dict):
       "readjustment_schedule": "cosine", "remember_old": False, "mask_block": "none",
       "prunefl_initial_rounds": 5, "prunefl_costs": "",
       "lotteryfl_accuracy_threshold": 0.5, "lotteryfl_prune_rate": 0.2,
-      "client_sparsity_tiers": "",
+      "client_sparsity_tiers": "", "sparse_init": "keras",
   }.get(key)
 
 

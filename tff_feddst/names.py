@@ -21,6 +21,11 @@ NATURAL_DATASETS = ("emnist", "femnist")
 
 # Layer-wise density distributions (masks.layer_densities).
 DISTRIBUTIONS = ("uniform", "er", "erk")
+# Initial weights of a sparse network: the Keras initialisers' values under
+# the mask ("keras", the paper's), or those divided by sqrt(density) layer by
+# layer ("rescaled"), so that each layer's output variance at initialisation
+# is the dense layer's.
+SPARSE_INITS = ("keras", "rescaled")
 # How the readjustment ratio alpha_r moves over the rounds (section 3.3).
 SCHEDULES = ("cosine", "constant")
 

@@ -175,11 +175,15 @@ def initial_model_weights(
     seed: int,
     layout: SparseLayout | None,
     masks_fn: Callable[[tf.keras.Model], list[np.ndarray]] | None = None,
+    rescaled: bool = False,
 ) -> tff.learning.models.ModelWeights:
   """Seeded Keras initialisation; with a layout, a seeded ERK random mask.
 
   `masks_fn(model)` replaces the random mask: it gets the plain Keras model
   at its initial (dense) weights and returns one mask per layout layer.
+  `rescaled` (`--sparse_init=rescaled`): each masked kernel's kept weights
+  are divided by sqrt(its density), kept / size (a dense kernel is left as
+  it is).
 
   Returns numpy ModelWeights: for a layout, the wrapped model's trainable
   weights (kernels zero outside the mask) and non-trainable variables
@@ -205,6 +209,8 @@ def initial_model_weights(
     initial_masks = [np.asarray(m, np.float32) for m in masks_fn(model)]
   for slot, mask in enumerate(initial_masks):
     trainable[layout.kernel_index[slot]] *= mask
+    if rescaled and mask.any():
+      trainable[layout.kernel_index[slot]] /= np.float32(np.sqrt(mask.mean()))
     non_trainable[layout.mask_index[slot]] = mask
   for i in layout.step_index:
     non_trainable[i] = np.ones_like(non_trainable[i])
