@@ -20,7 +20,9 @@ server momentum; and init, --sparse_init=rescaled). Then it writes into --output
                            evaluation and the mean of the last 5 up to it;
   accuracy_vs_upload.png, accuracy_vs_round.png: the mean over seeds, with a
                            band from min to max.
-Finished runs in --output_dir/seed<k>/<algorithm> are reused (and, with
+`--report_only --runs_dir=D` writes the table and plots of the finished runs
+in D (e.g. one ablation's) into --output_dir. Finished runs in
+--output_dir/seed<k>/<algorithm> are reused (and, with
 checkpoints, interrupted ones resume), so rerunning continues where it
 stopped; seeds run one after the other, all algorithms of one seed first.
 """
@@ -52,6 +54,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds: every algorithm runs on each.
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Fashion-MNIST directory (default: the Debian package's).")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 4 rounds, 40 clients, 5 per round, 1 epoch, FedDST readjusting every round.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild table and plots from finished runs.")
+_RUNS_DIR = flags.DEFINE_string("runs_dir", None, "With --report_only: where the finished runs are (<runs_dir>/seed<k>/<algorithm>; default --output_dir).")
 
 LABELS = {
     "fedavg": "FedAvg",
@@ -100,6 +103,8 @@ def main(argv):
     sys.exit(f"error: --seeds must be integers, got {','.join(_SEEDS.value)}")
   if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
     sys.exit(f"error: --seeds must be distinct integers >= 0, got {','.join(_SEEDS.value)}")
+  if _RUNS_DIR.value and not _REPORT_ONLY.value:
+    sys.exit("error: --runs_dir needs --report_only (runs train into --output_dir)")
   settings = accuracy.BenchmarkSettings(
       rounds=_ROUNDS.value, eval_every=_EVAL_EVERY.value, data_dir=_DATA_DIR.value
   )
@@ -111,7 +116,7 @@ def main(argv):
   from tff_feddst import data as data_lib  # pylint: disable=g-import-not-at-top
   from tff_feddst import config as config_lib  # pylint: disable=g-import-not-at-top
 
-  seed_dirs = {s: os.path.join(out, f"seed{s}") for s in seeds}
+  seed_dirs = {s: os.path.join(_RUNS_DIR.value or out, f"seed{s}") for s in seeds}
   if _REPORT_ONLY.value:
     run_dirs = {
         a: {s: os.path.join(d, a) for s, d in seed_dirs.items()} for a in algorithms

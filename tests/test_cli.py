@@ -224,6 +224,7 @@ FAST_FLAG_ERRORS = [
     (["-m", "benchmarks", "--algorithms=nope"], "error: unknown --algorithms nope"),
     (["-m", "benchmarks", "--ablations=beta"], "error: unknown --ablations beta; choose from alpha,"),
     (["-m", "benchmarks", "--round_figures=x"], "error: --round_figures must be integers, got x"),
+    (["-m", "benchmarks", "--runs_dir=r"], "error: --runs_dir needs --report_only"),
     (["-m", "benchmarks.speed", "--rounds=1"], "--rounds must be >= 2"),
 ]
 
