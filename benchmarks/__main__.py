@@ -54,6 +54,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds: every algorithm runs on each.
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Fashion-MNIST directory (default: the Debian package's).")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 4 rounds, 40 clients, 5 per round, 1 epoch, FedDST readjusting every round.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild table and plots from finished runs.")
+_PAIRED_BASE = flags.DEFINE_string("paired_base", "feddst", "The table also gives every other algorithm's seed-by-seed difference from this one (when it ran).")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", None, "With --report_only: where the finished runs are (<runs_dir>/seed<k>/<algorithm>; default --output_dir).")
 
 LABELS = {
@@ -143,6 +144,8 @@ def main(argv):
   runs = {a: {s: report.load_rows(d) for s, d in by_seed.items()} for a, by_seed in run_dirs.items()}
   report.write_seed_runs_csv(runs, os.path.join(out, "runs.csv"))
   table = report.seed_table(runs, caps, LABELS) + "\n" + report.round_table(runs, round_figures, LABELS)
+  if _PAIRED_BASE.value in runs and len(runs) > 1:
+    table += "\n" + report.paired_table(runs, _PAIRED_BASE.value, round_figures, caps, LABELS)
   header = (
       f"{accuracy.describe(settings)}; {settings.rounds} rounds, evaluated every "
       f"{settings.eval_every}. Cells: clients_accuracy within the cap, over the seeds' "

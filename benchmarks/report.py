@@ -140,6 +140,43 @@ def round_table(
   return "\n".join(lines) + "\n"
 
 
+def paired_table(
+    runs: dict[str, dict[int, list[dict]]], base: str, rounds: list[int],
+    caps_gib: list[float], labels: dict[str, str],
+) -> str:
+  """Every other algorithm against `base` on the same seeds (same
+  partition and client sampling): per seed the difference of the mean of
+  the last `LAST_EVALUATIONS` evaluations up to each round and within each
+  upload cap, in points; cells give the mean [min, max] of the seeds'
+  differences and how many seeds the other one is ahead."""
+  columns = [(f"round {r}", lambda rows, r=r: round_figures(rows, r)) for r in rounds] + [
+      (f"≤ {c:g} GiB", lambda rows, c=c: cap_figures(rows, c * GIB_BITS)) for c in caps_gib
+  ]
+  header = ["algorithm"] + [name for name, _ in columns]
+  lines = [
+      f"Against {labels.get(base, base)}, seed by seed: the difference in points of the "
+      f"mean of the last {LAST_EVALUATIONS} evaluations (mean [min, max] over seeds; "
+      "n/N: seeds ahead).\n",
+      "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+  ]
+  for algorithm, by_seed in runs.items():
+    if algorithm == base:
+      continue
+    seeds = sorted(set(by_seed) & set(runs[base]))
+    cells = [labels.get(algorithm, algorithm)]
+    for _, figure in columns:
+      found = [(figure(by_seed[s]), figure(runs[base][s])) for s in seeds]
+      if not found or any(a is None or b is None for a, b in found):
+        cells.append("–")
+        continue
+      deltas = [100 * (a[1] - b[1]) for a, b in found]
+      mean, low, high = spread(deltas)
+      ahead = sum(d > 0 for d in deltas)
+      cells.append(f"{mean:+.1f} [{low:+.1f}, {high:+.1f}] {ahead}/{len(deltas)}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def write_seed_runs_csv(runs: dict[str, dict[int, list[dict]]], path: str) -> None:
   """Every round of every run, with its algorithm and seed."""
   first = next(iter(next(iter(runs.values())).values()))

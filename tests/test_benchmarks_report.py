@@ -102,6 +102,30 @@ def test_round_table_compares_at_equal_rounds():
   assert report.round_table(runs, [3], {}) == ""
 
 
+def test_paired_table_gives_each_seeds_difference_from_the_base():
+  """Seed 0: the variant's last five to round 5 average 0.4 against the
+  base's 0.2 (+20 points); seed 1: 0.3 against 0.4 (-10)."""
+  runs = {
+      "feddst": {
+          0: _rows(GIB // 4, [0.2] * 5, eval_every=1),
+          1: _rows(GIB // 4, [0.4] * 5, eval_every=1),
+      },
+      "variant": {
+          0: _rows(GIB // 8, [0.4] * 5, eval_every=1),
+          1: _rows(GIB // 8, [0.3] * 5, eval_every=1),
+      },
+  }
+  lines = [line for line in report.paired_table(runs, "feddst", [5], [0.5], {"variant": "V"}).splitlines() if line]
+  assert lines[1] == "| algorithm | round 5 | ≤ 0.5 GiB |"
+  assert len(lines) == 4  # the base has no row of its own
+  cells = lines[3].split(" | ")
+  assert cells[1] == "+5.0 [-10.0, +20.0] 1/2"
+  # Within 0.5 GiB: the base's rounds 1-2 (0.2, 0.4), the variant's rounds 1-4.
+  assert cells[2] == "+5.0 [-10.0, +20.0] 1/2 |"
+  runs["variant"][1] = _rows(GIB // 8, [0.3] * 4, eval_every=1)  # no round 5
+  assert report.paired_table(runs, "feddst", [5], [], {}).splitlines()[-1] == "| variant | – |"
+
+
 def test_ablation_variants_change_one_feddst_setting_each():
   settings = accuracy.BenchmarkSettings(rounds=100)
   base = accuracy.experiment_config("feddst", settings, "/x/feddst")
