@@ -31,6 +31,10 @@ ABLATIONS = {
     "momentum": {"feddst_momentum0.9": {"server_momentum": 0.9}},
     # Not the paper's: the initial weights divided by sqrt(layer density).
     "init": {"feddst_rescaled": {"sparse_init": "rescaled"}},
+    # Settings that helped on their own, together.
+    "combined": {
+        "feddst_rescaled_uniform": {"sparse_init": "rescaled", "sparsity_distribution": "uniform"},
+    },
 }
 VARIANTS = {
     name: ("feddst", overrides)

@@ -144,7 +144,9 @@ def test_ablation_variants_change_one_feddst_setting_each():
       "feddst_momentum0.9": ("server_momentum", 0.9),
       "feddst_rescaled": ("sparse_init", "rescaled"),
   }
-  assert set(accuracy.VARIANTS) == set(expected)
+  combined = {"feddst_rescaled_uniform": {"sparse_init": "rescaled", "sparsity_distribution": "uniform"}}
+  assert accuracy.ABLATIONS["combined"] == combined
+  assert set(accuracy.VARIANTS) == set(expected) | set(combined)
   for name, (field, value) in expected.items():
     config = accuracy.experiment_config(name, settings, f"/x/{name}")
     assert config.algorithm == "feddst" and getattr(config, field) == value, name
