@@ -57,6 +57,7 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild table and p
 _PAIRED_BASE = flags.DEFINE_string("paired_base", "feddst", "The table also gives every other algorithm's seed-by-seed difference from this one (when it ran).")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", None, "With --report_only: where the finished runs are (<runs_dir>/seed<k>/<algorithm>; default --output_dir).")
 
+LABELS_OF_ALGORITHMS = {"feddst": "FedDST", "fedavg": "FedAvg"}
 LABELS = {
     "fedavg": "FedAvg",
     "fedavgm": "FedAvgM (server momentum 0.9)",
@@ -66,8 +67,8 @@ LABELS = {
     "grasp": "GraSP (S=0.8)",
     "feddst": "FedDST (S=0.8, a=0.05, dR=10)",
     **{
-        name: "FedDST, " + ", ".join(f"{k}={v}" for k, v in overrides.items())
-        for name, (_, overrides) in accuracy.VARIANTS.items()
+        name: f"{LABELS_OF_ALGORITHMS[algorithm]}, " + ", ".join(f"{k}={v}" for k, v in overrides.items())
+        for name, (algorithm, overrides) in accuracy.VARIANTS.items()
     },
 }
 

@@ -20,8 +20,9 @@ ALGORITHMS = (
 
 # The paper's ablations of FedDST (S = 0.8, alpha 0.05, Delta_R 10, ERK,
 # float32 uploads, no server momentum), one setting changed at a time:
-# {ablation: {variant: ExperimentConfig settings}}. A variant runs like an
-# algorithm (`--algorithms=feddst,feddst_alpha0.2`), into its own directory.
+# {ablation: {variant: ExperimentConfig settings}} (of FedDST unless they
+# name another algorithm). A variant runs like an algorithm
+# (`--algorithms=feddst,feddst_alpha0.2`), into its own directory.
 ABLATIONS = {
     "alpha": {f"feddst_alpha{a:g}": {"readjustment_ratio": a} for a in (0.0, 0.01, 0.2)},
     "delta_r": {f"feddst_dR{r}": {"rounds_between_readjustments": r} for r in (1, 5, 20)},
@@ -35,9 +36,17 @@ ABLATIONS = {
     "combined": {
         "feddst_rescaled_uniform": {"sparse_init": "rescaled", "sparsity_distribution": "uniform"},
     },
+    # The clients' learning rate (not the paper's 0.01), FedAvg's too.
+    "client_lr": {
+        "feddst_rescaled_lr0.02": {"sparse_init": "rescaled", "client_lr": 0.02},
+        "fedavg_lr0.02": {"algorithm": "fedavg", "client_lr": 0.02},
+    },
 }
 VARIANTS = {
-    name: ("feddst", overrides)
+    name: (
+        overrides.get("algorithm", "feddst"),
+        {k: v for k, v in overrides.items() if k != "algorithm"},
+    )
     for variants in ABLATIONS.values()
     for name, overrides in variants.items()
 }

@@ -146,7 +146,11 @@ def test_ablation_variants_change_one_feddst_setting_each():
   }
   combined = {"feddst_rescaled_uniform": {"sparse_init": "rescaled", "sparsity_distribution": "uniform"}}
   assert accuracy.ABLATIONS["combined"] == combined
-  assert set(accuracy.VARIANTS) == set(expected) | set(combined)
+  lr = accuracy.experiment_config("fedavg_lr0.02", settings, "/x/f")
+  assert (lr.algorithm, lr.client_lr, lr.sparsity) == ("fedavg", 0.02, 0.0)
+  lr = accuracy.experiment_config("feddst_rescaled_lr0.02", settings, "/x/f")
+  assert (lr.algorithm, lr.client_lr, lr.sparse_init) == ("feddst", 0.02, "rescaled")
+  assert set(accuracy.VARIANTS) == set(expected) | set(combined) | set(accuracy.ABLATIONS["client_lr"])
   for name, (field, value) in expected.items():
     config = accuracy.experiment_config(name, settings, f"/x/{name}")
     assert config.algorithm == "feddst" and getattr(config, field) == value, name
