@@ -73,10 +73,9 @@ LABELS = {
 }
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
+def _parsed_flags():
+  """(algorithms and variants, round figures, caps in GiB, seeds) from the
+  flags; a bad value exits with one `error:` line (before TensorFlow loads)."""
   unknown = [a for a in _ALGORITHMS.value if a not in accuracy.ALGORITHMS and a not in accuracy.VARIANTS]
   if unknown:
     sys.exit(
@@ -107,6 +106,14 @@ def main(argv):
     sys.exit(f"error: --seeds must be distinct integers >= 0, got {','.join(_SEEDS.value)}")
   if _RUNS_DIR.value and not _REPORT_ONLY.value:
     sys.exit("error: --runs_dir needs --report_only (runs train into --output_dir)")
+  return algorithms, round_figures, caps, seeds
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)
+  algorithms, round_figures, caps, seeds = _parsed_flags()
   settings = accuracy.BenchmarkSettings(
       rounds=_ROUNDS.value, eval_every=_EVAL_EVERY.value, data_dir=_DATA_DIR.value
   )
