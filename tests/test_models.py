@@ -408,3 +408,45 @@ def test_numpy_integer_widths_are_accepted():
       "mnist_cnn", (28, 28, 1), 10, widths={"dense1": np.int64(3)}
   )
   assert model.get_layer("dense1").units == 3
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf_function"])
+def test_a_wrapped_model_decides_training_at_each_call(graph):
+  """`sparse_model.wrap_prunable` builds its clone with Keras's learning
+  phase held at 0 (the wrappers' no-update branch, traced once). The phase
+  must not stay in the model: a training call steps every wrapper's
+  `pruning_step` and computes with kernel * mask, an inference call (with
+  `training=False` or none) computes the same and steps nothing."""
+  from tff_feddst import sparse_model, wrappers  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  wrapped = sparse_model.wrap_prunable(keras_models.build_model("mnist_cnn", (28, 28, 1), 10))
+  layers = [layer for layer in wrapped.layers if wrappers.is_wrapper(layer)]
+  assert [wrappers.unwrap(layer).name for layer in layers] == ["conv1", "conv2", "dense1", "logits"]
+  plain_weights = []
+  for layer in layers:
+    mask = wrappers.mask_variable(layer)
+    mask.assign((rng.random(mask.shape) < 0.3).astype(np.float32))
+    wrappers.step_variable(layer).assign(1)
+    inner = wrappers.unwrap(layer)
+    plain_weights += [inner.kernel.numpy() * mask.numpy(), inner.bias.numpy()]
+  plain = keras_models.build_model("mnist_cnn", (28, 28, 1), 10)
+  plain.set_weights(plain_weights)
+  x = rng.random((3, 28, 28, 1), dtype=np.float32)
+  want = plain(x).numpy()
+
+  def call(**kwargs):
+    if graph:
+      return tf.function(lambda images: wrapped(images, **kwargs))(x).numpy()
+    return wrapped(x, **kwargs).numpy()
+
+  def steps():
+    return [int(wrappers.step_variable(layer).numpy()) for layer in layers]
+
+  for kwargs in ({"training": False}, {}):
+    np.testing.assert_allclose(call(**kwargs), want, rtol=1e-5, atol=1e-6)
+    assert steps() == [1, 1, 1, 1], kwargs
+  np.testing.assert_allclose(call(training=True), want, rtol=1e-5, atol=1e-6)
+  assert steps() == [2, 2, 2, 2]
+  for layer, weights in zip(layers, plain_weights[::2]):
+    np.testing.assert_array_equal(wrappers.unwrap(layer).kernel.numpy(), weights)
