@@ -225,7 +225,7 @@ def _rows(path):
 
 
 def test_a_run_charges_each_clients_own_mask_and_resumes_identically(
-    tmp_path, fashion_mnist_available
+    tmp_path, small_fashion_mnist
 ):
   """Threshold 0: every sampled client prunes (none reaches the target in 4
   rounds). Round 1's clients start dense; over the run, what the clients
@@ -240,6 +240,7 @@ def test_a_run_charges_each_clients_own_mask_and_resumes_identically(
   from tff_feddst.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
 
   config = ExperimentConfig(
+      data_dir=small_fashion_mnist,  # the first Fashion-MNIST images (conftest)
       algorithm="lotteryfl", total_clients=40, clients_per_round=5, local_epochs=1, rounds=4,
       eval_every=2, checkpoint_every=2, lotteryfl_accuracy_threshold=0.0,
       output_dir=str(tmp_path / "run"),

@@ -301,7 +301,7 @@ MNIST_COSTS = prunefl.LayerCosts(
 )
 
 
-def test_a_run_counts_the_gradients_and_resumes_identically(tmp_path, fashion_mnist_available):
+def test_a_run_counts_the_gradients_and_resumes_identically(tmp_path, small_fashion_mnist):
   """4 rounds, re-selection in rounds 2 and 4: the dense gradients are
   charged there (32 n bits a client), the mask keeps the kept total, and a
   run resumed from round 2 writes the same metrics."""
@@ -311,6 +311,7 @@ def test_a_run_counts_the_gradients_and_resumes_identically(tmp_path, fashion_mn
   costs_path = tmp_path / "costs.json"
   costs_path.write_text(json.dumps(MNIST_COSTS.to_json()))
   config = ExperimentConfig(
+      data_dir=small_fashion_mnist,  # the first Fashion-MNIST images (conftest)
       algorithm="prunefl", total_clients=40, clients_per_round=5, local_epochs=1, rounds=4,
       rounds_between_readjustments=2, readjustment_end_round=4, prunefl_initial_rounds=1,
       eval_every=4, checkpoint_every=2, prunefl_costs=str(costs_path),

@@ -65,9 +65,10 @@ def _rows(path):
     return [{k: v for k, v in r.items() if k != "round_seconds"} for r in csv.DictReader(f)]
 
 
-def test_gradual_sparsification_budgets_bits_and_resume(tmp_path, fashion_mnist_available):
+def test_gradual_sparsification_budgets_bits_and_resume(tmp_path, small_fashion_mnist):
   assert sum(int((1 - 0.6) * s + 1e-9) for s in SIZES) == KEPT[2]
   config = ExperimentConfig(
+      data_dir=small_fashion_mnist,  # the first Fashion-MNIST images (conftest)
       algorithm="randommask", client_execution="per_client", sparsity=0.5, final_sparsity=0.7,
       sparsity_distribution="uniform", total_clients=4, clients_per_round=4, local_epochs=1,
       rounds=3, readjustment_end_round=2, eval_every=3, checkpoint_every=2,

@@ -22,9 +22,10 @@ from tff_feddst import unit_graph
 
 
 @pytest.fixture(scope="module")
-def structured_run(tmp_path_factory, fashion_mnist_available):
+def structured_run(tmp_path_factory, small_fashion_mnist):
   out = tmp_path_factory.mktemp("structured") / "run"
   config = config_lib.ExperimentConfig(
+      data_dir=small_fashion_mnist,  # the first Fashion-MNIST images (conftest)
       algorithm="structured_feddst",
       total_clients=20,
       clients_per_round=3,
@@ -110,12 +111,13 @@ def test_a_run_resumed_in_phase_two_ends_with_the_same_weights(structured_run, t
 
 
 @pytest.fixture(scope="module")
-def std_band_run(tmp_path_factory, fashion_mnist_available):
+def std_band_run(tmp_path_factory, small_fashion_mnist):
   """Paper 2's rule on its plain CNN: k = 1 removes units in round 1, and
   the search stops after that one pruning round (cohort execution, so the
   cohort network's global average pooling runs too)."""
   out = tmp_path_factory.mktemp("std_band") / "run"
   config = config_lib.ExperimentConfig(
+      data_dir=small_fashion_mnist,  # the first Fashion-MNIST images (conftest)
       algorithm="structured",
       model="paper2_cnn",
       structured_rule="std_band",

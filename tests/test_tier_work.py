@@ -182,7 +182,7 @@ def _csv_rows(path):
 
 
 def test_a_tiered_run_reports_each_tiers_bits_and_accuracy_and_resumes(
-    tmp_path, fashion_mnist_available
+    tmp_path, small_fashion_mnist
 ):
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
@@ -192,6 +192,7 @@ def test_a_tiered_run_reports_each_tiers_bits_and_accuracy_and_resumes(
   from tff_feddst.config import ExperimentConfig  # pylint: disable=g-import-not-at-top
 
   config = ExperimentConfig(
+      data_dir=small_fashion_mnist,  # the first Fashion-MNIST images (conftest)
       algorithm="feddst", client_sparsity_tiers="0.5:0.5,0.8:0.5", total_clients=20,
       clients_per_round=4, rounds=2, local_epochs=1, eval_every=1,
       rounds_between_readjustments=1, readjustment_end_round=2, checkpoint_every=1,

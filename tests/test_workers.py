@@ -48,7 +48,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MARK = "FEDDST_WORKERS_TEST_MARK"
 IGNORED_COLUMNS = ("round_seconds", rounds.GRPC_COLUMN)
 
-# A tiny run: 4 of 8 clients per round, 5 images per class, 1 local epoch.
+# A tiny run: 4 of 8 clients per round, 5 images per class, 1 local epoch,
+# on the first images of Fashion-MNIST (conftest.small_fashion_mnist).
 SETTINGS = dict(
     dataset="fashion_mnist",
     total_clients=8,
@@ -160,25 +161,27 @@ def _assert_same_run(out_dir, reference_dir):
 PER_CLIENT = "_per_client"
 
 
-def _config(out_dir, algorithm, workers=()):
+def _config(out_dir, algorithm, workers=(), data_dir=None):
   extra = {}
   if algorithm.endswith(PER_CLIENT):
     algorithm, extra = algorithm[:-len(PER_CLIENT)], dict(client_execution="per_client")
   return config_lib.ExperimentConfig(
       algorithm=algorithm, output_dir=str(out_dir), workers=",".join(workers),
-      **SETTINGS, **extra,
+      data_dir=data_dir, **SETTINGS, **extra,
   )
 
 
 @pytest.fixture(scope="module")
-def local_runs(tmp_path_factory, fashion_mnist_available):
+def local_runs(tmp_path_factory, small_fashion_mnist):
   """The one-machine runs, made on first use: {algorithm: output dir}."""
   made = {}
 
   def get(algorithm):
     if algorithm not in made:
       out = tmp_path_factory.mktemp(f"local_{algorithm}")
-      training.run_experiment(_config(out, algorithm), log=lambda line: None)
+      training.run_experiment(
+          _config(out, algorithm, data_dir=small_fashion_mnist), log=lambda line: None
+      )
       made[algorithm] = out
     return made[algorithm]
 
@@ -237,13 +240,15 @@ def two_workers():
 
 @pytest.mark.portability
 @pytest.mark.parametrize("algorithm", ["fedavg", "feddst", "feddst_per_client"])
-def test_two_workers_give_the_local_run(tmp_path, local_runs, two_workers, algorithm):
+def test_two_workers_give_the_local_run(
+    tmp_path, local_runs, two_workers, algorithm, small_fashion_mnist
+):
   reference = local_runs(algorithm)
   own_workers = {p.pid for p in runtime.tff_worker_processes()}
   binaries = [w.binary() for w in two_workers]
   cpu_before = [sum(b.cpu_times()[:2]) for b in binaries]
   out = tmp_path / "remote"
-  config = _config(out, algorithm, [w.address for w in two_workers])
+  config = _config(out, algorithm, [w.address for w in two_workers], small_fashion_mnist)
   training.run_experiment(config, log=lambda line: None)
   cpu_used = [sum(b.cpu_times()[:2]) - c for b, c in zip(binaries, cpu_before)]
   # Both workers trained clients; the driver started no worker of its own.
@@ -261,9 +266,9 @@ def test_two_workers_give_the_local_run(tmp_path, local_runs, two_workers, algor
 # ------------------------------------------------- a worker dies mid-run
 
 
-def _start_run(out_dir, workers, mark):
+def _start_run(out_dir, workers, mark, data_dir):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **{MARK: mark})
-  args = [f"--{k}={v}" for k, v in SETTINGS.items()]
+  args = [f"--{k}={v}" for k, v in SETTINGS.items()] + [f"--data_dir={data_dir}"]
   return run_server.start(
       ["--algorithm=feddst", *args, f"--workers={','.join(workers)}", f"--output_dir={out_dir}"],
       env=env,
@@ -281,11 +286,11 @@ def _wait_for_rows(out_dir, proc, count, timeout=300):
   raise AssertionError(f"no {count} rows within {timeout} s")
 
 
-def test_a_killed_worker_stops_the_run_and_the_rerun_resumes(tmp_path, local_runs):
+def test_a_killed_worker_stops_the_run_and_the_rerun_resumes(tmp_path, local_runs, small_fashion_mnist):
   out = tmp_path / "run"
   mark = uuid.uuid4().hex
   with _workers(2) as (survivor, victim):
-    proc = _start_run(out, [survivor.address, victim.address], mark)
+    proc = _start_run(out, [survivor.address, victim.address], mark, small_fashion_mnist)
     try:
       _wait_for_rows(out, proc, 1)
       victim.binary().send_signal(signal.SIGKILL)
@@ -306,7 +311,7 @@ def test_a_killed_worker_stops_the_run_and_the_rerun_resumes(tmp_path, local_run
     assert saved is not None and 1 <= saved < SETTINGS["rounds"]
     lines = []
     training.run_experiment(
-        _config(out, "feddst", [survivor.address]), log=lines.append
+        _config(out, "feddst", [survivor.address], small_fashion_mnist), log=lines.append
     )
   assert any(f"at round {saved}" in line for line in lines), lines
   _assert_same_run(out, local_runs("feddst"))
