@@ -40,7 +40,7 @@ def test_a_run_saved_before_mask_block_existed_resumes_as_element_wise():
 
 
 def test_block_feddst_run_keeps_whole_blocks_and_exports_dense1_sparse(
-    tmp_path, fashion_mnist_available
+    tmp_path, small_fashion_mnist
 ):
   """Two readjusting rounds at S = 0.8 with 1x4 blocks: dense1's non-zero
   weights lie in at most its budget of blocks; a mask upload costs a bit per
@@ -53,6 +53,7 @@ def test_block_feddst_run_keeps_whole_blocks_and_exports_dense1_sparse(
   from tff_feddst import training  # pylint: disable=g-import-not-at-top
 
   config = ExperimentConfig(
+      data_dir=small_fashion_mnist,  # the first Fashion-MNIST images (conftest)
       algorithm="feddst", mask_block="1x4", total_clients=20, clients_per_round=3,
       local_epochs=1, rounds=2, eval_every=2, rounds_between_readjustments=1,
       readjustment_end_round=3, seed=4, export_tflite=True, output_dir=str(tmp_path),

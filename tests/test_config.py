@@ -154,8 +154,9 @@ def test_no_module_branches_on_an_algorithm_name():
   assert not found, found
 
 
-def test_structured_feddst_float16_charges_16_bits_only_in_phase_two(tmp_path, fashion_mnist_available):
+def test_structured_feddst_float16_charges_16_bits_only_in_phase_two(tmp_path, small_fashion_mnist):
   config = config_lib.ExperimentConfig(
+      data_dir=small_fashion_mnist,  # the first Fashion-MNIST images (conftest)
       algorithm="structured_feddst", upload_dtype="float16", total_clients=20,
       clients_per_round=3, local_epochs=1, rounds=3, structured_search_rounds=1,
       sparsity=0.5, eval_every=3, output_dir=str(tmp_path / "run"),

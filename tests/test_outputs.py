@@ -47,8 +47,9 @@ def _rows(out_dir):
     return list(csv.DictReader(f))
 
 
-def test_tensorboard_holds_every_numeric_column_at_its_round(tmp_path, fashion_mnist_available):
+def test_tensorboard_holds_every_numeric_column_at_its_round(tmp_path, small_fashion_mnist):
   config = config_lib.ExperimentConfig(
+      data_dir=small_fashion_mnist,  # the first Fashion-MNIST images (conftest)
       algorithm="feddst", total_clients=20, clients_per_round=3, local_epochs=1,
       rounds=3, eval_every=2, output_dir=str(tmp_path / "run"),
   )
@@ -196,7 +197,7 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, fashion_mnist_a
   assert not (out / outputs.LOCK_FILE).exists()
 
 
-def test_cohorts_packed_ahead_give_the_run_packed_in_turn(tmp_path, monkeypatch, fashion_mnist_available):
+def test_cohorts_packed_ahead_give_the_run_packed_in_turn(tmp_path, monkeypatch, small_fashion_mnist):
   """Each round's cohorts are packed in a background thread while the
   round before trains (`RoundStep.prefetch`); the run is the one whose
   cohorts are packed when their round comes, bit for bit."""
@@ -207,6 +208,7 @@ def test_cohorts_packed_ahead_give_the_run_packed_in_turn(tmp_path, monkeypatch,
       algorithm="feddst", total_clients=12, clients_per_round=4, examples_per_class=5,
       local_epochs=1, rounds=4, eval_every=4, client_failure_rate=0.25,
       rounds_between_readjustments=2, seed=7,
+      data_dir=small_fashion_mnist,  # the first Fashion-MNIST images (conftest)
   )
   packed_in = []
   pack = rounds.RoundStep._pack_cohorts  # pylint: disable=protected-access

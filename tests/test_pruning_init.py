@@ -116,9 +116,10 @@ def test_best_mask_breaks_ties_towards_the_lower_index():
     [("snip", pruning_init.SNIP, "cohort"), ("grasp", pruning_init.GRASP, "per_client")],
 )
 def test_run_trains_under_the_mask_chosen_at_initialisation(
-    tmp_path, fashion_mnist_available, algorithm, criterion, execution
+    tmp_path, small_fashion_mnist, algorithm, criterion, execution
 ):
   config = ExperimentConfig(
+      data_dir=small_fashion_mnist,  # the first Fashion-MNIST images (conftest)
       algorithm=algorithm, client_execution=execution, total_clients=10, clients_per_round=3,
       local_epochs=1, rounds=2, eval_every=2, sparsity=0.9, output_dir=str(tmp_path / "run"),
   ).resolve()

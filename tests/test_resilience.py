@@ -41,7 +41,6 @@ from tff_feddst import remote
 from tff_feddst import rounds
 from tff_feddst import training
 
-from conftest import require_fashion_mnist_dir
 import run_server
 from test_outputs import read_scalars
 
@@ -194,8 +193,10 @@ def test_a_nan_client_is_rejected_and_changes_nothing(algorithm):
 # ---------------------------------------- failed clients and skipped rounds
 
 
-def _tiny_config(out_dir, **overrides):
+def _tiny_config(out_dir, data_dir, **overrides):
+  """`data_dir`: the first Fashion-MNIST images (conftest.small_fashion_mnist)."""
   values = dict(
+      data_dir=data_dir,
       algorithm="feddst",
       dataset="fashion_mnist",
       total_clients=20,
@@ -231,12 +232,12 @@ def _seed_with_pattern(rate, clients):
 
 
 def test_failed_clients_upload_nothing_and_an_empty_round_is_skipped(
-    tmp_path, fashion_mnist_available
+    tmp_path, small_fashion_mnist
 ):
   rate, clients = 0.6, 3
   seed = _seed_with_pattern(rate, clients)
   config = _tiny_config(
-      tmp_path / "run", client_failure_rate=rate, clients_per_round=clients, seed=seed
+      tmp_path / "run", small_fashion_mnist, client_failure_rate=rate, clients_per_round=clients, seed=seed
   )
   lines = []
   training.run_experiment(config, log=lines.append)
@@ -300,13 +301,15 @@ CLI_ARGS = [
 ]
 
 
-def _cli_config(out_dir):
-  return _tiny_config(out_dir, rounds=6, eval_every=2, seed=4)
+def _cli_config(out_dir, data_dir):
+  return _tiny_config(out_dir, data_dir, rounds=6, eval_every=2, seed=4)
 
 
-def _start(out_dir, extra=()):
+def _start(out_dir, data_dir, extra=()):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  return run_server.start([*CLI_ARGS, *extra, f"--output_dir={out_dir}"], env=env)
+  return run_server.start(
+      [*CLI_ARGS, f"--data_dir={data_dir}", *extra, f"--output_dir={out_dir}"], env=env
+  )
 
 
 def _wait_for_rows(out_dir, proc, count, timeout=600):
@@ -345,16 +348,18 @@ def _final_weights(out_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, fashion_mnist_available):
+def uninterrupted(tmp_path_factory, small_fashion_mnist):
   out = tmp_path_factory.mktemp("uninterrupted")
-  training.run_experiment(_cli_config(out), log=lambda line: None)
+  training.run_experiment(_cli_config(out, small_fashion_mnist), log=lambda line: None)
   return out
 
 
-def test_sigkill_at_a_random_round_then_resume_is_identical(tmp_path, uninterrupted):
+def test_sigkill_at_a_random_round_then_resume_is_identical(
+    tmp_path, uninterrupted, small_fashion_mnist
+):
   kill_after = int(np.random.default_rng(2024).integers(2, 5))  # rows written
   out = tmp_path / "killed"
-  proc = _start(out)
+  proc = _start(out, small_fashion_mnist)
   _wait_for_rows(out, proc, kill_after)
   children = _descendants(proc.pid)
   assert any(c.name() == "worker_binary" for c in children)
@@ -369,7 +374,7 @@ def test_sigkill_at_a_random_round_then_resume_is_identical(tmp_path, uninterrup
 
   # The rerun (in this process: what run.py does after its flags).
   lines = []
-  training.run_experiment(_cli_config(out), log=lines.append)
+  training.run_experiment(_cli_config(out, small_fashion_mnist), log=lines.append)
   assert f"resumed from {out / 'checkpoints'} at round {resumed_from}" in "\n".join(lines)
 
   rows = _rows(out)
@@ -387,7 +392,7 @@ def test_sigkill_at_a_random_round_then_resume_is_identical(tmp_path, uninterrup
 
   # Rerunning a finished run does nothing.
   lines = []
-  training.run_experiment(_cli_config(out), log=lines.append)
+  training.run_experiment(_cli_config(out, small_fashion_mnist), log=lines.append)
   assert any("nothing to do" in line for line in lines), lines
   assert len(_rows(out)) == 6
 
@@ -436,9 +441,9 @@ def test_an_interrupt_as_a_release_ends_is_a_keyboard_interrupt():
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_stops_quickly_keeps_a_checkpoint_and_no_worker(tmp_path, signum, fashion_mnist_available):
+def test_interrupt_stops_quickly_keeps_a_checkpoint_and_no_worker(tmp_path, signum, small_fashion_mnist):
   out = tmp_path / "interrupted"
-  proc = _start(out)
+  proc = _start(out, small_fashion_mnist)
   _wait_for_rows(out, proc, 2)
   children = _descendants(proc.pid)
   sent = time.time()
@@ -458,17 +463,20 @@ def test_interrupt_stops_quickly_keeps_a_checkpoint_and_no_worker(tmp_path, sign
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, fashion_mnist_available):
+def finished_run(tmp_path_factory, small_fashion_mnist):
   out = tmp_path_factory.mktemp("finished") / "run"
-  training.run_experiment(_tiny_config(out, rounds=2, seed=4), log=lambda line: None)
+  training.run_experiment(
+      _tiny_config(out, small_fashion_mnist, rounds=2, seed=4), log=lambda line: None
+  )
   return out
 
 
-def _cli(out_dir, *extra):
+def _cli(out_dir, data_dir, *extra):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   args = [a for a in CLI_ARGS if not a.startswith(("--rounds=", "--eval_every="))]
   return run_server.run(
-      [*args, "--eval_every=1", *extra, f"--output_dir={out_dir}"], env=env, timeout=600
+      [*args, "--eval_every=1", f"--data_dir={data_dir}", *extra, f"--output_dir={out_dir}"],
+      env=env, timeout=600,
   )
 
 
@@ -522,13 +530,13 @@ def _file_list(out):
     "damage, changes, mentions", [d[1:] for d in DAMAGE], ids=[d[0] for d in DAMAGE]
 )
 def test_damaged_or_mismatched_resume_is_one_line(
-    finished_run, tmp_path, monkeypatch, damage, changes, mentions
+    finished_run, tmp_path, monkeypatch, damage, changes, mentions, small_fashion_mnist
 ):
   """In this process: the rerun raises one of the errors run.py prints as
   one line, before it builds the learning process."""
   out = _damaged_copy(finished_run, tmp_path, damage)
   before = _file_list(out)
-  config = _tiny_config(out, **{"rounds": 3, "seed": 4, **changes})
+  config = _tiny_config(out, small_fashion_mnist, **{"rounds": 3, "seed": 4, **changes})
 
   def not_before_the_checks(*args, **kwargs):
     raise AssertionError("the process was built before the resume checks")
@@ -543,10 +551,12 @@ def test_damaged_or_mismatched_resume_is_one_line(
   assert _file_list(out) == before
 
 
-def test_a_damaged_checkpoint_is_one_line_from_the_command_line(finished_run, tmp_path):
+def test_a_damaged_checkpoint_is_one_line_from_the_command_line(
+    finished_run, tmp_path, small_fashion_mnist
+):
   out = _damaged_copy(finished_run, tmp_path, _corrupt_checkpoint)
   before = _file_list(out)
-  result = _cli(out, "--rounds=3")
+  result = _cli(out, small_fashion_mnist, "--rounds=3")
   assert result.returncode == 1, result.stdout[-2000:]
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   lines = result.stderr.strip().splitlines()
@@ -554,23 +564,23 @@ def test_a_damaged_checkpoint_is_one_line_from_the_command_line(finished_run, tm
   assert _file_list(out) == before
 
 
-def test_truncated_data_file_is_one_line(tmp_path, fashion_mnist_available):
-  source = pathlib.Path(require_fashion_mnist_dir("/usr/share/datasets/fashion-mnist"))
+def test_truncated_data_file_is_one_line(tmp_path, small_fashion_mnist):
+  source = pathlib.Path(small_fashion_mnist)
   data_dir = tmp_path / "data"
   shutil.copytree(source, data_dir)
   images = next(data_dir.glob("train-images*"))
   images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])
-  result = _cli(tmp_path / "out", "--rounds=1", f"--data_dir={data_dir}")
+  result = _cli(tmp_path / "out", data_dir, "--rounds=1")
   assert result.returncode != 0
   assert "error:" in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
   assert not (tmp_path / "out" / "metrics.csv").exists()
 
 
-def test_more_rounds_on_resume_keep_the_recorded_readjustment_end(tmp_path, fashion_mnist_available):
+def test_more_rounds_on_resume_keep_the_recorded_readjustment_end(tmp_path, small_fashion_mnist):
   """R_end defaults to half the rounds; growing --rounds on resume keeps the
   R_end the run started with (config.json), and an explicit other one is refused."""
   out = tmp_path / "run"
-  first = _tiny_config(out, rounds=2, readjustment_end_round=None, eval_every=2)
+  first = _tiny_config(out, small_fashion_mnist, rounds=2, readjustment_end_round=None, eval_every=2)
   training.run_experiment(first, log=lambda line: None)
   saved = json.loads((out / "config.json").read_text())
   assert saved["readjustment_end_round"] == 1
