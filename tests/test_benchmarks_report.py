@@ -150,7 +150,14 @@ def test_ablation_variants_change_one_feddst_setting_each():
   assert (lr.algorithm, lr.client_lr, lr.sparsity) == ("fedavg", 0.02, 0.0)
   lr = accuracy.experiment_config("feddst_rescaled_lr0.02", settings, "/x/f")
   assert (lr.algorithm, lr.client_lr, lr.sparse_init) == ("feddst", 0.02, "rescaled")
-  assert set(accuracy.VARIANTS) == set(expected) | set(combined) | set(accuracy.ABLATIONS["client_lr"])
+  best = accuracy.experiment_config("feddst_rescaled_lr0.02_float16", settings, "/x/f")
+  assert (best.algorithm, best.client_lr, best.sparse_init, best.upload_dtype) == (
+      "feddst", 0.02, "rescaled", "float16"
+  )
+  assert set(accuracy.VARIANTS) == (
+      set(expected) | set(combined) | set(accuracy.ABLATIONS["client_lr"])
+      | {"feddst_rescaled_lr0.02_float16"}
+  )
   for name, (field, value) in expected.items():
     config = accuracy.experiment_config(name, settings, f"/x/{name}")
     assert config.algorithm == "feddst" and getattr(config, field) == value, name
