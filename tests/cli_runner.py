@@ -63,7 +63,7 @@ def _child(args, out_fd: int, err_fd: int, module=None) -> None:
   os.dup2(out_fd, 1)
   os.dup2(err_fd, 2)
   sys.argv = [module or RUN_PY, *args]
-  tensorflow_federated.backends.native.set_sync_local_cpp_execution_context()
+  runtime.install_local_context()
   status = 1
   try:
     if module:

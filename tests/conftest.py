@@ -33,6 +33,7 @@ def _stop_tff_worker_at_end():
   # environment of a fresh shell, where `tff_feddst` sets it (its __init__).
   os.environ.pop("TF2_BEHAVIOR", None)
   runtime.install_shutdown_handlers()
+  runtime.install_local_context()  # what runs use (runtime.managed_runtime)
   runtime.tie_workers_to_this_process()
   yield
   run_server.close()  # and the runs it forked, if any is still going

@@ -439,3 +439,48 @@ def test_zero_sparsity_feddst_equals_tff_fed_avg():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     moved |= not np.allclose(a, w0)
   assert moved, "training did not change the weights"
+
+
+@pytest.mark.portability
+def test_the_runs_compile_computes_what_tffs_own_compile_does():
+  """Runs and tests run computations through `runtime.install_local_context`:
+  on a CPU, TFF's native compile without its static Grappler pass
+  (`runtime.compile_for_cpu`). Two readjusting FedDST rounds, under it and
+  under TFF's own context, from the same state: the same masks, the same
+  weights. Grappler's rewrites may reorder a sum, hence a float32 tolerance
+  (same kernels, same process, two rounds)."""
+  from tff_feddst import runtime  # pylint: disable=g-import-not-at-top
+
+  on_gpu = bool(tf.config.list_physical_devices("GPU"))
+  want = tff.backends.native.desugar_and_transform_to_native if on_gpu else runtime.compile_for_cpu
+  assert runtime.native_compiler() is want
+  layout = sparse_model.build_layout(sparse_model.wrap_prunable(_tiny_keras()), 0.5, "erk")
+  initial = sparse_model.initial_model_weights(_tiny_keras, 3, layout)
+  process = feddst.build_feddst(
+      sparse_model.make_model_fn(_tiny_keras, _input_spec((8, 8, 1)), True), layout, initial,
+      optimizers.build_sgdw(0.05, 0.9, 0.001), local_epochs=2, readjustment_ratio=0.3,
+      rounds_between_readjustments=1, readjustment_end_round=10,
+  )
+
+  def two_rounds():
+    state = process.initialize()
+    for r in range(2):
+      data = [ds.shuffle(64, seed=r * 10 + i).batch(8) for i, ds in enumerate(_tiny_client_data(r))]
+      state = process.next(state, data).state
+    return process.get_model_weights(state)
+
+  runtime.install_local_context()
+  ours = two_rounds()
+  tffs_own = tff.backends.native.create_sync_local_cpp_execution_context()
+  try:
+    with tff.framework.get_context_stack().install(tffs_own):
+      theirs = two_rounds()
+  finally:
+    del tffs_own  # its worker stops when the context is finalised
+  for i in layout.mask_index:
+    np.testing.assert_array_equal(ours.non_trainable[i], theirs.non_trainable[i])
+  assert any(  # the rounds readjusted
+      not np.array_equal(ours.non_trainable[i], initial.non_trainable[i]) for i in layout.mask_index
+  )
+  for a, b in zip(ours.trainable, theirs.trainable):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -143,6 +143,8 @@ class _ThreadedContext(tff.framework.AsyncContext):
     self.stub = stub
     self.context = tff.framework.AsyncExecutionContext(
         executor_fn=_executor_factory(stub),
+        # TFF's own compile, Grappler included: a worker may have a GPU
+        # (runtime.compile_for_cpu is for this machine's CPU).
         compiler_fn=tff.backends.native.desugar_and_transform_to_native,
         transform_args=tensorflow_computation.transform_args,
         transform_result=tensorflow_computation.transform_result,

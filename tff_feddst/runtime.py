@@ -35,6 +35,77 @@ def tff_worker_processes() -> list[psutil.Process]:
   return found
 
 
+def compile_for_cpu(comp):
+  """TFF's native compile without its static Grappler pass.
+
+  `tff.backends.native.desugar_and_transform_to_native` replaces intrinsics
+  with TensorFlow, brings the computation to call-dominant form, runs
+  Grappler (function inlining, constant folding, arithmetic, loop and memory
+  optimisers, all aggressive) over every TensorFlow computation in Python,
+  then marks the computations' call ops so that the worker runs no Grappler
+  on them. This does the same without the Grappler pass. TFF runs that pass
+  for GPUs (inlining keeps data sets off them); on a CPU it costs each new
+  computation its first call: a paper-setting FedDST round's first call
+  took 3.8 s instead of 5.4 s, while the rounds after it took the same
+  time within the noise (docs/testing.md, "Where the suite's time goes").
+  """
+  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff
+  from tensorflow_federated.python.core.environments.tensorflow_backend import (
+      tensorflow_tree_transformations,
+  )
+  from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+  desugared, _ = tensorflow_tree_transformations.replace_intrinsics_with_bodies(
+      comp.to_building_block()
+  )
+  return tff.backends.native.transform_to_native_form(
+      tff.framework.ConcreteComputation(
+          computation_proto=desugared.proto, context_stack=context_stack_impl.context_stack
+      ),
+      grappler_config=None,
+  )
+
+
+def native_compiler():
+  """The compile for computations run here: TFF's own where TensorFlow sees a
+  GPU, `compile_for_cpu` otherwise."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  if tf.config.list_physical_devices("GPU"):
+    return tff.backends.native.desugar_and_transform_to_native
+  return compile_for_cpu
+
+
+class _LocalContext:
+  """Marks the contexts `install_local_context` installs."""
+
+
+def install_local_context() -> None:
+  """Installs TFF's local C++ execution context (its worker starts when a
+  computation first runs), compiling with `native_compiler()`. Keeps one
+  installed already, and its worker."""
+  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff
+  from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
+
+  if isinstance(tff.framework.get_context_stack().current, _LocalContext):
+    return
+
+  class LocalContext(tff.framework.SyncExecutionContext, _LocalContext):
+    pass
+
+  tff.framework.set_default_context(
+      LocalContext(
+          executor_fn=tff.framework.local_cpp_executor_factory(),
+          compiler_fn=native_compiler(),
+          transform_args=tensorflow_computation.transform_args,
+          transform_result=tensorflow_computation.transform_result,
+      )
+  )
+
+
 def _reset_tff_context(fresh: bool) -> None:
   """Drops TFF's execution context so its worker manager is finalised now.
 
@@ -47,11 +118,10 @@ def _reset_tff_context(fresh: bool) -> None:
     return
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
-  if fresh:
-    tff.backends.native.set_sync_local_cpp_execution_context()
-  else:
-    tff.test.set_no_default_context()
+  tff.test.set_no_default_context()
   gc.collect()
+  if fresh:
+    install_local_context()
 
 
 def _wait_until_exited(procs, timeout: float) -> list[psutil.Process]:
@@ -222,6 +292,7 @@ def managed_runtime():
   """Context in which TFF may start its worker; it is stopped on the way out
   (and killed by the kernel if this process is)."""
   install_shutdown_handlers()
+  install_local_context()
   tie_workers_to_this_process()
   try:
     yield
