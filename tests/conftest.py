@@ -112,20 +112,20 @@ def small_fashion_mnist(tmp_path_factory, fashion_mnist_available):
 
 
 # Seconds each test module took in one pass of the suite (2-core machine,
-# 2026-12-04, both passes' largest, with the run server). `make test` runs
+# 2026-12-06, both passes' largest, with the run server). `make test` runs
 # modules whole on two processes (`--dist loadfile --no-loadscope-reorder`)
 # in this order, the longest first, so that the last module to start is a
 # short one and both processes finish together (xdist's default order,
 # most tests first, left the slowest modules, which have few tests, for
 # last). A module missing here counts as MODULE_SECONDS_DEFAULT.
 MODULE_SECONDS = {
-    "test_cohort": 119, "test_workers": 116, "test_resilience": 104, "test_golden": 80,
-    "test_lotteryfl": 50, "test_run_e2e": 39, "test_structured_run": 37,
-    "test_compact_messages": 36, "test_structured": 36, "test_prunefl": 33, "test_outputs": 30,
-    "test_pruning_init": 30, "test_tier_work": 29, "test_benchmarks_speed": 29,
-    "test_tflite_export": 29, "test_cli": 17, "test_feddst_process": 17, "test_schedules": 15,
-    "test_config": 14, "test_block_masks": 13, "test_op_profile": 11, "test_benchmarks_report": 5,
-    "test_data": 2, "test_models": 1, "test_messages": 1, "test_tiers": 1, "test_masks": 1,
+    "test_cohort": 130, "test_workers": 100, "test_resilience": 83, "test_golden": 70,
+    "test_compact_messages": 60, "test_outputs": 40, "test_run_e2e": 35, "test_tflite_export": 34,
+    "test_lotteryfl": 32, "test_structured_run": 29, "test_benchmarks_speed": 27,
+    "test_structured": 25, "test_tier_work": 21, "test_prunefl": 21, "test_pruning_init": 21,
+    "test_cli": 18, "test_feddst_process": 14, "test_config": 10, "test_block_masks": 10,
+    "test_schedules": 10, "test_op_profile": 9, "test_benchmarks_report": 4, "test_messages": 3,
+    "test_models": 3, "test_masks": 2, "test_data": 2, "test_tiers": 1,
 }
 MODULE_SECONDS_DEFAULT = 10
 
