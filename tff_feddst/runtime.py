@@ -78,10 +78,6 @@ def native_compiler():
   return compile_for_cpu
 
 
-class _LocalContext:
-  """Marks the contexts `install_local_context` installs."""
-
-
 def install_local_context() -> None:
   """Installs TFF's local C++ execution context (its worker starts when a
   computation first runs), compiling with `native_compiler()`. Keeps one
@@ -90,20 +86,16 @@ def install_local_context() -> None:
   import tensorflow_federated as tff
   from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 
-  if isinstance(tff.framework.get_context_stack().current, _LocalContext):
+  if getattr(tff.framework.get_context_stack().current, "feddst_local", False):
     return
-
-  class LocalContext(tff.framework.SyncExecutionContext, _LocalContext):
-    pass
-
-  tff.framework.set_default_context(
-      LocalContext(
-          executor_fn=tff.framework.local_cpp_executor_factory(),
-          compiler_fn=native_compiler(),
-          transform_args=tensorflow_computation.transform_args,
-          transform_result=tensorflow_computation.transform_result,
-      )
+  context = tff.framework.SyncExecutionContext(
+      executor_fn=tff.framework.local_cpp_executor_factory(),
+      compiler_fn=native_compiler(),
+      transform_args=tensorflow_computation.transform_args,
+      transform_result=tensorflow_computation.transform_result,
   )
+  context.feddst_local = True
+  tff.framework.set_default_context(context)
 
 
 def _reset_tff_context(fresh: bool) -> None:
