@@ -21,7 +21,9 @@ server momentum; and init, --sparse_init=rescaled). Then it writes into --output
   accuracy_vs_upload.png, accuracy_vs_round.png: the mean over seeds, with a
                            band from min to max.
 `--report_only --runs_dir=D` writes the table and plots of the finished runs
-in D (e.g. one ablation's) into --output_dir. Finished runs in
+in D (e.g. one ablation's) into --output_dir; with `--runs_csv=F,...` runs
+not in D come from earlier reports' runs.csv files (a new checkout has no
+runs/, but docs/benchmarks/ keeps every report's runs.csv). Finished runs in
 --output_dir/seed<k>/<algorithm> are reused (and, with
 checkpoints, interrupted ones resume), so rerunning continues where it
 stopped; seeds run one after the other, all algorithms of one seed first.
@@ -56,6 +58,7 @@ _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 4 rounds, 40 clients, 5 
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild table and plots from finished runs.")
 _PAIRED_BASE = flags.DEFINE_string("paired_base", "feddst", "The table also gives every other algorithm's seed-by-seed difference from this one (when it ran).")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", None, "With --report_only: where the finished runs are (<runs_dir>/seed<k>/<algorithm>; default --output_dir).")
+_RUNS_CSV = flags.DEFINE_list("runs_csv", [], "With --report_only: runs.csv files of earlier reports; a run (algorithm, seed) with no directory in --runs_dir is taken from the first of them that holds it.")
 
 LABELS_OF_ALGORITHMS = {"feddst": "FedDST", "fedavg": "FedAvg"}
 LABELS = {
@@ -106,6 +109,8 @@ def _parsed_flags():
     sys.exit(f"error: --seeds must be distinct integers >= 0, got {','.join(_SEEDS.value)}")
   if _RUNS_DIR.value and not _REPORT_ONLY.value:
     sys.exit("error: --runs_dir needs --report_only (runs train into --output_dir)")
+  if _RUNS_CSV.value and not _REPORT_ONLY.value:
+    sys.exit("error: --runs_csv needs --report_only")
   return algorithms, round_figures, caps, seeds
 
 
@@ -127,15 +132,18 @@ def main(argv):
 
   seed_dirs = {s: os.path.join(_RUNS_DIR.value or out, f"seed{s}") for s in seeds}
   if _REPORT_ONLY.value:
-    run_dirs = {
-        a: {s: os.path.join(d, a) for s, d in seed_dirs.items()} for a in algorithms
-    }
-    missing = [
-        d for by_seed in run_dirs.values() for d in by_seed.values()
-        if not os.path.exists(os.path.join(d, "metrics.csv"))
-    ]
+    earlier = []
+    for path in _RUNS_CSV.value:
+      try:
+        earlier.append(report.load_seed_runs_csv(path))
+      except (OSError, ValueError) as e:
+        sys.exit(f"error: --runs_csv: {e}")
+    runs, missing = report.finished_runs(algorithms, seed_dirs, earlier)
     if missing:
-      sys.exit(f"error: no finished run in {', '.join(missing)}")
+      sys.exit(
+          f"error: no finished run in {', '.join(missing)}"
+          f"{' nor in --runs_csv' if earlier else ''}"
+      )
   else:
     run_dirs = {a: {} for a in algorithms}
     try:
@@ -149,7 +157,7 @@ def main(argv):
     except KeyboardInterrupt:
       sys.exit("interrupted; rerun the same command to continue")
 
-  runs = {a: {s: report.load_rows(d) for s, d in by_seed.items()} for a, by_seed in run_dirs.items()}
+    runs = {a: {s: report.load_rows(d) for s, d in by_seed.items()} for a, by_seed in run_dirs.items()}
   report.write_seed_runs_csv(runs, os.path.join(out, "runs.csv"))
   table = report.seed_table(runs, caps, LABELS) + "\n" + report.round_table(runs, round_figures, LABELS)
   if _PAIRED_BASE.value in runs and len(runs) > 1:

@@ -179,15 +179,55 @@ def paired_table(
 
 def write_seed_runs_csv(runs: dict[str, dict[int, list[dict]]], path: str) -> None:
   """Every round of every run, with its algorithm and seed."""
-  first = next(iter(next(iter(runs.values())).values()))
-  columns = ["algorithm", "seed"] + list(first[0].keys())
+  # The runs' columns in the order first seen (runs read from another
+  # report's runs.csv may lack a column newer runs have: left empty).
+  columns = {"algorithm": None, "seed": None}
+  for by_seed in runs.values():
+    for rows in by_seed.values():
+      for row in rows:
+        columns.update(dict.fromkeys(row))
   with files.atomic_output(path) as temp, open(temp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
+    writer = csv.DictWriter(f, fieldnames=list(columns), restval="")
     writer.writeheader()
     for algorithm, by_seed in runs.items():
       for seed, rows in sorted(by_seed.items()):
         for row in rows:
           writer.writerow({"algorithm": algorithm, "seed": seed, **row})
+
+
+def load_seed_runs_csv(path: str) -> dict[str, dict[int, list[dict]]]:
+  """The runs of a `write_seed_runs_csv` file: {algorithm: {seed: rows}},
+  each row as `load_rows` gives a run's metrics.csv rows (strings, without
+  the algorithm and seed columns)."""
+  runs: dict[str, dict[int, list[dict]]] = {}
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    if reader.fieldnames is None or reader.fieldnames[:2] != ["algorithm", "seed"]:
+      raise ValueError(f"{path} is not a runs.csv (its first columns are not algorithm, seed)")
+    for row in reader:
+      algorithm, seed = row.pop("algorithm"), int(row.pop("seed"))
+      runs.setdefault(algorithm, {}).setdefault(seed, []).append(row)
+  return runs
+
+
+def finished_runs(algorithms, seed_dirs: dict[int, str], earlier=()):
+  """({algorithm: {seed: rows}}, the run directories missing) of the
+  finished runs `<seed_dirs[seed]>/<algorithm>/metrics.csv`; a run with no
+  directory is taken from the first of `earlier` (`load_seed_runs_csv`
+  results) that holds it."""
+  runs, missing = {}, []
+  for algorithm in algorithms:
+    for seed, seed_dir in seed_dirs.items():
+      run_dir = os.path.join(seed_dir, algorithm)
+      if os.path.exists(os.path.join(run_dir, "metrics.csv")):
+        runs.setdefault(algorithm, {})[seed] = load_rows(run_dir)
+        continue
+      found = next((e[algorithm][seed] for e in earlier if seed in e.get(algorithm, {})), None)
+      if found is None:
+        missing.append(run_dir)
+      else:
+        runs.setdefault(algorithm, {})[seed] = found
+  return runs, missing
 
 
 def band(by_seed: dict[int, list[dict]]):

@@ -1,5 +1,6 @@
 """The benchmark's table and plots from hand-made metrics."""
 
+import csv
 import dataclasses
 import os
 
@@ -226,3 +227,48 @@ def test_the_pool_benchmark_gives_every_client_one_training_image(fashion_mnist_
     assert {len(idx) for idx in fed.partition.train} == {1}, pool
   with pytest.raises(ValueError, match="one image per client"):
     workers._partition_flags(20000)  # pylint: disable=protected-access
+
+
+def _metrics_dir(directory, rows):
+  """A run directory holding `rows` as its metrics.csv."""
+  directory.mkdir(parents=True)
+  with open(directory / "metrics.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  return directory
+
+
+def test_a_reports_runs_csv_gives_back_its_runs(tmp_path):
+  runs = {
+      "fedavg": {0: _rows(GIB // 4, [0.1, 0.2, 0.3]), 1: _rows(GIB // 4, [0.3, 0.2, 0.1])},
+      "feddst": {1: _rows(GIB // 16, [0.5, 0.6, 0.7])},
+  }
+  path = str(tmp_path / "runs.csv")
+  report.write_seed_runs_csv(runs, path)
+  assert report.load_seed_runs_csv(path) == runs
+  # Written again from what was read: the same file, byte for byte.
+  report.write_seed_runs_csv(report.load_seed_runs_csv(path), str(tmp_path / "again.csv"))
+  assert (tmp_path / "again.csv").read_bytes() == (tmp_path / "runs.csv").read_bytes()
+  (tmp_path / "metrics.csv").write_text("round,clients_accuracy\n1,0.5\n")
+  with pytest.raises(ValueError, match="not a runs.csv"):
+    report.load_seed_runs_csv(str(tmp_path / "metrics.csv"))
+
+
+def test_finished_runs_take_directories_first_then_earlier_reports(tmp_path):
+  old = {"fedavg": {0: _rows(GIB, [0.1, 0.2]), 1: _rows(GIB, [0.3, 0.4])}}
+  newer = {"fedavg": {1: _rows(GIB, [0.9, 0.9])}, "feddst": {1: _rows(GIB, [0.6, 0.7])}}
+  fresh = _rows(GIB // 2, [0.5, 0.6, 0.7])
+  _metrics_dir(tmp_path / "seed1" / "fedavg", fresh)
+  seed_dirs = {s: str(tmp_path / f"seed{s}") for s in (0, 1)}
+  runs, missing = report.finished_runs(["fedavg", "feddst"], seed_dirs, [old, newer])
+  # fedavg seed 0 from the first file, seed 1 from its directory (not from
+  # either file); feddst seed 1 from the second file; feddst seed 0 nowhere.
+  assert runs == {"fedavg": {0: old["fedavg"][0], 1: fresh}, "feddst": {1: newer["feddst"][1]}}
+  assert missing == [os.path.join(seed_dirs[0], "feddst")]
+  # Runs from files with fewer columns share one runs.csv, the gaps empty.
+  runs["fedavg"][0] = [{k: v for k, v in r.items() if k != "round_seconds"} for r in old["fedavg"][0]]
+  report.write_seed_runs_csv(runs, str(tmp_path / "runs.csv"))
+  lines = (tmp_path / "runs.csv").read_text().splitlines()
+  assert lines[0] == "algorithm,seed,round,clients_accuracy,cumulative_upload_bits,round_seconds"
+  assert lines[1] == f"fedavg,0,1,,{GIB}," and lines[3].startswith("fedavg,1,1,,")

@@ -225,6 +225,7 @@ FAST_FLAG_ERRORS = [
     (["-m", "benchmarks", "--ablations=beta"], "error: unknown --ablations beta; choose from alpha,"),
     (["-m", "benchmarks", "--round_figures=x"], "error: --round_figures must be integers, got x"),
     (["-m", "benchmarks", "--runs_dir=r"], "error: --runs_dir needs --report_only"),
+    (["-m", "benchmarks", "--runs_csv=r.csv"], "error: --runs_csv needs --report_only"),
     (["-m", "benchmarks.speed", "--rounds=1"], "--rounds must be >= 2"),
 ]
 
