@@ -255,3 +255,63 @@ def test_a_cohorts_uploads_are_its_clients_messages_batched(mask_block, value_dt
   )
   for got, want in zip(bare_masks, stacked_held):
     np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("mask_block", [1, 4])
+@pytest.mark.parametrize("value_dtype", [tf.float32, tf.float16])
+@pytest.mark.parametrize("case", ["valid", "over_budget", "unpadded", "not_in_blocks"])
+def test_a_cohorts_uploads_as_received_equal_the_built_messages_decoded(
+    mask_block, value_dtype, case
+):
+  """`cohort_uploads_as_received` (what cohorts run) gives what the built
+  message decodes to, bit for bit, and its bits: valid uploads (the
+  direct path), a client over its budget, values as long as the kept
+  ones, and a sender whose block mask is not in whole blocks (both
+  through the message)."""
+  if case == "not_in_blocks" and mask_block == 1:
+    pytest.skip("element-wise masks are always whole units")
+  model, layout = _layout(mask_block)
+  rng = np.random.default_rng(12)
+  keeps = (1.0, 1.0, 0.5, 1.0, 1.2 if case == "over_budget" else 1.0)
+  send = np.array([True, False, True, False, True])
+  masks = [_client_masks(layout, 30 + g, keep) for g, keep in enumerate(keeps)]
+  if case == "not_in_blocks":  # one weight of a kept block of a block-masked layer dropped
+    slot = next(s for s, rows in enumerate(layout.all_rows) if rows > 1)
+    masks[0][slot] = masks[0][slot].copy()
+    masks[0][slot].reshape(-1)[np.flatnonzero(masks[0][slot].reshape(-1))[0]] = 0.0
+  held = [masks_lib.random_masks(layout.kernel_shapes, layout.budgets, 50 + g, layout.all_rows)
+          for g in range(len(keeps))]
+  for g in np.flatnonzero(~send):
+    held[g] = masks[g]
+  # Values outside the masks too: the message leaves them out.
+  trainable = [
+      tf.constant(rng.normal(size=(len(keeps), *w.shape)).astype(np.float32))
+      for w in model.trainable_weights
+  ]
+  stacked = [tf.constant(np.stack([m[s] for m in masks])) for s in range(len(layout.budgets))]
+  stacked_held = [
+      tf.constant(np.stack([m[s] for m in held])) for s in range(len(layout.budgets))
+  ]
+  padded = case != "unpadded"
+  message = messages.encode_cohort_uploads(
+      trainable, stacked, layout, value_dtype, tf.constant(send), padded
+  )
+  want, want_masks = messages.decode_cohort_uploads(
+      message, layout, stacked_held, tf.constant(send), padded
+  )
+  got, got_masks, bits = messages.cohort_uploads_as_received(
+      trainable, stacked, layout, value_dtype, stacked_held, tf.constant(send), padded
+  )
+  assert int(bits) == int(messages.tensor_bits(message))
+  for a, b in zip(got + got_masks, want + want_masks):
+    assert a.dtype == b.dtype == tf.float32
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # Bit for bit (no -0.0 where the message gives +0.0).
+    np.testing.assert_array_equal(
+        np.signbit(a.numpy()), np.signbit(b.numpy())
+    )
+  if case == "valid":
+    slot = 0
+    kernel = trainable[layout.kernel_index[slot]].numpy()
+    expected = np.where(stacked[slot].numpy() > 0, kernel.astype(value_dtype.as_numpy_dtype), 0)
+    np.testing.assert_array_equal(got[layout.kernel_index[slot]].numpy(), expected)

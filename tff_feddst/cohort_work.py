@@ -242,13 +242,12 @@ def _as_sent(params, kernel_masks, initial_masks, changed, *, layout, upload_dty
   if its mask `changed`), its bits counted (`upload_bits`) and decoded as
   the server decodes it; otherwise the values at the upload's dtype."""
   if compact:
-    message = messages.encode_cohort_uploads(
-        params, kernel_masks, layout, upload_dtype, changed, padded
+    # `decode_cohort_uploads(encode_cohort_uploads(...))` and the message's
+    # bits, without the gathers and scatters of the values (equal, tested).
+    values, sent_masks, bits = messages.cohort_uploads_as_received(
+        params, kernel_masks, layout, upload_dtype, initial_masks, changed, padded
     )
-    values, sent_masks = messages.decode_cohort_uploads(
-        message, layout, initial_masks, changed, padded
-    )
-    return values, sent_masks, {"upload_bits": messages.tensor_bits(message)}
+    return values, sent_masks, {"upload_bits": bits}
   values = params
   if upload_dtype != tf.float32:
     values = [tf.cast(tf.cast(v, upload_dtype), tf.float32) for v in values]

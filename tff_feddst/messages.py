@@ -412,6 +412,70 @@ def _decode_rows(values, mask, shape, budget: int | None):
   return tf.reshape(flat, [g, *shape])
 
 
+def cohort_uploads_as_received(trainable, masks, layout, value_dtype, held_masks, send_mask,
+                               padded=True):
+  """(trainable, masks, bits): what `decode_cohort_uploads` gives for
+  `encode_cohort_uploads`' message of the same arguments, and that
+  message's `tensor_bits`, without gathering the kept values into the
+  message and scattering them back.
+
+  The decoded masks are built as the server builds them (the senders'
+  packed bits unpacked over the held masks). Where they equal the
+  clients' masks and no client keeps more than its layer's budget (every
+  valid upload), the decoded kernels are the trained values at the mask's
+  ones, through `value_dtype`, and zeros elsewhere: that is what the
+  message's values, placed back at the mask's ones in increasing
+  position, hold. Otherwise (a malformed mask) the message is built and
+  decoded (the reference, `tests/test_messages.py` checks the two equal).
+  The bits follow from the message's shapes: per layer G times the
+  values' width (its budget, or with `padded=False` the most values a
+  client keeps) at `value_dtype`'s bits, plus the senders' mask bytes,
+  plus the other values.
+  """
+  g = tf.shape(send_mask)[0]
+  senders = tf.where(send_mask)
+  value_bits = DTYPE_BITS[np.dtype(tf.as_dtype(value_dtype).as_numpy_dtype)]
+  decoded_masks, matches, bits = [], [], tf.constant(0, tf.int64)
+  for slot in range(len(layout.kernel_index)):
+    shape, rows = list(layout.kernel_shapes[slot]), layout.rows(slot)
+    packed = _pack_rows(tf.boolean_mask(masks[slot], send_mask), shape, rows)
+    mask = tf.tensor_scatter_nd_update(
+        tf.cast(held_masks[slot], tf.float32), senders, _unpack_rows(packed, shape, rows)
+    )
+    decoded_masks.append(mask)
+    size = int(np.prod(shape))
+    counts = tf.reduce_sum(tf.cast(tf.reshape(mask, [g, size]) > 0, tf.int32), axis=1)
+    if padded:
+      width = tf.constant(layout.budgets[slot], tf.int32)
+      matches.append(tf.reduce_all(counts <= width))
+    else:
+      width = tf.reduce_max(tf.concat([counts, [0]], 0))
+    matches.append(tf.reduce_all(tf.equal(mask, tf.cast(masks[slot], tf.float32))))
+    bits += tf.cast(g * width, tf.int64) * value_bits + tf.size(packed, out_type=tf.int64) * 8
+  kernels = set(layout.kernel_index)
+  for i, v in enumerate(trainable):
+    if i not in kernels:
+      bits += tf.size(v, out_type=tf.int64) * value_bits
+
+  def through_dtype(v):
+    return tf.cast(tf.cast(v, value_dtype), tf.float32) if value_dtype != tf.float32 else v
+
+  def direct():
+    values = list(trainable)
+    for slot, i in enumerate(layout.kernel_index):
+      values[i] = tf.where(decoded_masks[slot] > 0, through_dtype(trainable[i]), 0.0)
+    others = [through_dtype(v) if i not in kernels else values[i] for i, v in enumerate(values)]
+    return tuple(others)
+
+  def built():
+    message = encode_cohort_uploads(trainable, masks, layout, value_dtype, send_mask, padded)
+    values, _ = decode_cohort_uploads(message, layout, held_masks, send_mask, padded)
+    return tuple(values)
+
+  values = tf.cond(tf.reduce_all(tf.stack(matches)), direct, built)
+  return list(values), decoded_masks, bits
+
+
 def decode_cohort_uploads(message, layout, held_masks, send_mask, padded=True):
   """(trainable, masks), each tensor [G, ...] float32, of
   `encode_cohort_uploads`' message (of the same `padded`): a client's mask
