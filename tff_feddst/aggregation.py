@@ -84,10 +84,18 @@ def contributions(values, masks, weights, budgets):
     """[G] -> [G, 1, ..., 1] of `like`'s rank."""
     return tf.reshape(t, tf.concat([tf.shape(t), tf.ones([tf.rank(like) - 1], tf.int32)], 0))
 
+  all_valid = tf.reduce_all(valid)
+
+  def zero_rejected(t):
+    """`t` with the rejected clients' rows zeroed (a pass over `t` only
+    when some client is rejected)."""
+    return tf.cond(
+        all_valid, lambda: t, lambda: tf.where(by_client(valid, t), t, tf.zeros_like(t))
+    )
+
   weighted, votes, counts = [], [], []
   for v, m in zip(values, masks):
-    v = tf.where(by_client(valid, v), v, tf.zeros_like(v))
-    m = tf.where(by_client(valid, m), m, tf.zeros_like(m))
+    v, m = zero_rejected(v), zero_rejected(m)
     wm = by_client(w, m) * m
     wm_v = wm if m.shape.rank == v.shape.rank else by_client(wm, v)
     weighted.append(tf.reduce_sum(wm_v * v, axis=0))

@@ -310,7 +310,10 @@ def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate, co
         tf.stack([tf.reduce_all(tf.math.is_finite(per_client(v)), axis=1) for v in values]), axis=0
     )
     kept = tf.cast(finite, tf.float32)  # a rejected update's loss stays out of the metrics
-    active = tf.add_n([tf.reduce_sum(tf.cast(per_client(m) > 0, tf.int64), axis=1) for m in kernel_masks])
+    # 0/1 masks: a row's sum is its number of ones (exact in float32 below 2**24).
+    active = tf.cast(
+        tf.add_n([tf.reduce_sum(per_client(m), axis=1) for m in kernel_masks]), tf.int64
+    )
     stats = collections.OrderedDict(
         mask_changed=tf.reduce_sum(tf.cast(changed, tf.int32)),
         uploaded_values=tf.reduce_sum(active),

@@ -419,38 +419,47 @@ def cohort_uploads_as_received(trainable, masks, layout, value_dtype, held_masks
   message's `tensor_bits`, without gathering the kept values into the
   message and scattering them back.
 
+  The masks are 0/1, and a client that sends no mask bits (`send_mask`
+  false) holds its own mask (`held_masks` row equal to its `masks` row):
+  a cohort's clients send their bits exactly when their mask changed.
   The decoded masks are built as the server builds them (the senders'
-  packed bits unpacked over the held masks). Where they equal the
-  clients' masks and no client keeps more than its layer's budget (every
-  valid upload), the decoded kernels are the trained values at the mask's
-  ones, through `value_dtype`, and zeros elsewhere: that is what the
-  message's values, placed back at the mask's ones in increasing
-  position, hold. Otherwise (a malformed mask) the message is built and
-  decoded (the reference, `tests/test_messages.py` checks the two equal).
-  The bits follow from the message's shapes: per layer G times the
-  values' width (its budget, or with `padded=False` the most values a
-  client keeps) at `value_dtype`'s bits, plus the senders' mask bytes,
-  plus the other values.
+  packed bits unpacked over the held masks). Where the senders' decoded
+  masks equal their masks and no client keeps more than its layer's
+  budget (every valid upload), the decoded kernels are the trained values
+  at the mask's ones, through `value_dtype`, and zeros elsewhere: that is
+  what the message's values, placed back at the mask's ones in
+  increasing position, hold. Otherwise (a malformed mask) the message is
+  built and decoded (the reference; `tests/test_messages.py` checks the
+  two equal). The bits follow from the message's shapes: per layer G
+  times the values' width (its budget, or with `padded=False` the most
+  values a client keeps) at `value_dtype`'s bits, plus the senders' mask
+  bytes, plus the other values.
   """
   g = tf.shape(send_mask)[0]
   senders = tf.where(send_mask)
+  any_sender = tf.reduce_any(send_mask)
   value_bits = DTYPE_BITS[np.dtype(tf.as_dtype(value_dtype).as_numpy_dtype)]
   decoded_masks, matches, bits = [], [], tf.constant(0, tf.int64)
   for slot in range(len(layout.kernel_index)):
     shape, rows = list(layout.kernel_shapes[slot]), layout.rows(slot)
-    packed = _pack_rows(tf.boolean_mask(masks[slot], send_mask), shape, rows)
-    mask = tf.tensor_scatter_nd_update(
-        tf.cast(held_masks[slot], tf.float32), senders, _unpack_rows(packed, shape, rows)
+    sent = tf.boolean_mask(masks[slot], send_mask)
+    packed = _pack_rows(sent, shape, rows)
+    unpacked = _unpack_rows(packed, shape, rows)
+    held = tf.cast(held_masks[slot], tf.float32)
+    mask = tf.cond(
+        any_sender,
+        lambda held=held, unpacked=unpacked: tf.tensor_scatter_nd_update(held, senders, unpacked),
+        lambda held=held: held,
     )
     decoded_masks.append(mask)
-    size = int(np.prod(shape))
-    counts = tf.reduce_sum(tf.cast(tf.reshape(mask, [g, size]) > 0, tf.int32), axis=1)
+    # 0/1 masks: a row's sum is its number of ones.
+    counts = tf.reduce_sum(tf.reshape(mask, [g, int(np.prod(shape))]), axis=1)
     if padded:
       width = tf.constant(layout.budgets[slot], tf.int32)
-      matches.append(tf.reduce_all(counts <= width))
+      matches.append(tf.reduce_all(counts <= tf.cast(width, tf.float32)))
     else:
-      width = tf.reduce_max(tf.concat([counts, [0]], 0))
-    matches.append(tf.reduce_all(tf.equal(mask, tf.cast(masks[slot], tf.float32))))
+      width = tf.cast(tf.reduce_max(tf.concat([counts, [0.0]], 0)), tf.int32)
+    matches.append(tf.reduce_all(tf.equal(unpacked, tf.cast(sent, tf.float32))))
     bits += tf.cast(g * width, tf.int64) * value_bits + tf.size(packed, out_type=tf.int64) * 8
   kernels = set(layout.kernel_index)
   for i, v in enumerate(trainable):
