@@ -719,3 +719,23 @@ def test_num_to_readjust_in_whole_blocks():
   assert int(masks.num_to_readjust(0.05, 4 * 12811, 4)) == 4 * 641
   got = masks.num_to_readjust(0.05, tf.constant([208, 51244]), tf.constant([1, 4]))
   np.testing.assert_array_equal(got, [10, 2564])
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_keep_top_k_equals_the_sorting_reference(rows):
+  """The histogram re-prune picks what two stable sorts pick: many ties
+  in |v| (zeros, repeated values) and in support, negative values, k from
+  0 to past the supported count, a Python int and a tensor k."""
+  rng = np.random.default_rng(7)
+  for trial in range(30):
+    shape = (8 * rows, 12)
+    v = rng.choice([-0.5, -0.25, 0.0, 0.25, 0.5, 1e-30], size=shape).astype(np.float32)
+    if trial % 2:  # distinct values among the ties
+      v += (rng.normal(size=shape) * (rng.random(shape) < 0.5)).astype(np.float32)
+    support = (rng.integers(0, 3, size=shape) / 2.0).astype(np.float32)
+    units = v.size // rows
+    k = rows * int(rng.integers(0, units + 3))
+    for kk in (k, tf.constant(k)):
+      got = _np(masks.keep_top_k(tf.constant(v), tf.constant(support), kk, rows=rows))
+      want = _np(masks.keep_top_k_by_sorting(tf.constant(v), tf.constant(support), kk, rows=rows))
+      np.testing.assert_array_equal(got, want, err_msg=f"trial {trial} k {k}")
