@@ -52,7 +52,7 @@ def _check_value_type(value_type):
       raise TypeError(f"mask shape {m.shape} does not match value {v.shape}")
 
 
-def contributions(values, masks, weights, budgets):
+def contributions(values, masks, weights, budgets, finite=None):
   """The validated, weighted contributions of G clients, summed over them.
 
   values[i]: [G, ...] (client g's i-th tensor); masks[i]: [G, ...] for a
@@ -63,7 +63,8 @@ def contributions(values, masks, weights, budgets):
   OrderedDict(weighted, votes, counts, total, rejected): sums over the
   clients of w m v, w m, [w > 0] m, w and the number rejected. The
   per-client aggregator calls it with G = 1, the cohort client work with
-  its cohort.
+  its cohort. `finite` (bool [G], optional): whether each client's values
+  are all finite, when the caller has it already.
   """
   w = tf.cast(weights, tf.float32)
 
@@ -71,12 +72,15 @@ def contributions(values, masks, weights, budgets):
     return tf.reshape(t, [tf.shape(t)[0], -1])
 
   checks = [tf.math.is_finite(w), w > 0]
+  if finite is not None:
+    checks.append(finite)
   for i, (v, m) in enumerate(zip(values, masks)):
-    checks.append(tf.reduce_all(tf.math.is_finite(per_client(v)), axis=1))
+    if finite is None:
+      checks.append(tf.reduce_all(tf.math.is_finite(per_client(v)), axis=1))
     checks.append(tf.reduce_all(tf.math.is_finite(per_client(m)), axis=1))
     if i in budgets:
-      kept = tf.reduce_sum(tf.cast(tf.not_equal(per_client(m), 0.0), tf.int64), axis=1)
-      checks.append(kept <= budgets[i])
+      kept = tf.reduce_sum(tf.cast(tf.not_equal(per_client(m), 0.0), tf.int32), axis=1)
+      checks.append(tf.cast(kept, tf.int64) <= tf.cast(budgets[i], tf.int64))
   valid = tf.reduce_all(tf.stack(checks), axis=0)
   w = tf.where(valid, w, 0.0)
 

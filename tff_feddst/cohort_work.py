@@ -305,10 +305,10 @@ def _cohort_update(network, layout, hp, local_epochs, upload_dtype, validate, co
     budgets = {}
     if validate:
       budgets = {i: tf.cast(round_budgets[slot], tf.int64) for slot, i in enumerate(kernel_index)}
-    contributions = aggregation.contributions(values, upload_masks, examples, budgets)
     finite = tf.reduce_all(
         tf.stack([tf.reduce_all(tf.math.is_finite(per_client(v)), axis=1) for v in values]), axis=0
     )
+    contributions = aggregation.contributions(values, upload_masks, examples, budgets, finite)
     kept = tf.cast(finite, tf.float32)  # a rejected update's loss stays out of the metrics
     # 0/1 masks: a row's sum is its number of ones (exact in float32 below 2**24).
     active = tf.cast(
