@@ -312,6 +312,18 @@ def _largest_with_count(keys, count):
   return tf.where(count <= 0, 2**31 - 1, tf.where(top < 0, 0, found))
 
 
+def _on_blocks(select, values, support, k, rows: int) -> tf.Tensor:
+  """`select` (a re-prune) on blocks of `rows` entries: a block's value is
+  its sum of |v|, its support its largest entry's; k / rows blocks."""
+  grid = tf.shape(values)[-2] // rows
+  shares = tf.reshape(support, [grid, rows, -1])
+  block_support = tf.reduce_max(tf.cast(shares, tf.float32), axis=1)
+  block_values = tf.ensure_shape(
+      pool_blocks(values, rows), [values.shape[0] // rows, values.shape[1]]
+  )
+  return expand_blocks(select(block_values, block_support, tf.cast(k, tf.int32) // rows), rows)
+
+
 def keep_top_k(values: tf.Tensor, support: tf.Tensor, k: int, rows: int = 1) -> tf.Tensor:
   """Server re-prune: the k positions of largest |v| where support > 0.
 
@@ -331,14 +343,7 @@ def keep_top_k(values: tf.Tensor, support: tf.Tensor, k: int, rows: int = 1) -> 
   2-core machine the sorts took about 35 ms of a FedDST round).
   """
   if rows > 1:
-    grid = tf.shape(values)[-2] // rows
-    shares = tf.reshape(support, [grid, rows, -1])
-    block_support = tf.reduce_max(tf.cast(shares, tf.float32), axis=1)
-    block_values = tf.ensure_shape(
-        pool_blocks(values, rows), [values.shape[0] // rows, values.shape[1]]
-    )
-    kept = keep_top_k(block_values, block_support, tf.cast(k, tf.int32) // rows)
-    return expand_blocks(kept, rows)
+    return _on_blocks(keep_top_k, values, support, k, rows)
   size = int(np.prod(values.shape))
   k = tf.minimum(tf.cast(k, tf.int32), size)
   supported = tf.reshape(support > 0, [-1])
@@ -376,14 +381,7 @@ def keep_top_k_by_sorting(values: tf.Tensor, support: tf.Tensor, k: int, rows: i
   rows blocks of largest sum of |v|, a block's support its largest entry's.
   """
   if rows > 1:
-    grid = tf.shape(values)[-2] // rows
-    shares = tf.reshape(support, [grid, rows, -1])
-    block_support = tf.reduce_max(tf.cast(shares, tf.float32), axis=1)
-    block_values = tf.ensure_shape(
-        pool_blocks(values, rows), [values.shape[0] // rows, values.shape[1]]
-    )
-    kept = keep_top_k_by_sorting(block_values, block_support, tf.cast(k, tf.int32) // rows)
-    return expand_blocks(kept, rows)
+    return _on_blocks(keep_top_k_by_sorting, values, support, k, rows)
   size = int(np.prod(values.shape))
   k = tf.minimum(tf.cast(k, tf.int32), size)  # a Python int or a tensor
   supported = tf.reshape(support > 0, [-1])

@@ -455,26 +455,27 @@ def cohort_uploads_as_received(trainable, masks, layout, value_dtype, held_masks
     # 0/1 masks: a row's sum is its number of ones.
     counts = tf.reduce_sum(tf.reshape(mask, [g, int(np.prod(shape))]), axis=1)
     if padded:
-      width = tf.constant(layout.budgets[slot], tf.int32)
-      matches.append(tf.reduce_all(counts <= tf.cast(width, tf.float32)))
+      width = layout.budgets[slot]
+      matches.append(tf.reduce_all(counts <= width))
     else:
       width = tf.cast(tf.reduce_max(tf.concat([counts, [0.0]], 0)), tf.int32)
     matches.append(tf.reduce_all(tf.equal(unpacked, tf.cast(sent, tf.float32))))
-    bits += tf.cast(g * width, tf.int64) * value_bits + tf.size(packed, out_type=tf.int64) * 8
-  kernels = set(layout.kernel_index)
+    bits += (tf.cast(g, tf.int64) * tf.cast(width, tf.int64) * value_bits
+             + tf.size(packed, out_type=tf.int64) * 8)
+  slot_of = layout.mask_slot()
   for i, v in enumerate(trainable):
-    if i not in kernels:
+    if i not in slot_of:
       bits += tf.size(v, out_type=tf.int64) * value_bits
 
   def through_dtype(v):
     return tf.cast(tf.cast(v, value_dtype), tf.float32) if value_dtype != tf.float32 else v
 
   def direct():
-    values = list(trainable)
-    for slot, i in enumerate(layout.kernel_index):
-      values[i] = tf.where(decoded_masks[slot] > 0, through_dtype(trainable[i]), 0.0)
-    others = [through_dtype(v) if i not in kernels else values[i] for i, v in enumerate(values)]
-    return tuple(others)
+    return tuple(
+        tf.where(decoded_masks[slot_of[i]] > 0, through_dtype(v), 0.0) if i in slot_of
+        else through_dtype(v)
+        for i, v in enumerate(trainable)
+    )
 
   def built():
     message = encode_cohort_uploads(trainable, masks, layout, value_dtype, send_mask, padded)
