@@ -370,16 +370,8 @@ def keep_top_k(values: tf.Tensor, support: tf.Tensor, k: int, rows: int = 1) -> 
 
 
 def keep_top_k_by_sorting(values: tf.Tensor, support: tf.Tensor, k: int, rows: int = 1) -> tf.Tensor:
-  """`keep_top_k` by two stable sorts (the reference): the k positions of
-  largest |v| where support > 0.
-
-  `support` is the aggregated mask, 0 where no client voted and otherwise
-  the vote share (any positive number). Ties in |v| (typically weights that
-  clients regrew at zero) go to the larger support, then the lower index.
-  If fewer than k positions have support, all of them are kept. Returns a 0/1
-  float mask. With block masks (`rows` > 1; k a multiple of rows): the k /
-  rows blocks of largest sum of |v|, a block's support its largest entry's.
-  """
+  """`keep_top_k`'s choice (the same contract) by two stable sorts: by
+  |v|, then share, then index. The reference its tests compare against."""
   if rows > 1:
     return _on_blocks(keep_top_k_by_sorting, values, support, k, rows)
   size = int(np.prod(values.shape))
