@@ -48,6 +48,12 @@ ABLATIONS = {
             "sparse_init": "rescaled", "client_lr": 0.02, "upload_dtype": "float16",
         },
     },
+    # SNIP (a baseline, not an ablation) with the recommended FedDST's client
+    # learning rate and float16 uploads, so that the two compare on equal
+    # terms (SNIP's mask comes from saliency: it has no rescaled init).
+    "snip_recommended": {
+        "snip_lr0.02_float16": {"algorithm": "snip", "client_lr": 0.02, "upload_dtype": "float16"},
+    },
 }
 VARIANTS = {
     name: (

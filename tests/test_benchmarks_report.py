@@ -155,9 +155,13 @@ def test_ablation_variants_change_one_feddst_setting_each():
   assert (best.algorithm, best.client_lr, best.sparse_init, best.upload_dtype) == (
       "feddst", 0.02, "rescaled", "float16"
   )
+  snip = accuracy.experiment_config("snip_lr0.02_float16", settings, "/x/f")
+  assert (snip.algorithm, snip.client_lr, snip.sparse_init, snip.upload_dtype, snip.sparsity) == (
+      "snip", 0.02, "keras", "float16", 0.8
+  )
   assert set(accuracy.VARIANTS) == (
       set(expected) | set(combined) | set(accuracy.ABLATIONS["client_lr"])
-      | {"feddst_rescaled_lr0.02_float16"}
+      | {"feddst_rescaled_lr0.02_float16", "snip_lr0.02_float16"}
   )
   for name, (field, value) in expected.items():
     config = accuracy.experiment_config(name, settings, f"/x/{name}")
