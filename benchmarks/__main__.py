@@ -60,7 +60,7 @@ _PAIRED_BASE = flags.DEFINE_string("paired_base", "feddst", "The table also give
 _RUNS_DIR = flags.DEFINE_string("runs_dir", None, "With --report_only: where the finished runs are (<runs_dir>/seed<k>/<algorithm>; default --output_dir).")
 _RUNS_CSV = flags.DEFINE_list("runs_csv", [], "With --report_only: runs.csv files of earlier reports; a run (algorithm, seed) with no directory in --runs_dir is taken from the first of them that holds it.")
 
-LABELS_OF_ALGORITHMS = {"feddst": "FedDST", "fedavg": "FedAvg"}
+LABELS_OF_ALGORITHMS = {"feddst": "FedDST", "fedavg": "FedAvg", "snip": "SNIP"}
 LABELS = {
     "fedavg": "FedAvg",
     "fedavgm": "FedAvgM (server momentum 0.9)",
@@ -68,6 +68,8 @@ LABELS = {
     "randommask": "RandomMask (S=0.8)",
     "snip": "SNIP (S=0.8)",
     "grasp": "GraSP (S=0.8)",
+    "prunefl": "PruneFL (S=0.8)",
+    "lotteryfl": "LotteryFL (S=0.8), global model",
     "feddst": "FedDST (S=0.8, a=0.05, dR=10)",
     **{
         name: f"{LABELS_OF_ALGORITHMS[algorithm]}, " + ", ".join(f"{k}={v}" for k, v in overrides.items())

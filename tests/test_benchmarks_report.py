@@ -276,3 +276,11 @@ def test_finished_runs_take_directories_first_then_earlier_reports(tmp_path):
   lines = (tmp_path / "runs.csv").read_text().splitlines()
   assert lines[0] == "algorithm,seed,round,clients_accuracy,cumulative_upload_bits,round_seconds"
   assert lines[1] == f"fedavg,0,1,,{GIB}," and lines[3].startswith("fedavg,1,1,,")
+
+
+def test_every_algorithm_and_variant_has_a_label():
+  from benchmarks import __main__ as cli  # pylint: disable=g-import-not-at-top
+
+  names = set(accuracy.ALGORITHMS) | set(accuracy.VARIANTS)
+  assert names <= set(cli.LABELS)
+  assert cli.LABELS["snip_lr0.02_float16"] == "SNIP, client_lr=0.02, upload_dtype=float16"
