@@ -18,9 +18,9 @@ from tff_feddst.config import ExperimentConfig
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(algorithm="fedavg", mask_block="1x4"), "--mask_block=1x4 is implemented for feddst, randommask only"),
-        (dict(algorithm="snip", mask_block="1x16"), "--mask_block=1x16 is implemented for feddst, randommask only"),
-        (dict(algorithm="structured_feddst", mask_block="1x4"), "is implemented for feddst, randommask only"),
+        (dict(algorithm="fedavg", mask_block="1x4"), "--mask_block=1x4 is implemented for feddst, randommask, structured_feddst only"),
+        (dict(algorithm="snip", mask_block="1x16"), "--mask_block=1x16 is implemented for feddst, randommask, structured_feddst only"),
+        (dict(algorithm="structured", mask_block="1x4"), "is implemented for feddst, randommask, structured_feddst only"),
         (dict(mask_block="2x2"), "--mask_block=2x2 is not one of none, 1x4, 1x16"),
     ],
 )

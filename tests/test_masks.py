@@ -630,6 +630,30 @@ def test_block_random_masks_draw_whole_blocks_with_exact_budgets():
   assert not _is_blockwise(plain[2], 4)
 
 
+def test_largest_magnitude_mask_in_blocks_by_hand():
+  # Kernel [4, 2] in blocks of 2 rows: block sums of |w| on the 2 x 2 grid
+  # are (0, 0) 3, (0, 1) 5, (1, 0) 1, (1, 1) 6; an element-wise choice of 4
+  # would keep -5, 2, 3 and -3 (not whole blocks).
+  w = np.array([[1.0, -5.0], [2.0, 0.0], [0.5, 3.0], [0.5, -3.0]], np.float32)
+  np.testing.assert_array_equal(
+      masks.largest_magnitude_mask(w, 4, rows=2), [[0, 1], [0, 1], [0, 1], [0, 1]]
+  )
+  np.testing.assert_array_equal(
+      masks.largest_magnitude_mask(w, 4), [[0, 1], [1, 0], [0, 1], [0, 1]]
+  )
+  np.testing.assert_array_equal(
+      masks.largest_magnitude_mask(w, 6, rows=2), [[1, 1], [1, 1], [0, 1], [0, 1]]
+  )
+  # Ties between blocks go to the lowest index on the grid, row-major.
+  tied = np.ones((4, 2), np.float32)
+  np.testing.assert_array_equal(
+      masks.largest_magnitude_mask(tied, 2, rows=2), [[1, 0], [1, 0], [0, 0], [0, 0]]
+  )
+  np.testing.assert_array_equal(
+      masks.largest_magnitude_mask(tied, 6, rows=2), [[1, 1], [1, 1], [1, 0], [1, 0]]
+  )
+
+
 def test_block_readjust_by_hand():
   # Kernel [8, 2] in blocks of 4 rows: a 2 x 2 block grid.
   w = np.zeros((8, 2), np.float32)

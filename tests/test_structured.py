@@ -1371,3 +1371,36 @@ def test_the_stopping_counts_are_part_of_the_search_state(tiny_layout):
         model_fn, tiny_layout, initial, optimizers.build_sgdw(), local_epochs=1,
         rule=structured.SearchRule(patience=-1),
     )
+
+
+def test_phase_two_starts_from_the_largest_whole_blocks_under_block_masks():
+  """structured_feddst with --mask_block=1x4: the surviving weights start
+  FedDST with each layer's budget of largest |w| (element-wise), and
+  dense1's in whole 1x4 blocks of largest sum |w| (numpy, here)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+
+  widths = {"conv1": 6, "conv2": 9, "dense1": 18}
+  keras_fn = functools.partial(keras_models.build_model, "mnist_cnn", (28, 28, 1), 10, widths=widths)
+  layout = sparse_model.build_layout(sparse_model.wrap_prunable(keras_fn()), 0.8, "erk", 4)
+  assert layout.all_rows == (1, 1, 4, 1)  # dense1: 144 inputs; logits: 18
+  built = types.SimpleNamespace(
+      layout=layout, initial_weights=sparse_model.initial_model_weights(keras_fn, 0, layout)
+  )
+  rng = np.random.default_rng(3)
+  surviving = [rng.normal(size=w.shape).astype(np.float32) for w in keras_fn().get_weights()]
+  start = structured.Found(widths, surviving).initial_weights(built)
+  for slot, i in enumerate(layout.kernel_index):
+    w, budget, rows = surviving[i], layout.budgets[slot], layout.rows(slot)
+    mask = start.non_trainable[layout.mask_index[slot]]
+    assert int(mask.sum()) == budget
+    np.testing.assert_array_equal(start.trainable[i], w * mask)
+    if rows == 1:
+      kept = np.sort(np.abs(w).ravel())[::-1][:budget]
+      np.testing.assert_array_equal(np.sort(np.abs(w[mask > 0]))[::-1], kept)
+    else:
+      sums = np.abs(w).reshape(w.shape[0] // rows, rows, w.shape[1]).sum(axis=1)
+      grid = mask.reshape(w.shape[0] // rows, rows, w.shape[1])
+      assert (grid.min(axis=1) == grid.max(axis=1)).all()  # whole blocks
+      kept = np.sort(sums.ravel())[::-1][:budget // rows]
+      np.testing.assert_array_equal(np.sort(sums[grid[:, 0] > 0])[::-1], kept)

@@ -213,7 +213,7 @@ _ENTRIES = (
         "structured_feddst",
         "structured search, then FedDST on the smaller network",
         "build_structured_search", sparse=True, float16_upload=True,
-        retrain_with="feddst",
+        block_masks=True, retrain_with="feddst",
     ),
 )
 

@@ -137,9 +137,20 @@ def expand_blocks(grid_mask: tf.Tensor, rows: int) -> tf.Tensor:
   return grid_mask if rows == 1 else tf.repeat(grid_mask, rows, axis=-2)
 
 
-def largest_magnitude_mask(weights: np.ndarray, k: int) -> np.ndarray:
-  """A float32 mask keeping the k entries of largest |w| (ties: lowest index)."""
-  flat = np.abs(np.asarray(weights)).ravel()
+def largest_magnitude_mask(weights: np.ndarray, k: int, rows: int = 1) -> np.ndarray:
+  """A float32 mask keeping the k entries of largest |w| (ties: lowest index).
+
+  With `rows` > 1 (a block mask of a [n_in, n_out] kernel, `block_rows`):
+  the k / rows blocks of largest sum of |w| (`pool_blocks`; ties: lowest
+  index on the block grid [n_in / rows, n_out], row-major).
+  """
+  weights = np.asarray(weights)
+  if rows > 1:
+    n_in, n_out = weights.shape
+    scores = np.abs(weights).reshape(n_in // rows, rows, n_out).sum(axis=1)
+    grid = largest_magnitude_mask(scores, k // rows)
+    return np.repeat(grid, rows, axis=0)
+  flat = np.abs(weights).ravel()
   mask = np.zeros(flat.shape, np.float32)
   mask[np.argsort(-flat, kind="stable")[:k]] = 1.0
   return mask.reshape(np.shape(weights))

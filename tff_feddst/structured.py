@@ -423,14 +423,17 @@ class Found:
     """Phase 2's initial weights from the surviving ones.
 
     Dense: the weights as they are. Sparse (FedDST): each layer keeps its
-    budget of largest-magnitude weights (ties: lowest index).
+    budget of largest-magnitude weights (ties: lowest index), in whole
+    blocks where the layout masks the layer in blocks (`--mask_block`).
     """
     trainable = [np.asarray(w, np.float32) for w in self.weights]
     non_trainable = [np.asarray(w) for w in built.initial_weights.non_trainable]
     layout = built.layout
     if layout is not None:
       for slot, i in enumerate(layout.kernel_index):
-        mask = masks_lib.largest_magnitude_mask(trainable[i], layout.budgets[slot])
+        mask = masks_lib.largest_magnitude_mask(
+            trainable[i], layout.budgets[slot], layout.rows(slot)
+        )
         trainable[i] = trainable[i] * mask
         m = layout.mask_index[slot]
         non_trainable[m] = mask.astype(non_trainable[m].dtype)
