@@ -60,22 +60,6 @@ _PAIRED_BASE = flags.DEFINE_string("paired_base", "feddst", "The table also give
 _RUNS_DIR = flags.DEFINE_string("runs_dir", None, "With --report_only: where the finished runs are (<runs_dir>/seed<k>/<algorithm>; default --output_dir).")
 _RUNS_CSV = flags.DEFINE_list("runs_csv", [], "With --report_only: runs.csv files of earlier reports; a run (algorithm, seed) with no directory in --runs_dir is taken from the first of them that holds it.")
 
-LABELS_OF_ALGORITHMS = {"feddst": "FedDST", "fedavg": "FedAvg", "snip": "SNIP"}
-LABELS = {
-    "fedavg": "FedAvg",
-    "fedavgm": "FedAvgM (server momentum 0.9)",
-    "fedprox": "FedProx (mu 0.01)",
-    "randommask": "RandomMask (S=0.8)",
-    "snip": "SNIP (S=0.8)",
-    "grasp": "GraSP (S=0.8)",
-    "prunefl": "PruneFL (S=0.8)",
-    "lotteryfl": "LotteryFL (S=0.8), global model",
-    "feddst": "FedDST (S=0.8, a=0.05, dR=10)",
-    **{
-        name: f"{LABELS_OF_ALGORITHMS[algorithm]}, " + ", ".join(f"{k}={v}" for k, v in overrides.items())
-        for name, (algorithm, overrides) in accuracy.VARIANTS.items()
-    },
-}
 
 
 def _parsed_flags():
@@ -161,9 +145,9 @@ def main(argv):
 
     runs = {a: {s: report.load_rows(d) for s, d in by_seed.items()} for a, by_seed in run_dirs.items()}
   report.write_seed_runs_csv(runs, os.path.join(out, "runs.csv"))
-  table = report.seed_table(runs, caps, LABELS) + "\n" + report.round_table(runs, round_figures, LABELS)
+  table = report.seed_table(runs, caps, accuracy.LABELS) + "\n" + report.round_table(runs, round_figures, accuracy.LABELS)
   if _PAIRED_BASE.value in runs and len(runs) > 1:
-    table += "\n" + report.paired_table(runs, _PAIRED_BASE.value, round_figures, caps, LABELS)
+    table += "\n" + report.paired_table(runs, _PAIRED_BASE.value, round_figures, caps, accuracy.LABELS)
   header = (
       f"{accuracy.describe(settings)}; {settings.rounds} rounds, evaluated every "
       f"{settings.eval_every}. Cells: clients_accuracy within the cap, over the seeds' "
@@ -176,7 +160,7 @@ def main(argv):
   )
   path = os.path.join(out, "results.md")
   files.write_atomic(path, header + table)
-  plots = report.plot_bands(runs, caps, LABELS, out, accuracy.describe(settings))
+  plots = report.plot_bands(runs, caps, accuracy.LABELS, out, accuracy.describe(settings))
   print(table)
   print(f"wrote {path}, {os.path.join(out, 'runs.csv')}, {', '.join(plots)}")
 

@@ -48,11 +48,14 @@ ABLATIONS = {
             "sparse_init": "rescaled", "client_lr": 0.02, "upload_dtype": "float16",
         },
     },
-    # SNIP (a baseline, not an ablation) with the recommended FedDST's client
-    # learning rate and float16 uploads, so that the two compare on equal
-    # terms (SNIP's mask comes from saliency: it has no rescaled init).
-    "snip_recommended": {
+    # SNIP (a baseline, not an ablation) with the recommended FedDST's
+    # float16 uploads, and its client learning rate, so that the two compare
+    # on equal terms (SNIP's mask comes from saliency: it has no rescaled
+    # init); and FedDST started from SNIP's mask (not the paper's).
+    "snip_options": {
+        "snip_float16": {"algorithm": "snip", "upload_dtype": "float16"},
         "snip_lr0.02_float16": {"algorithm": "snip", "client_lr": 0.02, "upload_dtype": "float16"},
+        "feddst_snip_float16": {"algorithm": "feddst_snip", "upload_dtype": "float16"},
     },
 }
 VARIANTS = {
@@ -64,6 +67,24 @@ VARIANTS = {
     for name, overrides in variants.items()
 }
 
+# Row labels of the report: algorithms, and variants by what they change.
+LABELS_OF_ALGORITHMS = {"feddst": "FedDST", "fedavg": "FedAvg", "snip": "SNIP", "feddst_snip": "FedDST from SNIP's mask"}
+LABELS = {
+    "fedavg": "FedAvg",
+    "fedavgm": "FedAvgM (server momentum 0.9)",
+    "fedprox": "FedProx (mu 0.01)",
+    "randommask": "RandomMask (S=0.8)",
+    "snip": "SNIP (S=0.8)",
+    "grasp": "GraSP (S=0.8)",
+    "prunefl": "PruneFL (S=0.8)",
+    "lotteryfl": "LotteryFL (S=0.8), global model",
+    "feddst": "FedDST (S=0.8, a=0.05, dR=10)",
+    "feddst_snip": "FedDST from SNIP's mask (S=0.8, a=0.05, dR=10)",
+    **{
+        name: f"{LABELS_OF_ALGORITHMS[algorithm]}, " + ", ".join(f"{k}={v}" for k, v in overrides.items())
+        for name, (algorithm, overrides) in VARIANTS.items()
+    },
+}
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkSettings:

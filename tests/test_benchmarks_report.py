@@ -161,8 +161,11 @@ def test_ablation_variants_change_one_feddst_setting_each():
   )
   assert set(accuracy.VARIANTS) == (
       set(expected) | set(combined) | set(accuracy.ABLATIONS["client_lr"])
-      | {"feddst_rescaled_lr0.02_float16", "snip_lr0.02_float16"}
+      | {"feddst_rescaled_lr0.02_float16"} | set(accuracy.ABLATIONS["snip_options"])
   )
+  for name, algorithm in [("snip_float16", "snip"), ("feddst_snip_float16", "feddst_snip")]:
+    config = accuracy.experiment_config(name, settings, "/x/f")
+    assert (config.algorithm, config.client_lr, config.upload_dtype) == (algorithm, 0.01, "float16")
   for name, (field, value) in expected.items():
     config = accuracy.experiment_config(name, settings, f"/x/{name}")
     assert config.algorithm == "feddst" and getattr(config, field) == value, name
@@ -279,8 +282,6 @@ def test_finished_runs_take_directories_first_then_earlier_reports(tmp_path):
 
 
 def test_every_algorithm_and_variant_has_a_label():
-  from benchmarks import __main__ as cli  # pylint: disable=g-import-not-at-top
-
   names = set(accuracy.ALGORITHMS) | set(accuracy.VARIANTS)
-  assert names <= set(cli.LABELS)
-  assert cli.LABELS["snip_lr0.02_float16"] == "SNIP, client_lr=0.02, upload_dtype=float16"
+  assert names <= set(accuracy.LABELS)
+  assert accuracy.LABELS["snip_lr0.02_float16"] == "SNIP, client_lr=0.02, upload_dtype=float16"

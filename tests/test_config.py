@@ -81,7 +81,7 @@ def test_resolve_is_idempotent_and_fills_the_model():
         (dict(partition="natural"), "--partition=natural needs --dataset=emnist or femnist"),
         (
             dict(algorithm="fedavg", upload_dtype="float16"),
-            "--upload_dtype=float16 is implemented for feddst, randommask, snip, grasp, structured_feddst only",
+            "--upload_dtype=float16 is implemented for feddst, randommask, snip, feddst_snip, grasp, structured_feddst only",
         ),
         (
             dict(algorithm="structured", rounds=10, structured_search_rounds=10),

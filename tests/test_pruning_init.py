@@ -151,3 +151,38 @@ def test_run_trains_under_the_mask_chosen_at_initialisation(
     rows = list(csv.DictReader(f))
   assert [int(r["clients_mask_uploaded"]) for r in rows] == [0, 0]
   assert [int(r["rejected_clients"]) for r in rows] == [0, 0]
+
+
+def test_feddst_snip_starts_from_snips_mask_and_readjusts_it(tmp_path, small_fashion_mnist):
+  """FedDST from SNIP's mask: with alpha = 0 its round is SNIP's (the same
+  initial mask, the same sparse training); with alpha > 0 its clients
+  readjust that mask in a readjustment round (and SNIP's never do)."""
+
+  def run(name, algorithm, **settings):
+    config = ExperimentConfig(
+        data_dir=small_fashion_mnist,  # the first Fashion-MNIST images (conftest)
+        algorithm=algorithm, total_clients=10, clients_per_round=3, local_epochs=1,
+        rounds=1, eval_every=1, sparsity=0.9, output_dir=str(tmp_path / name), **settings,
+    ).resolve()
+    training.run_experiment(config, log=lambda line: None)
+    model = tf.keras.models.load_model(tmp_path / name / "final_model.keras")
+    with open(tmp_path / name / "metrics.csv", newline="") as f:
+      (row,) = list(csv.DictReader(f))
+    return [w.numpy() for w in model.weights], row
+
+  snip, snip_row = run("snip", "snip")
+  still, _ = run("still", "feddst_snip", readjustment_ratio=0.0)
+  # The same kernels in one process and on one processor; the two processes'
+  # graphs differ (FedDST's client work also has its readjustment step), so
+  # the comparison allows float32 rounding and not more.
+  for a, b in zip(still, snip):
+    np.testing.assert_array_equal(a == 0, b == 0)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  readjusting, row = run(
+      "readjusting", "feddst_snip", readjustment_ratio=0.2, rounds_between_readjustments=1,
+      readjustment_end_round=3,
+  )
+  assert int(snip_row["clients_mask_uploaded"]) == 0
+  assert int(row["clients_mask_uploaded"]) == 3 and int(row["rejected_clients"]) == 0
+  assert any((a == 0).sum() != (b == 0).sum() or not np.array_equal(a == 0, b == 0)
+             for a, b in zip(readjusting, snip) if a.ndim > 1)

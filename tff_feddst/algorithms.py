@@ -187,6 +187,12 @@ _ENTRIES = (
         phase_maker="snip_phase",
     ),
     Algorithm(
+        "feddst_snip",
+        "FedDST started from SNIP's mask (not the paper's: its FedDST starts from a random one)",
+        "build_feddst", sparse=True, float16_upload=True, cohort=True,
+        phase_maker="snip_phase",
+    ),
+    Algorithm(
         "grasp", "GraSP: RandomMask with the mask kept by the gradient-flow score -w * (H g)",
         "build_randommask", sparse=True, float16_upload=True, cohort=True,
         phase_maker="grasp_phase",
