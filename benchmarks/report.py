@@ -261,10 +261,16 @@ def plot_bands(
       ("accuracy_vs_round.png", 0, "round"),
   ):
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for algorithm, by_seed in runs.items():
+    # Past the 10 colours of the default cycle, lines repeat a colour with
+    # another dash pattern, so that no two curves look alike.
+    styles = ("-", "--", ":", "-.")
+    for index, (algorithm, by_seed) in enumerate(runs.items()):
       rounds, bits, mean, low, high = band(by_seed)
       xs = rounds if x_index == 0 else [b / GIB_BITS for b in bits]
-      (line,) = ax.plot(xs, mean, label=labels.get(algorithm, algorithm), linewidth=1.4)
+      (line,) = ax.plot(
+          xs, mean, label=labels.get(algorithm, algorithm), linewidth=1.4,
+          color=f"C{index % 10}", linestyle=styles[(index // 10) % len(styles)],
+      )
       if len(by_seed) > 1:
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.18, linewidth=0)
     if x_index == 1:
