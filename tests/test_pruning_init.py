@@ -111,6 +111,28 @@ def test_best_mask_breaks_ties_towards_the_lower_index():
   )
 
 
+def _chosen_and_random_masks(config, summary, criterion):
+  """(the criterion's masks from the run's seeded scoring batch, the random
+  ERK masks a run of the same seed starts from, the layers' budgets) of a
+  finished run at S = 0.9."""
+  context = training.load_context(config, log=lambda line: None)
+  _, x, y = pruning_init.scoring_batch(context.fed_data, config.seed, config.batch_size)
+  data = context.fed_data
+
+  def keras_fn():
+    return keras_models.build_model(config.model_name, data.input_shape, data.num_classes)
+
+  tf.keras.utils.set_random_seed(config.seed)
+  budgets = list(summary["layer_budgets"].values())
+  chosen = criterion.masks(keras_fn(), x, y, budgets)
+  layout = sparse_model.build_layout(sparse_model.wrap_prunable(keras_fn()), 0.9, "erk")
+  assert list(layout.budgets) == budgets
+  _, random_masks = sparse_model.kernels_and_masks(
+      sparse_model.initial_model_weights(keras_fn, config.seed, layout), layout
+  )
+  return chosen, random_masks, budgets
+
+
 @pytest.mark.parametrize(
     "algorithm, criterion, execution",
     [("snip", pruning_init.SNIP, "cohort"), ("grasp", pruning_init.GRASP, "per_client")],
@@ -125,21 +147,7 @@ def test_run_trains_under_the_mask_chosen_at_initialisation(
   ).resolve()
   summary = training.run_experiment(config, log=lambda line: None)
   # The expected mask, from the same seeded client's first batch.
-  context = training.load_context(config, log=lambda line: None)
-  _, x, y = pruning_init.scoring_batch(context.fed_data, config.seed, config.batch_size)
-  data = context.fed_data
-
-  def keras_fn():
-    return keras_models.build_model(config.model_name, data.input_shape, data.num_classes)
-
-  tf.keras.utils.set_random_seed(config.seed)
-  budgets = list(summary["layer_budgets"].values())
-  want = criterion.masks(keras_fn(), x, y, budgets)
-  layout = sparse_model.build_layout(sparse_model.wrap_prunable(keras_fn()), 0.9, "erk")
-  assert list(layout.budgets) == budgets
-  _, random_masks = sparse_model.kernels_and_masks(
-      sparse_model.initial_model_weights(keras_fn, config.seed, layout), layout
-  )
+  want, random_masks, budgets = _chosen_and_random_masks(config, summary, criterion)
   final = tf.keras.models.load_model(tmp_path / "run" / "final_model.keras")
   kernels = [layer.kernel.numpy() for layer in final.layers if hasattr(layer, "kernel")]
   for kernel, mask, k in zip(kernels, want, budgets):
@@ -171,20 +179,7 @@ def test_feddst_snip_starts_from_snips_mask_and_readjusts_it(tmp_path, small_fas
     (row,) = list(csv.DictReader(f))
   assert int(row["clients_mask_uploaded"]) == 3 and int(row["rejected_clients"]) == 0
   # SNIP's mask from the same seeded client's first batch, and the random one.
-  context = training.load_context(config, log=lambda line: None)
-  _, x, y = pruning_init.scoring_batch(context.fed_data, config.seed, config.batch_size)
-  data = context.fed_data
-
-  def keras_fn():
-    return keras_models.build_model(config.model_name, data.input_shape, data.num_classes)
-
-  tf.keras.utils.set_random_seed(config.seed)
-  budgets = list(summary["layer_budgets"].values())
-  snip = pruning_init.SNIP.masks(keras_fn(), x, y, budgets)
-  layout = sparse_model.build_layout(sparse_model.wrap_prunable(keras_fn()), 0.9, "erk")
-  _, random = sparse_model.kernels_and_masks(
-      sparse_model.initial_model_weights(keras_fn, config.seed, layout), layout
-  )
+  snip, random, budgets = _chosen_and_random_masks(config, summary, pruning_init.SNIP)
   final = tf.keras.models.load_model(tmp_path / "run" / "final_model.keras")
   kernels = [layer.kernel.numpy() for layer in final.layers if hasattr(layer, "kernel")]
   shared_final = shared_random = total = 0

@@ -352,6 +352,23 @@ def _task_gradients(hp, params, grads, masks, anchor):
   return out
 
 
+def _step_gradients(network, params, batch):
+  """One step's gradients of the sum of the clients' mean losses with
+  respect to `params`, and per client [G]: (mean loss, examples, correct)."""
+  with tf.GradientTape() as tape:
+    tape.watch(params)
+    mean, count, correct = _per_client_loss(
+        network.logits(params, batch["x"]), batch["y"], batch["valid"]
+    )
+    objective = tf.reduce_sum(mean)
+  return tape.gradient(objective, params), mean, count, correct
+
+
+def _add_totals(totals, mean, count, correct):
+  """(examples, loss_sum, correct) [G] after one more step (`train`)."""
+  return (totals[0] + count, totals[1] + mean * count, totals[2] + correct)
+
+
 def _sgdw_step(hp, active, params, velocity, grads, masks, anchor):
   """One optimizer step of every active client (others keep everything).
 
@@ -406,13 +423,7 @@ def train(network: CohortNetwork, hp: Hyperparameters, params, masks, steps, fus
 
   def step(totals, batch):
     current = [w.read() for w in weights]
-    with tf.GradientTape() as tape:
-      tape.watch(current)
-      mean, count, correct = _per_client_loss(
-          network.logits(current, batch["x"]), batch["y"], batch["valid"]
-      )
-      objective = tf.reduce_sum(mean)
-    grads = tape.gradient(objective, current)
+    grads, mean, count, correct = _step_gradients(network, current, batch)
     active = count > 0
 
     def apply_all():
@@ -438,7 +449,7 @@ def train(network: CohortNetwork, hp: Hyperparameters, params, masks, steps, fus
 
     done = tf.cond(tf.reduce_all(active), apply_all, some_idle)
     with tf.control_dependencies([done]):
-      return (totals[0] + count, totals[1] + mean * count, totals[2] + correct)
+      return _add_totals(totals, mean, count, correct)
 
   zeros = tf.zeros([g])
   with tf.control_dependencies([w.initialized for w in weights + velocity]):
@@ -484,16 +495,9 @@ def _train_on_tensors(network: CohortNetwork, hp: Hyperparameters, params, masks
 
   def step(state, batch):
     params, velocity, totals = state
-    with tf.GradientTape() as tape:
-      tape.watch(params)
-      mean, count, correct = _per_client_loss(
-          network.logits(params, batch["x"]), batch["y"], batch["valid"]
-      )
-      objective = tf.reduce_sum(mean)
-    grads = tape.gradient(objective, params)
+    grads, mean, count, correct = _step_gradients(network, params, batch)
     params, velocity = _sgdw_step(hp, count > 0, params, velocity, grads, masks, anchor)
-    totals = (totals[0] + count, totals[1] + mean * count, totals[2] + correct)
-    return params, velocity, totals
+    return params, velocity, _add_totals(totals, mean, count, correct)
 
   zeros = tf.zeros([g])
   initial = (tuple(params), tuple(tf.zeros_like(p) for p in params), (zeros, zeros, zeros))
