@@ -408,9 +408,12 @@ def train(network: CohortNetwork, hp: Hyperparameters, params, masks, steps, fus
   variables of the computation, and a step in which every client has a
   batch updates each with TensorFlow's `ResourceApplyMomentum` (accum =
   momentum * accum + grad; var -= lr * accum: the same float32 operations
-  in the same order as `_sgdw_step`, in one pass instead of five); a step
-  with idle clients runs `_sgdw_step` on the variables' values. False:
-  `_sgdw_step` on tensors every step (the reference; equal bit for bit).
+  in the same order as `_sgdw_step`, in one pass instead of four
+  element-wise ops); a step with idle clients runs `_sgdw_step` on the
+  variables' values. False: `_sgdw_step` on tensors every step (the
+  reference: equal bit for bit where no graph optimisation regroups the
+  arithmetic; in TFF's worker the two differ in the last bits, and
+  `tests/test_cohort.py` compares them there to 1e-5).
   """
   if not fused:
     return _train_on_tensors(network, hp, params, masks, steps)
