@@ -178,7 +178,7 @@ class SpeedSettings:
   data_dir: str | None = None
   # None: the algorithm's default (cohort where it has a cohort engine).
   client_execution: str | None = None
-  # Clients per cohort (0: run.py's default, cohorts of at most 20,
+  # Clients per cohort (0: run.py's default, cohorts of at most 10,
   # `rounds.default_cohort_size`).
   cohort_size: int = 0
 
@@ -1370,7 +1370,7 @@ def define_flags() -> None:
 
   flags.DEFINE_integer(
       "cohort_size", 0,
-      "Clients per cohort (run.py's --cohort_size; 0: its default, even cohorts of at most 20).")
+      "Clients per cohort (run.py's --cohort_size; 0: its default, even cohorts of at most 10).")
 
   flags.register_validator("output_dir", bool, "--output_dir must not be empty")
   flags.register_validator("rounds", lambda v: v >= 2, "--rounds must be >= 2 (the first round is excluded)")

@@ -54,15 +54,15 @@ def test_cohort_logits_equal_each_clients_keras_logits(name, shape, classes, wid
     np.testing.assert_allclose(got[g], model(x[g]), rtol=1e-5, atol=1e-5)
 
 
-def test_default_cohorts_hold_at_most_20_clients_split_evenly():
+def test_default_cohorts_hold_at_most_10_clients_split_evenly():
   from tff_feddst import rounds  # pylint: disable=g-import-not-at-top
 
   size = rounds.default_cohort_size
-  assert [size(k) for k in (1, 5, 20, 21, 40, 41, 50, 100)] == [1, 5, 20, 11, 20, 14, 17, 20]
-  # Cohorts of that size cover the clients in the fewest cohorts of <= 20.
+  assert [size(k) for k in (1, 5, 10, 11, 20, 21, 25, 50, 100)] == [1, 5, 10, 6, 10, 7, 9, 10, 10]
+  # Cohorts of that size cover the clients in the fewest cohorts of <= 10.
   for k in range(1, 130):
     s = size(k)
-    assert s <= 20 and -(-k // s) == -(-k // 20), k
+    assert s <= 10 and -(-k // s) == -(-k // 10), k
   # With remote workers, one cohort per worker, however large.
   assert [size(100, 2), size(7, 2), size(1, 3)] == [50, 4, 1]
 
