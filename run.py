@@ -29,6 +29,7 @@ from absl import logging  # noqa: E402
 
 from tff_feddst import algorithms  # noqa: E402
 from tff_feddst import config as config_lib  # noqa: E402
+from tff_feddst import names  # noqa: E402
 from tff_feddst import runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -112,7 +113,8 @@ HELP = {
     + ", ".join(a.name for a in algorithms.REGISTRY.values() if any(p.cohort for p in a.phases))
     + "); per_client: one computation per client, the reference.",
     "cohort_size": "Clients per cohort with --client_execution=cohort (0: all of a round's "
-    "clients, in the fewest even cohorts of at most 10; with --workers, one cohort per worker).",
+    f"clients, in the fewest even cohorts of at most {names.MAX_DEFAULT_COHORT}; with --workers, "
+    "one cohort per worker).",
     "workers": "host:port,... of TFF workers (`python -m tff_feddst.worker --port=PORT`) that "
     "run the clients, split across them; empty: on this machine. May change on resume.",
     "structured_reinit": "structured*: phase 2 starts from fresh weights instead of the "

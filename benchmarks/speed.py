@@ -62,6 +62,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from tff_feddst import files  # noqa: E402
+from tff_feddst import names  # noqa: E402
 from tff_feddst import runtime  # noqa: E402
 
 # The algorithms whose round can be decomposed (their pure-TF client update
@@ -178,8 +179,8 @@ class SpeedSettings:
   data_dir: str | None = None
   # None: the algorithm's default (cohort where it has a cohort engine).
   client_execution: str | None = None
-  # Clients per cohort (0: run.py's default, cohorts of at most 10,
-  # `rounds.default_cohort_size`).
+  # Clients per cohort (0: run.py's default, cohorts of at most
+  # names.MAX_DEFAULT_COHORT, `rounds.default_cohort_size`).
   cohort_size: int = 0
 
   def validate(self) -> None:
@@ -1370,7 +1371,8 @@ def define_flags() -> None:
 
   flags.DEFINE_integer(
       "cohort_size", 0,
-      "Clients per cohort (run.py's --cohort_size; 0: its default, even cohorts of at most 10).")
+      "Clients per cohort (run.py's --cohort_size; 0: its default, even cohorts of at most "
+      f"{names.MAX_DEFAULT_COHORT}).")
 
   flags.register_validator("output_dir", bool, "--output_dir must not be empty")
   flags.register_validator("rounds", lambda v: v >= 2, "--rounds must be >= 2 (the first round is excluded)")

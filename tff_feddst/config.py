@@ -74,7 +74,7 @@ _RANGES = (
     ("structured_std_k", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
     ("structured_patience", lambda v: v >= 0, ">= 0 (0: no patience stop)"),
     ("structured_max_prune_rounds", lambda v: v >= 1, ">= 1"),
-    ("cohort_size", lambda v: v >= 0, ">= 0 (0: the default, cohorts of at most 10)"),
+    ("cohort_size", lambda v: v >= 0, f">= 0 (0: the default, cohorts of at most {names.MAX_DEFAULT_COHORT})"),
     ("prunefl_initial_rounds", lambda v: v >= 1, ">= 1"),
     ("lotteryfl_accuracy_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("lotteryfl_prune_rate", lambda v: 0 < v < 1, "in (0, 1)"),

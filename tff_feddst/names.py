@@ -64,3 +64,7 @@ def parse_workers(text: str) -> tuple[str, ...]:
   if duplicates:
     raise ValueError(f"{', '.join(duplicates)} listed twice")
   return addresses
+
+# The most clients that `--cohort_size=0` puts in one cohort
+# (`rounds.default_cohort_size`).
+MAX_DEFAULT_COHORT = 10

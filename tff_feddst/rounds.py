@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from tff_feddst import names
 from tff_feddst import remote
 
 METRIC_COLUMNS = (
@@ -225,14 +226,10 @@ def _read_metrics(metrics, sparse: bool) -> _ClientsOutcome:
   return _ClientsOutcome(**outcome)
 
 
-# The most clients that `--cohort_size=0` puts in one cohort on this machine.
-MAX_DEFAULT_COHORT = 10
-
-
 def default_cohort_size(num_clients: int, workers: int = 0) -> int:
   """Clients per cohort under `--cohort_size=0`.
 
-  On this machine: all of a round's clients, up to MAX_DEFAULT_COHORT;
+  On this machine: all of a round's clients, up to names.MAX_DEFAULT_COHORT;
   more are split into the fewest cohorts of at most that many, as even as
   can be (25 clients: 9, 9, 7). TFF's worker trains a round's cohorts
   concurrently, and one cohort's step leaves the 2 cores idle about a
@@ -244,7 +241,7 @@ def default_cohort_size(num_clients: int, workers: int = 0) -> int:
   """
   if workers:
     return max(1, -(-num_clients // workers))
-  cohorts = max(1, -(-num_clients // MAX_DEFAULT_COHORT))
+  cohorts = max(1, -(-num_clients // names.MAX_DEFAULT_COHORT))
   return max(1, -(-num_clients // cohorts))
 
 
