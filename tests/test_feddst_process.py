@@ -484,3 +484,32 @@ def test_the_runs_compile_computes_what_tffs_own_compile_does():
   )
   for a, b in zip(ours.trainable, theirs.trainable):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_local_worker_is_polled_quickly_and_restarts():
+  """`runtime.install_local_context` sets TFF's local-worker wait to 10 ms
+  polls and a 20-100 ms gRPC reconnect backoff (TFF 0.87 sleeps 1 s per
+  poll and gRPC first retries after about 1 s). A worker stopped between
+  two computations is replaced by a new one that answers."""
+  from tensorflow_federated.python.core.impl.executor_stacks import executor_factory  # pylint: disable=g-import-not-at-top
+
+  from tff_feddst import runtime  # pylint: disable=g-import-not-at-top
+
+  runtime.install_local_context()
+  assert executor_factory._LOCALHOST_SERVER_WAIT_TIME_SEC == runtime.WORKER_POLL_SECONDS  # pylint: disable=protected-access
+  options = executor_factory._GRPC_CHANNEL_OPTIONS  # pylint: disable=protected-access
+  assert set(runtime.WORKER_RECONNECT_OPTIONS) <= set(options)
+  runtime.connect_to_local_worker_quickly()  # a second call adds nothing
+  assert len(options) == len(set(options))
+
+  @tff.tensorflow.computation(tf.int32)
+  def add_one(x):
+    return x + 1
+
+  assert add_one(1) == 2
+  first = {p.pid for p in runtime.tff_worker_processes()}
+  assert first
+  runtime.stop_tff_workers()
+  assert add_one(41) == 42
+  second = {p.pid for p in runtime.tff_worker_processes()}
+  assert second and not second & first

@@ -95,7 +95,9 @@ class Worker:
         [sys.executable, "-m", "tff_feddst.worker", f"--port={self.port}"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    channel = grpc.insecure_channel(self.address)
+    # Retries every 20-100 ms while the worker starts (gRPC's default
+    # backoff, 1 s growing by 1.6x, found it up to seconds late).
+    channel = grpc.insecure_channel(self.address, options=runtime.WORKER_RECONNECT_OPTIONS)
     try:
       grpc.channel_ready_future(channel).result(timeout=120)
     finally:

@@ -78,6 +78,41 @@ def native_compiler():
   return compile_for_cpu
 
 
+# How the local worker is waited for (`connect_to_local_worker_quickly`).
+WORKER_POLL_SECONDS = 0.01
+WORKER_RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 20),
+    ("grpc.min_reconnect_backoff_ms", 20),
+    ("grpc.max_reconnect_backoff_ms", 100),
+)
+
+
+def connect_to_local_worker_quickly() -> None:
+  """Makes the local context find its new worker within about 0.2 s, not 1.2.
+
+  TFF 0.87's local C++ context (`tff.framework.local_cpp_executor_factory`)
+  starts `worker_binary`, opens a gRPC channel to it, and then sleeps 1 s at
+  a time until the channel is ready. The channel's first attempt comes before
+  the worker listens, and gRPC's default backoff retries after about 1 s; so
+  every run, and every restart of the worker (`stop_tff_workers`), waited
+  1.0-1.5 s with nothing to do (measured: a trivial computation's first call
+  1.22 s, with these settings 0.33 s, and 0.19 s after a restart). This
+  polls every 10 ms and lets the channel retry after 20-100 ms. Only the
+  local worker's channel takes these options (`--workers` channels are
+  `remote`'s own). Does nothing where that module lacks the two settings.
+  """
+  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.python.core.impl.executor_stacks import executor_factory
+
+  options = getattr(executor_factory, "_GRPC_CHANNEL_OPTIONS", None)
+  if not hasattr(executor_factory, "_LOCALHOST_SERVER_WAIT_TIME_SEC") or not isinstance(
+      options, list
+  ):
+    return
+  executor_factory._LOCALHOST_SERVER_WAIT_TIME_SEC = WORKER_POLL_SECONDS  # pylint: disable=protected-access
+  options.extend(o for o in WORKER_RECONNECT_OPTIONS if o not in options)
+
+
 def install_local_context() -> None:
   """Installs TFF's local C++ execution context (its worker starts when a
   computation first runs), compiling with `native_compiler()`. Keeps one
@@ -88,6 +123,7 @@ def install_local_context() -> None:
 
   if getattr(tff.framework.get_context_stack().current, "feddst_local", False):
     return
+  connect_to_local_worker_quickly()
   context = tff.framework.SyncExecutionContext(
       executor_fn=tff.framework.local_cpp_executor_factory(),
       compiler_fn=native_compiler(),
