@@ -14,9 +14,13 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (TensorFlow Federated 0.87 needs Python 3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.lock
-	$(PY) -m pip install --quiet --no-deps tensorflow-federated==$(TFF_VERSION)
+	$(PY) -m pip install --quiet --no-compile -r requirements.lock
+	$(PY) -m pip install --quiet --no-compile --no-deps tensorflow-federated==$(TFF_VERSION)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@# Byte-compiled on every core instead of one file at a time by pip
+	@# (about 7 s less on 2 cores). Like pip, it leaves a file that does
+	@# not compile (one of vizier's has a syntax error) to its import.
+	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	touch $@
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package, where apt is available.
