@@ -110,7 +110,7 @@ def connect_to_local_worker_quickly() -> None:
   ):
     return
   executor_factory._LOCALHOST_SERVER_WAIT_TIME_SEC = WORKER_POLL_SECONDS  # pylint: disable=protected-access
-  options.extend(o for o in WORKER_RECONNECT_OPTIONS if o not in options)
+  options.extend([o for o in WORKER_RECONNECT_OPTIONS if o not in options])
 
 
 def install_local_context() -> None:
