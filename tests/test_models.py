@@ -450,3 +450,40 @@ def test_a_wrapped_model_decides_training_at_each_call(graph):
   assert steps() == [2, 2, 2, 2]
   for layer, weights in zip(layers, plain_weights[::2]):
     np.testing.assert_array_equal(wrappers.unwrap(layer).kernel.numpy(), weights)
+
+
+def test_tracing_a_forward_pass_converts_no_graph_safe_library_code(monkeypatch):
+  """`sparse_model.GRAPH_SAFE_MODULES`: tracing a wrapped model's TFF
+  forward pass converts TFF's `tf.function` entry point and none of the
+  tfmot or TFF Keras-adapter functions it calls (each conversion costs
+  tens of milliseconds per process), and the training call still steps the
+  wrappers (the test above checks its values)."""
+  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.autograph.pyct import transpiler
+  from tff_feddst import sparse_model, wrappers
+
+  converted = []
+  transform = transpiler.PyToPy.transform_function
+
+  def recording(self, fn, user_context):
+    converted.append(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}")
+    return transform(self, fn, user_context)
+
+  monkeypatch.setattr(transpiler.PyToPy, "transform_function", recording)
+  spec = {"x": tf.TensorSpec([None, 28, 28, 1], tf.float32), "y": tf.TensorSpec([None], tf.int32)}
+  keras_fn = lambda: keras_models.build_model("mnist_cnn", (28, 28, 1), 10, widths={"dense1": 4})
+  model = sparse_model.make_model_fn(keras_fn, spec, wrapped=True)()
+  layers = [layer for layer in model._keras_model.layers if wrappers.is_wrapper(layer)]  # pylint: disable=protected-access
+  for layer in layers:
+    wrappers.step_variable(layer).assign(1)  # as the client work sets it
+  batch = {"x": np.zeros((2, 28, 28, 1), np.float32), "y": np.zeros(2, np.int32)}
+  loss = tf.function(lambda b: model.forward_pass(b, training=True).loss)(batch)
+  assert np.isfinite(loss.numpy())
+  assert [int(wrappers.step_variable(layer).numpy()) for layer in layers] == [2, 2, 2, 2]
+  assert any(name.endswith("_KerasModel.forward_pass") for name in converted), converted
+  skipped = [n for n in converted if n.startswith(sparse_model.GRAPH_SAFE_MODULES)
+             and not n.endswith(("_KerasModel.forward_pass", "_KerasModel.predict_on_batch",
+                                 "update_state"))]
+  assert skipped == [], skipped
+  assert not any(n.endswith("_KerasModel._forward_pass") for n in converted), converted
+  assert not any(n.startswith("tensorflow_model_optimization") for n in converted), converted
