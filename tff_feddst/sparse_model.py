@@ -31,7 +31,7 @@ _prune = tfmot.sparsity.keras
 # own list (autograph/core/config.py) does the same for Keras and TensorFlow
 # Probability. Their functions are then traced as written: the same ops,
 # without a source-to-source conversion per function and process (a fresh
-# `run.py` FedDST build, 4.0 s, takes 2.5 s; docs/testing.md). Functions
+# `run.py` FedDST build, 4.0 s, takes 2.8 s; docs/testing.md). Functions
 # they decorate with `tf.function` are still converted, as those ask for it.
 GRAPH_SAFE_MODULES = (
     "tensorflow_model_optimization",
