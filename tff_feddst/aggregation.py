@@ -90,16 +90,20 @@ def contributions(values, masks, weights, budgets, finite=None):
 
   all_valid = tf.reduce_all(valid)
 
-  def zero_rejected(t):
-    """`t` with the rejected clients' rows zeroed (a pass over `t` only
-    when some client is rejected)."""
+  def zero_rejected(tensors):
+    """`tensors` with the rejected clients' rows zeroed (a pass over them
+    only when some client is rejected). One `tf.cond` for all of them: each
+    cond traces two branch graphs, 0.4 s of a cohort FedDST build when it
+    was one per tensor."""
     return tf.cond(
-        all_valid, lambda: t, lambda: tf.where(by_client(valid, t), t, tf.zeros_like(t))
+        all_valid, lambda: list(tensors),
+        lambda: [tf.where(by_client(valid, t), t, tf.zeros_like(t)) for t in tensors],
     )
 
+  n = len(values)
+  kept = zero_rejected([*values, *masks])
   weighted, votes, counts = [], [], []
-  for v, m in zip(values, masks):
-    v, m = zero_rejected(v), zero_rejected(m)
+  for v, m in zip(kept[:n], kept[n:]):
     wm = by_client(w, m) * m
     wm_v = wm if m.shape.rank == v.shape.rank else by_client(wm, v)
     weighted.append(tf.reduce_sum(wm_v * v, axis=0))
