@@ -486,6 +486,34 @@ def test_the_runs_compile_computes_what_tffs_own_compile_does():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_compile_for_cpu_gives_the_proto_of_tffs_native_form():
+  """`runtime.compile_for_cpu` takes `transform_to_native_form`'s steps on
+  the desugared building block instead of on a copy read back from its
+  proto: the same computation, for FedDST's round and its other
+  computations. TFF names the
+  locals it introduces with a random three-letter prefix (`_abc12`), so
+  those names compare by their numbers."""
+  import re  # pylint: disable=g-import-not-at-top
+
+  from tff_feddst import runtime  # pylint: disable=g-import-not-at-top
+
+  def text(comp):
+    return re.sub(r'"_[a-z]{3}(\d+)"', r'"_\1"', str(comp.get_proto(comp)))
+
+  layout = sparse_model.build_layout(sparse_model.wrap_prunable(_tiny_keras()), 0.5, "erk")
+  initial = sparse_model.initial_model_weights(_tiny_keras, 3, layout)
+  process = feddst.build_feddst(
+      sparse_model.make_model_fn(_tiny_keras, _input_spec((8, 8, 1)), True), layout, initial,
+      optimizers.build_sgdw(0.05, 0.9, 0.001), local_epochs=2, readjustment_ratio=0.3,
+      rounds_between_readjustments=1, readjustment_end_round=10,
+  )
+  for comp in (process.initialize, process.next, process.get_model_weights):
+    ours, tffs = runtime.compile_for_cpu(comp), runtime.compile_for_cpu_reference(comp)
+    assert text(ours) == text(tffs)
+    assert ours.type_signature.is_equivalent_to(tffs.type_signature)
+  assert text(runtime.compile_for_cpu(process.next)) != text(process.next)  # it did compile
+
+
 def test_the_local_worker_is_polled_quickly_and_restarts():
   """`runtime.install_local_context` sets TFF's local-worker wait to 10 ms
   polls and a 20-100 ms gRPC reconnect backoff (TFF 0.87 sleeps 1 s per
