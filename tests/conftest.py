@@ -13,10 +13,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
-from tff_feddst import runtime  # noqa: E402
-from tff_feddst.data import loaders  # noqa: E402
+import tff_feddst  # noqa: E402,F401  (its settings for TensorFlow, before any test imports it)
 
 import run_server  # noqa: E402
+
+# TensorFlow is imported by the test modules, not here: pytest-xdist's
+# controller loads this file too, and runs no test. Importing TensorFlow
+# there (`tff_feddst.data` does) held both passes of `make test` back by
+# 5 s each before their test processes started.
 
 FASHION_MNIST_IDX_FILES = (
     "train-images-idx3-ubyte.gz",
@@ -32,6 +36,8 @@ def _stop_tff_worker_at_end():
   # the tests were collected); the commands the tests start must see the
   # environment of a fresh shell, where `tff_feddst` sets it (its __init__).
   os.environ.pop("TF2_BEHAVIOR", None)
+  from tff_feddst import runtime  # pylint: disable=g-import-not-at-top
+
   runtime.install_shutdown_handlers()
   runtime.install_local_context()  # what runs use (runtime.managed_runtime)
   runtime.tie_workers_to_this_process()
@@ -40,9 +46,15 @@ def _stop_tff_worker_at_end():
   runtime.stop_tff_workers()
 
 
+def _debian_fashion_mnist_dir() -> str:
+  from tff_feddst.data import loaders  # pylint: disable=g-import-not-at-top
+
+  return loaders.DEBIAN_FASHION_MNIST_DIR
+
+
 def fashion_mnist_missing(detail: str, directory: str | None = None):
   """Skips the calling test, or fails it when CI=true. Never returns."""
-  directory = directory or loaders.DEBIAN_FASHION_MNIST_DIR
+  directory = directory or _debian_fashion_mnist_dir()
   reason = f"Fashion-MNIST unavailable ({directory}; run `make data`): {detail}"
   if os.environ.get("CI", "").lower() == "true":
     pytest.fail(f"CI=true: {reason}", pytrace=False)
@@ -55,7 +67,7 @@ def require_fashion_mnist_dir(directory: str | None = None) -> str:
   `directory` defaults to the Debian package's (loaders.DEBIAN_FASHION_MNIST_DIR);
   if a file is missing, see `fashion_mnist_missing`.
   """
-  directory = directory or loaders.DEBIAN_FASHION_MNIST_DIR
+  directory = directory or _debian_fashion_mnist_dir()
   missing = [
       f for f in FASHION_MNIST_IDX_FILES
       if not os.path.exists(os.path.join(directory, f))
