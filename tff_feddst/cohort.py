@@ -369,12 +369,15 @@ def _add_totals(totals, mean, count, correct):
   return (totals[0] + count, totals[1] + mean * count, totals[2] + correct)
 
 
-def _sgdw_step(hp, active, params, velocity, grads, masks, anchor):
+def _sgdw_step(hp, active, params, velocity, grads, masks, anchor, some_idle: bool = False):
   """One optimizer step of every active client (others keep everything).
 
   When every client is active (equal clients: every step), the selection
   of the inactive clients' old values is skipped: it is an identity then,
   and it costs a pass over every parameter of every client per step.
+  `some_idle`: the caller knows a client is inactive (`train`'s branch for
+  such steps), so the selection is made without a `tf.cond` (whose other
+  branch would never run, and costs tracing).
   """
   new_params, new_velocity = [], []
   for w, v, grad in zip(params, velocity, _task_gradients(hp, params, grads, masks, anchor)):
@@ -388,6 +391,8 @@ def _sgdw_step(hp, active, params, velocity, grads, masks, anchor):
         tuple(_where_client(active, new, old) for new, old in zip(new_velocity, velocity)),
     )
 
+  if some_idle:
+    return keep_inactive()
   return tf.cond(
       tf.reduce_all(active), lambda: (tuple(new_params), tuple(new_velocity)), keep_inactive
   )
@@ -443,7 +448,7 @@ def train(network: CohortNetwork, hp: Hyperparameters, params, masks, steps, fus
     def some_idle():
       old_velocity = [v.read() for v in velocity]
       new_params, new_velocity = _sgdw_step(
-          hp, active, current, old_velocity, grads, masks, anchor
+          hp, active, current, old_velocity, grads, masks, anchor, some_idle=True
       )
       ops = [w.assign(x) for w, x in zip(weights, new_params)]
       ops += [v.assign(x) for v, x in zip(velocity, new_velocity)]
