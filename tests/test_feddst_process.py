@@ -7,6 +7,7 @@
 """
 
 import collections
+import functools
 
 import numpy as np
 import pytest
@@ -441,6 +442,20 @@ def test_zero_sparsity_feddst_equals_tff_fed_avg():
   assert moved, "training did not change the weights"
 
 
+@functools.cache
+def _readjusting_tiny_feddst():
+  """(layout, initial weights, process): FedDST at 50% sparsity on the tiny
+  network, readjusting 30% every round; built once for the tests below."""
+  layout = sparse_model.build_layout(sparse_model.wrap_prunable(_tiny_keras()), 0.5, "erk")
+  initial = sparse_model.initial_model_weights(_tiny_keras, 3, layout)
+  process = feddst.build_feddst(
+      sparse_model.make_model_fn(_tiny_keras, _input_spec((8, 8, 1)), True), layout, initial,
+      optimizers.build_sgdw(0.05, 0.9, 0.001), local_epochs=2, readjustment_ratio=0.3,
+      rounds_between_readjustments=1, readjustment_end_round=10,
+  )
+  return layout, initial, process
+
+
 @pytest.mark.portability
 def test_the_runs_compile_computes_what_tffs_own_compile_does():
   """Runs and tests run computations through `runtime.install_local_context`:
@@ -454,13 +469,7 @@ def test_the_runs_compile_computes_what_tffs_own_compile_does():
   on_gpu = bool(tf.config.list_physical_devices("GPU"))
   want = tff.backends.native.desugar_and_transform_to_native if on_gpu else runtime.compile_for_cpu
   assert runtime.native_compiler() is want
-  layout = sparse_model.build_layout(sparse_model.wrap_prunable(_tiny_keras()), 0.5, "erk")
-  initial = sparse_model.initial_model_weights(_tiny_keras, 3, layout)
-  process = feddst.build_feddst(
-      sparse_model.make_model_fn(_tiny_keras, _input_spec((8, 8, 1)), True), layout, initial,
-      optimizers.build_sgdw(0.05, 0.9, 0.001), local_epochs=2, readjustment_ratio=0.3,
-      rounds_between_readjustments=1, readjustment_end_round=10,
-  )
+  layout, initial, process = _readjusting_tiny_feddst()
 
   def two_rounds():
     state = process.initialize()
@@ -500,13 +509,7 @@ def test_compile_for_cpu_gives_the_proto_of_tffs_native_form():
   def text(comp):
     return re.sub(r'"_[a-z]{3}(\d+)"', r'"_\1"', str(comp.get_proto(comp)))
 
-  layout = sparse_model.build_layout(sparse_model.wrap_prunable(_tiny_keras()), 0.5, "erk")
-  initial = sparse_model.initial_model_weights(_tiny_keras, 3, layout)
-  process = feddst.build_feddst(
-      sparse_model.make_model_fn(_tiny_keras, _input_spec((8, 8, 1)), True), layout, initial,
-      optimizers.build_sgdw(0.05, 0.9, 0.001), local_epochs=2, readjustment_ratio=0.3,
-      rounds_between_readjustments=1, readjustment_end_round=10,
-  )
+  _, _, process = _readjusting_tiny_feddst()
   for comp in (process.initialize, process.next, process.get_model_weights):
     ours, tffs = runtime.compile_for_cpu(comp), runtime.compile_for_cpu_reference(comp)
     assert text(ours) == text(tffs)
