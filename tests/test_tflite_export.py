@@ -612,3 +612,56 @@ def test_same_evaluation_code_on_the_standalone_runtime(exports, fmnist):
         interpreter_factory=tflite_export.litert_interpreter,
     )
     assert on_litert["accuracy"] == on_tf["accuracy"]
+
+
+# --- benchmarks.sparse_conv: a convolution as patches x block-sparse FC ---
+
+
+def test_im2col_conv_equals_conv2d():
+  """The patch matrix (slices or gather), padded to whole 1x4 blocks, times
+  the reshaped HWIO kernel is TF's valid stride-1 convolution."""
+  from benchmarks import sparse_conv  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(3)
+  x = tf.constant(rng.standard_normal((2, 9, 8, 3)).astype(np.float32))
+  kernel = rng.standard_normal((3, 2, 3, 5)).astype(np.float32)  # HWI = 18 -> 20
+  bias = rng.standard_normal(5).astype(np.float32)
+  expected = tf.nn.conv2d(x, kernel, 1, "VALID") + bias
+  assert sparse_conv.patch_axis(kernel.shape) == (18, 20)
+  for how in ("slices", "gather"):
+    got = sparse_conv.im2col_conv(x, kernel, bias, how)
+    assert got.shape == (2, 7, 7, 5)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
+  # Patch (row 1, column 2) of image 0: rows 1..3, columns 2..3, HWI order.
+  patches = sparse_conv.patches_by_gather(x, 3, 2, 20).numpy()
+  by_hand = np.concatenate([x.numpy()[0, 1 + a, 2 + b] for a in range(3) for b in range(2)])
+  np.testing.assert_array_equal(patches[1 * 7 + 2, :18], by_hand)
+  np.testing.assert_array_equal(patches[:, 18:], 0.0)
+
+
+def test_im2col_export_runs_conv2_sparse_and_equals_the_conv_network():
+  """The MNIST network's conv2 as patches x a 1x4-block-sparse FC: TFLite
+  keeps that weight sparse (no DENSIFY), while the CONV_2D export densifies
+  it; both compute the dense export's logits."""
+  from benchmarks import sparse_conv  # pylint: disable=g-import-not-at-top
+  from tff_feddst import masks  # pylint: disable=g-import-not-at-top
+
+  weights = sparse_conv.masked_weights(0.8, seed=0)
+  kernel = weights["conv2"][0]
+  # ERK's conv2 budget at S = 0.8, whole 1x4 blocks of the padded HWI axis.
+  budget = masks.layer_budgets(
+      [(5, 5, 1, 10), (5, 5, 10, 20), (5120, 50), (50, 10)], 0.8, "erk", [1, 1, 4, 1]
+  )[1]
+  assert np.count_nonzero(kernel) == budget == 396
+  padded = np.zeros((252, 20), np.float32)
+  padded[:250] = kernel.reshape(250, 20)
+  blocks = padded.reshape(63, 4, 20)
+  assert (np.count_nonzero(blocks, axis=1) % 4 == 0).all()  # random values: no zero inside a block
+  contents = {v: sparse_conv.export(v, weights) for v in ("dense", "dense1_blocks", "im2col_slices", "im2col_gather")}
+  images = np.random.default_rng(1).random((8, 28, 28, 1)).astype(np.float32)
+  differences = sparse_conv.check_outputs(contents, images)
+  assert set(differences) == {"dense1_blocks", "im2col_slices", "im2col_gather"}
+  assert sparse_conv.conv2_weight_kept_sparse(contents["im2col_slices"])
+  assert sparse_conv.conv2_weight_kept_sparse(contents["im2col_gather"])
+  assert not sparse_conv.conv2_weight_kept_sparse(contents["dense1_blocks"])
+  assert "DENSIFY" not in inspect_model.operators(contents["im2col_slices"])
