@@ -100,10 +100,10 @@ HELP = {
     "original units (removed ones count 0), mean or max over its alive units.",
     "structured_rule": "structured*: boundary: remove units under --structured_boundary x "
     "the reference; std_band (paper 2): remove units whose L1 importance lies outside "
-    "mean +- k x std of the layer's alive units.",
-    "structured_std_k": "structured*: k of --structured_rule=std_band (paper 2: 2.2).",
+    "mean +- k x std of the layer's alive units; std_band_low: only those below mean - k x std.",
+    "structured_std_k": "structured*: k of --structured_rule=std_band[_low] (paper 2: 2.2).",
     "structured_prune_dense": "structured*: the search also removes dense neurons "
-    "(default: yes for boundary, no for std_band: convolution filters only).",
+    "(default: yes for boundary, no for std_band[_low]: convolution filters only).",
     "structured_patience": "structured*: the search stops removing after this many "
     "rounds in a row removed nothing (0: never).",
     "structured_max_prune_rounds": "structured*: the search stops removing after this "

@@ -93,7 +93,7 @@ def test_resolve_is_idempotent_and_fills_the_model():
             "--sparse_init=rescaled is implemented for feddst, randommask only",
         ),
         (dict(sparse_init="scaled"), "--sparse_init=scaled is not one of keras, rescaled"),
-        (dict(structured_rule="band"), "--structured_rule=band is not one of boundary, std_band"),
+        (dict(structured_rule="band"), "--structured_rule=band is not one of boundary, std_band, std_band_low"),
         (dict(structured_std_k=-1.0), "--structured_std_k=-1.0 must be >= 0 and finite"),
         (dict(structured_std_k=float("nan")), "--structured_std_k=nan must be >= 0 and finite"),
         (dict(structured_patience=-1), "--structured_patience=-1 must be >= 0"),
@@ -110,7 +110,9 @@ def test_bad_settings_are_one_line(values, message):
 def test_the_rule_decides_whether_the_search_prunes_dense_layers():
   boundary = _resolve(algorithm="structured")
   band = _resolve(algorithm="structured", structured_rule="std_band")
+  low = _resolve(algorithm="structured", structured_rule="std_band_low")
   assert (boundary.structured_prune_dense, band.structured_prune_dense) == (True, False)
+  assert low.structured_prune_dense is False
   told = _resolve(algorithm="structured", structured_rule="std_band", structured_prune_dense=True)
   assert told.structured_prune_dense is True
   assert told.algorithm_config("structured_search").structured_prune_dense is True

@@ -1216,6 +1216,33 @@ def test_std_band_by_hand():
     np.testing.assert_array_equal(got, _band(importance, alive, k))
 
 
+def test_low_std_band_removes_only_the_low_tail_by_hand():
+  # The same importances: mean 12.2, std 9.579.
+  importance = [1.0, 9.0, 10.0, 11.0, 30.0]
+  alive = np.ones(5, bool)
+  cases = {
+      1.0: [False, True, True, True, True],  # 1 < 2.62 goes; 30 > 21.78 stays
+      1.5: [True] * 5,  # -2.17
+      0.3: [False, False, True, True, True],  # 9.33: 9 goes, 10 stays
+  }
+  for k, expected in cases.items():
+    got = unit_graph.select_units(importance, alive, rule="std_band_low", std_k=k)
+    np.testing.assert_array_equal(got, expected)
+  # A dead unit does not count; the bound itself stays ([0, 2]: mean 1,
+  # std 1, k = 1 puts 0 on the bound).
+  got = unit_graph.select_units([0.0, 0.0, 2.0], [False, True, True], rule="std_band_low", std_k=1.0)
+  np.testing.assert_array_equal(got, [False, True, True])
+  got = unit_graph.select_units([0.0, 2.0], [True, True], rule="std_band_low", std_k=0.99)
+  np.testing.assert_array_equal(got, [False, True])
+  # Unlike the two-sided band, the most important unit never goes.
+  for k in (0.0, 0.5, 1.0, 2.0):
+    for seed in range(5):
+      values = np.random.default_rng(seed).random(7)
+      got = unit_graph.select_units(values, np.ones(7, bool), rule="std_band_low", std_k=k)
+      assert got[np.argmax(values)]
+      np.testing.assert_array_equal(got, values >= values.mean() - k * values.std())
+
+
 def test_std_band_ignores_dead_units_and_keeps_them_dead():
   # A dead unit of importance 100 would shift the mean and std; it must not.
   importance = [100.0, 1.0, 9.0, 10.0, 11.0, 30.0]

@@ -41,12 +41,12 @@ MASK_BLOCK_ROWS = {"none": 1, "1x4": 4, "1x16": 16}
 RELATIVE_TO = ("original_mean", "mean", "max")
 # How the units that stay are chosen; the first is the default
 # (`algorithms.AlgorithmConfig.structured_rule`).
-RULES = ("boundary", "std_band")
+RULES = ("boundary", "std_band", "std_band_low")
 # Paper 2's k for the std band (its FEMNIST configuration).
 DEFAULT_STD_K = 2.2
 # Whether a rule removes hidden dense neurons unless told otherwise: paper
 # 2's code applies the std band to convolution filters only.
-PRUNES_DENSE = {"boundary": True, "std_band": False}
+PRUNES_DENSE = {"boundary": True, "std_band": False, "std_band_low": False}
 
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
 

@@ -25,7 +25,7 @@ removes, among the alive units of a layer, those with importance
 < boundary x R, R being chosen by `relative_to` (RELATIVE_TO;
 "original_mean" is the configured default); "std_band" (paper 2's code)
 removes the alive units whose importance lies outside mean +- k x std of
-the layer's alive units. A layer is never emptied. Removing a unit also zeroes the consumer's matching input
+the layer's alive units; "std_band_low" only those below mean - k x std. A layer is never emptied. Removing a unit also zeroes the consumer's matching input
 channels / rows (`kernel_masks`), which is what makes the masked network and
 the physically smaller one (`shrink`, `build_shrunk_model`) compute exactly
 the same function. `architecture_cost` gives the size and FLOPs of a network
@@ -264,9 +264,10 @@ def _boundary_keep_tf(importance, alive, boundary: float, relative_to: str):
   return tf.logical_and(alive, importance >= tf.cast(boundary, dtype) * reference)
 
 
-def _std_band_keep_tf(importance, alive, std_k: float):
+def _std_band_keep_tf(importance, alive, std_k: float, low_only: bool = False):
   """Alive units whose importance lies in mean +- std_k x std of the alive
-  units' importance (population std; bounds included).
+  units' importance (population std; bounds included); with `low_only`,
+  those at or above mean - std_k x std.
 
   The statistics are taken in float64, so that equal float32 importances
   give a std of exactly 0 and all stay.
@@ -276,7 +277,8 @@ def _std_band_keep_tf(importance, alive, std_k: float):
   count = tf.maximum(tf.reduce_sum(weight), 1.0)
   mean = tf.reduce_sum(values * weight) / count
   std = tf.sqrt(tf.reduce_sum(weight * tf.square(values - mean)) / count)
-  inside = tf.abs(values - mean) <= tf.cast(std_k, tf.float64) * std
+  bound = tf.cast(std_k, tf.float64) * std
+  inside = values - mean >= -bound if low_only else tf.abs(values - mean) <= bound
   return tf.logical_and(alive, inside)
 
 
@@ -300,8 +302,8 @@ def _select_tf(
 
   The arguments must already be checked (`check_selection_args`).
   """
-  if rule == "std_band":
-    keep = _std_band_keep_tf(importance, alive, std_k)
+  if rule in ("std_band", "std_band_low"):
+    keep = _std_band_keep_tf(importance, alive, std_k, low_only=rule == "std_band_low")
   else:
     keep = _boundary_keep_tf(importance, alive, boundary, relative_to)
   # Never empty the layer.
@@ -419,6 +421,8 @@ def select_units(
   importance lies outside [mean - std_k * std, mean + std_k * std] of the
   alive units' importances (population std) are removed, unusually
   important ones included; `boundary` and `relative_to` are not used.
+  rule "std_band_low": the same band, one-sided: only the alive units
+  below mean - std_k * std are removed.
 
   rule "boundary": among the alive units, those with importance < boundary * R are removed
   (a unit exactly at boundary * R stays), where R is, by `relative_to`:
