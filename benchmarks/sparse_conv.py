@@ -47,11 +47,17 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/sparse_conv", "Where the table and timings go.")
-_SPARSITY = flags.DEFINE_float("sparsity", 0.8, "FedDST's sparsity S; ERK budgets per layer.", lower_bound=0.0, upper_bound=0.99)
-_LATENCY_EXAMPLES = flags.DEFINE_integer("latency_examples", 1000, "Timed single-image invokes per variant and sweep.", lower_bound=1)
-_SWEEPS = flags.DEFINE_integer("sweeps", 3, "Sweeps over the variants.", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights, masks and images.")
+
+def define_flags() -> None:
+  """The command line's flags. Only `python -m benchmarks.sparse_conv`
+  defines them, so that importing the module (the tests do) leaves absl's
+  global flag names to run.py and the other tools."""
+  flags.DEFINE_string("output_dir", "runs/sparse_conv", "Where the table and timings go.")
+  flags.DEFINE_float("sparsity", 0.8, "FedDST's sparsity S; ERK budgets per layer.", lower_bound=0.0, upper_bound=0.99)
+  flags.DEFINE_integer("latency_examples", 1000, "Timed single-image invokes per variant and sweep.", lower_bound=1)
+  flags.DEFINE_integer("sweeps", 3, "Sweeps over the variants.", lower_bound=1)
+  flags.DEFINE_integer("seed", 0, "Seed of the weights, masks and images.")
+
 
 VARIANTS = ("dense", "dense1_blocks", "im2col_slices", "im2col_gather", "no_conv2")
 BLOCK = 4  # float32 FULLY_CONNECTED block: 1x4 along the input.
@@ -238,34 +244,37 @@ def main(argv):
   del argv
   from tflite_export import evaluate  # pylint: disable=g-import-not-at-top
 
-  weights = masked_weights(_SPARSITY.value, _SEED.value)
-  images = np.random.default_rng(_SEED.value).random((1000,) + INPUT_SHAPE).astype(np.float32)
+  output_dir, seed = flags.FLAGS.output_dir, flags.FLAGS.seed
+  sweeps, latency_examples = flags.FLAGS.sweeps, flags.FLAGS.latency_examples
+
+  weights = masked_weights(flags.FLAGS.sparsity, seed)
+  images = np.random.default_rng(seed).random((1000,) + INPUT_SHAPE).astype(np.float32)
   contents = {variant: export(variant, weights) for variant in VARIANTS}
   differences = check_outputs(contents, images[:64])
   kept = {variant: conv2_weight_kept_sparse(content) for variant, content in contents.items()}
   medians = {variant: [] for variant in VARIANTS}
   p90s = {variant: [] for variant in VARIANTS}
-  for sweep in range(_SWEEPS.value):
+  for sweep in range(sweeps):
     order = VARIANTS if sweep % 2 == 0 else tuple(reversed(VARIANTS))
     for variant in order:
       timing = evaluate.batch1_latency_ms(
-          contents[variant], images, num_examples=_LATENCY_EXAMPLES.value, num_threads=1
+          contents[variant], images, num_examples=latency_examples, num_threads=1
       )
       medians[variant].append(timing["median_ms"])
       p90s[variant].append(timing["p90_ms"])
-      print(f"sweep {sweep + 1}/{_SWEEPS.value}  {variant:14s} median {timing['median_ms']:.4f} ms", flush=True)
+      print(f"sweep {sweep + 1}/{sweeps}  {variant:14s} median {timing['median_ms']:.4f} ms", flush=True)
   sizes = {variant: len(content) for variant, content in contents.items()}
   table = _table(medians, p90s, kept, sizes)
   print(table)
-  os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-  with open(os.path.join(_OUTPUT_DIR.value, "sparse_conv.md"), "w") as f:
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, "sparse_conv.md"), "w") as f:
     f.write(table + "\n")
-  with open(os.path.join(_OUTPUT_DIR.value, "sparse_conv.json"), "w") as f:
+  with open(os.path.join(output_dir, "sparse_conv.json"), "w") as f:
     json.dump(
         {
-            "sparsity": _SPARSITY.value,
-            "seed": _SEED.value,
-            "latency_examples": _LATENCY_EXAMPLES.value,
+            "sparsity": flags.FLAGS.sparsity,
+            "seed": seed,
+            "latency_examples": latency_examples,
             "median_ms": medians,
             "p90_ms": p90s,
             "conv2_kept_sparse": kept,
@@ -279,4 +288,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   sys.exit(app.run(main))

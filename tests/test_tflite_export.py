@@ -620,7 +620,12 @@ def test_same_evaluation_code_on_the_standalone_runtime(exports, fmnist):
 def test_im2col_conv_equals_conv2d():
   """The patch matrix (slices or gather), padded to whole 1x4 blocks, times
   the reshaped HWIO kernel is TF's valid stride-1 convolution."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from benchmarks import sparse_conv  # pylint: disable=g-import-not-at-top
+
+  # Importing it defines no absl flags (run.py, imported beside it, owns
+  # names such as --sparsity).
+  assert not flags.FLAGS.flags_by_module_dict().get("benchmarks.sparse_conv")
 
   rng = np.random.default_rng(3)
   x = tf.constant(rng.standard_normal((2, 9, 8, 3)).astype(np.float32))
