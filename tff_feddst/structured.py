@@ -249,7 +249,8 @@ def build_structured_finalizer(
   `relative_to` ("original_mean", "mean" or "max") the mean of the layer's
   original units (removed ones counting 0), the mean of its alive units or
   their maximum; "std_band", those outside mean +- `rule.std_k` x std of
-  the alive units ("std_band_low": those below mean - `rule.std_k` x std) (`unit_graph.select_units`; never empties a layer). It
+  the alive units; "std_band_low", those below mean - `rule.std_k` x std
+  (`unit_graph.select_units`; never empties a layer). It
   writes the new element masks into the wrappers' mask variables, and
   zeroes the removed units' kernels and biases and the consumers' matching
   inputs. `rule` (a `SearchRule`) gives every setting; without it,

@@ -25,8 +25,9 @@ removes, among the alive units of a layer, those with importance
 < boundary x R, R being chosen by `relative_to` (RELATIVE_TO;
 "original_mean" is the configured default); "std_band" (paper 2's code)
 removes the alive units whose importance lies outside mean +- k x std of
-the layer's alive units; "std_band_low" only those below mean - k x std. A layer is never emptied. Removing a unit also zeroes the consumer's matching input
-channels / rows (`kernel_masks`), which is what makes the masked network and
+the layer's alive units; "std_band_low" only those below mean - k x std.
+A layer is never emptied. Removing a unit also zeroes the consumer's
+matching input channels / rows (`kernel_masks`), which is what makes the masked network and
 the physically smaller one (`shrink`, `build_shrunk_model`) compute exactly
 the same function. `architecture_cost` gives the size and FLOPs of a network
 built with given widths.
