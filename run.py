@@ -108,6 +108,9 @@ HELP = {
     "rounds in a row removed nothing (0: never).",
     "structured_max_prune_rounds": "structured*: the search stops removing after this "
     "many pruning rounds.",
+    "structured_min_width": "structured*: the search leaves every layer at least "
+    "ceil(this x its original units), keeping the most important of the units it "
+    "would remove (0: only never empty).",
     "client_execution": "cohort: train each round's clients (in cohorts of --cohort_size) as one "
     "TensorFlow computation (the default where the algorithm has it: "
     + ", ".join(a.name for a in algorithms.REGISTRY.values() if any(p.cohort for p in a.phases))

@@ -98,6 +98,7 @@ def test_resolve_is_idempotent_and_fills_the_model():
         (dict(structured_std_k=float("nan")), "--structured_std_k=nan must be >= 0 and finite"),
         (dict(structured_patience=-1), "--structured_patience=-1 must be >= 0"),
         (dict(structured_max_prune_rounds=0), "--structured_max_prune_rounds=0 must be >= 1"),
+        (dict(structured_min_width=1.5), "--structured_min_width=1.5 must be in [0, 1]"),
     ],
 )
 def test_bad_settings_are_one_line(values, message):

@@ -1327,6 +1327,105 @@ def test_std_band_prune_step_by_hand_with_and_without_dense_layers(tiny_graph):
   )
 
 
+def test_min_units_rounds_up_and_keeps_one():
+  assert unit_graph.min_units(0.3, 20) == 6  # 0.3 x 20 is 6.000000000000001 in float
+  assert unit_graph.min_units(0.25, 10) == 3
+  assert unit_graph.min_units(0.5, 3) == 2
+  assert unit_graph.min_units(1.0, 7) == 7
+  assert unit_graph.min_units(0.0, 7) == 1
+  assert unit_graph.min_units(0.01, 7) == 1
+
+
+def test_min_width_keeps_the_most_important_of_the_removed_by_hand():
+  # std band k = 1 on [1, 9, 10, 11, 30] (mean 12.2, std 9.58) removes 1
+  # and 30, keeping 3 of 5.
+  importance = [1.0, 9.0, 10.0, 11.0, 30.0]
+  alive = np.ones(5, bool)
+  cases = {
+      0.0: [False, True, True, True, False],
+      0.6: [False, True, True, True, False],  # 3: the band's 3 suffice
+      0.61: [False, True, True, True, True],  # 4: 30 is back, before 1
+      0.8: [False, True, True, True, True],
+      1.0: [True] * 5,
+  }
+  for width, expected in cases.items():
+    got = unit_graph.select_units(importance, alive, rule="std_band", std_k=1.0, min_width=width)
+    np.testing.assert_array_equal(got, expected, err_msg=str(width))
+  # Equal importances go back lowest index first: max-boundary 0.5 keeps
+  # only the 10; a floor of 2 of 4 brings back unit 0 of the three 2s.
+  got = unit_graph.select_units([2.0, 2.0, 2.0, 10.0], [True] * 4, 0.5, "max", min_width=0.5)
+  np.testing.assert_array_equal(got, [True, False, False, True])
+  # Dead units stay dead, even when fewer than the floor are alive.
+  got = unit_graph.select_units(
+      [50.0, 1.0, 2.0, 40.0, 3.0], [False, True, True, False, True], 0.9, "max", min_width=1.0
+  )
+  np.testing.assert_array_equal(got, [False, True, True, False, True])
+
+
+def test_min_width_matches_a_numpy_reference_on_random_layers():
+  rng = np.random.default_rng(7)
+  for _ in range(40):
+    n = int(rng.integers(2, 12))
+    importance = rng.random(n).round(1)  # rounding makes ties
+    alive = rng.random(n) < 0.8
+    alive[rng.integers(n)] = True
+    width = float(rng.choice([0.0, 0.2, 0.5, 0.75, 1.0]))
+    k = float(rng.choice([0.3, 1.0]))
+    keep = _band(importance, alive, k)
+    least = max(1, int(np.ceil(width * n - 1e-9)))
+    removed = np.flatnonzero(alive & ~keep)
+    # Most important first, lowest index among equals.
+    ranked = sorted(removed, key=lambda j: (-importance[j], j))
+    expected = keep.copy()
+    expected[ranked[: max(0, least - keep.sum())]] = True
+    got = unit_graph.select_units(importance, alive, rule="std_band", std_k=k, min_width=width)
+    np.testing.assert_array_equal(got, expected, err_msg=f"{importance} {alive} {width} {k}")
+    assert got.sum() >= min(least, alive.sum())
+
+
+def test_min_width_argument_errors():
+  for bad in (-0.1, 1.5, float("nan")):
+    with pytest.raises(ValueError, match="min_width must be"):
+      unit_graph.select_units([1.0], [True], min_width=bad)
+  with pytest.raises(ValueError, match="min_width must be"):
+    structured.SearchRule(rule="std_band", min_width=2.0).check()
+
+
+def test_min_width_in_the_prune_step_by_hand(tiny_graph):
+  # As in the test above, k = 1: conv1 [25, 75, 50] loses 25 and 75. At
+  # min_width 0.5 conv1 keeps ceil(1.5) = 2: 75, the stronger, comes back.
+  # conv2 then has 2 live input channels: [200, 50, 200, 200], mean 162.5,
+  # std 64.95, band [97.5, 227.5]: filter 1 goes, leaving 3 >= ceil(2).
+  kernels = _scaled_kernels(tiny_graph, SCALES)
+  got = unit_graph.prune_step(
+      tiny_graph, kernels, None, 0.9, rule="std_band", std_k=1.0, prune_dense=False,
+      min_width=0.5,
+  )
+  np.testing.assert_array_equal(got["conv1"], [False, True, True])
+  np.testing.assert_array_equal(got["conv2"], [True, False, True, True])
+  np.testing.assert_array_equal(
+      _band([200.0, 50.0, 200.0, 200.0], np.ones(4, bool), 1.0), got["conv2"]
+  )
+  # With dense neurons too, at min_width 1.0 nothing goes anywhere.
+  everything = unit_graph.prune_step(
+      tiny_graph, kernels, None, 0.9, rule="std_band", std_k=1.0, prune_dense=True,
+      min_width=1.0,
+  )
+  for name, alive in everything.items():
+    assert alive.all(), name
+
+
+def test_the_finalizer_applies_min_width(tiny_layout):
+  rule = structured.SearchRule(rule="std_band", std_k=1.0, prune_dense=False, min_width=0.5)
+  finalizer = _build_finalizer(tiny_layout, 0.9, "original_mean", rule=rule)
+  weights, _ = _finalizer_inputs(tiny_layout, SCALES)
+  out = _next_round(finalizer, finalizer.initialize(), weights, SCALES, tiny_layout)
+  assert int(out.measurements["removed_total"]) == 2  # conv1 filter 0, conv2 filter 1
+  alive = structured.alive_from_model_weights(tiny_layout, out.result)
+  np.testing.assert_array_equal(alive["conv1"], [False, True, True])
+  np.testing.assert_array_equal(alive["conv2"], [True, False, True, True])
+
+
 def _next_round(finalizer, state, weights, scales, layout):
   """One finalizer step on the SCALES-like aggregate `scales`, given the
   current weights (their masks are the current alive units)."""

@@ -79,6 +79,8 @@ class AlgorithmConfig:
   structured_prune_dense: bool = True
   structured_patience: int = 3
   structured_max_prune_rounds: int = 50
+  # The search leaves every layer at least this share of its units (0: off).
+  structured_min_width: float = 0.0
   # "cohort": each TFF client trains a cohort of clients as one computation.
   client_execution: str = "per_client"
   # PruneFL: local rounds of the initial pruning on one client.

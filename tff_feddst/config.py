@@ -74,6 +74,7 @@ _RANGES = (
     ("structured_std_k", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
     ("structured_patience", lambda v: v >= 0, ">= 0 (0: no patience stop)"),
     ("structured_max_prune_rounds", lambda v: v >= 1, ">= 1"),
+    ("structured_min_width", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("cohort_size", lambda v: v >= 0, f">= 0 (0: the default, cohorts of at most {names.MAX_DEFAULT_COHORT})"),
     ("prunefl_initial_rounds", lambda v: v >= 1, ">= 1"),
     ("lotteryfl_accuracy_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -332,7 +333,7 @@ def _saved_before_setting_existed(key: str, saved: dict):
       "readjustment_schedule": "cosine", "remember_old": False, "mask_block": "none",
       "prunefl_initial_rounds": 5, "prunefl_costs": "",
       "lotteryfl_accuracy_threshold": 0.5, "lotteryfl_prune_rate": 0.2,
-      "client_sparsity_tiers": "", "sparse_init": "keras",
+      "client_sparsity_tiers": "", "sparse_init": "keras", "structured_min_width": 0.0,
   }.get(key)
 
 

@@ -148,11 +148,12 @@ class SearchRule:
   prune_dense: bool = True
   patience: int = 0
   max_prune_rounds: int | None = None
+  min_width: float = 0.0
 
   def check(self) -> None:
     """Raises ValueError for a setting out of range."""
     unit_graph_lib.check_selection_args(
-        self.boundary, self.relative_to, self.rule, self.std_k
+        self.boundary, self.relative_to, self.rule, self.std_k, self.min_width
     )
     if self.patience < 0:
       raise ValueError(f"patience must be >= 0, got {self.patience}")
@@ -164,6 +165,7 @@ class SearchRule:
     return dict(
         boundary=float(self.boundary), relative_to=self.relative_to,
         rule=self.rule, std_k=float(self.std_k), prune_dense=self.prune_dense,
+        min_width=float(self.min_width),
     )
 
   def initial_state(self) -> collections.OrderedDict:
@@ -379,6 +381,7 @@ def search_rule(config) -> SearchRule:
       prune_dense=config.structured_prune_dense,
       patience=config.structured_patience,
       max_prune_rounds=config.structured_max_prune_rounds,
+      min_width=config.structured_min_width,
   )
 
 
@@ -535,6 +538,8 @@ def describe_rule(config) -> str:
   text += f", patience {rule.patience}" if rule.patience else ""
   if rule.max_prune_rounds is not None:
     text += f", at most {rule.max_prune_rounds} pruning rounds"
+  if rule.min_width:
+    text += f", layers keep at least {rule.min_width:g} of their units"
   return text
 
 
@@ -548,6 +553,7 @@ def summary_section(config, found_widths, phase_results) -> dict:
       "prune_dense": config.structured_prune_dense,
       "patience": config.structured_patience,
       "max_prune_rounds": config.structured_max_prune_rounds,
+      "min_width": config.structured_min_width,
       "search_rounds": config.structured_search_rounds,
       "reinit": config.structured_reinit,
       "original_widths": keras_models.default_widths(config.model_name),

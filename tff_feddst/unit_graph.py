@@ -295,9 +295,32 @@ def _most_important_tf(importance, alive):
   return tf.equal(positions, best)
 
 
+def min_units(min_width: float, units: int) -> int:
+  """The fewest units a layer of `units` original units keeps under
+  `min_width`: ceil(min_width x units), at least 1 (the product is taken
+  to 1e-9, so that 0.3 x 20 gives 6, not 7)."""
+  return max(1, math.ceil(min_width * units - 1e-9))
+
+
+def _fill_to_tf(importance, alive, keep, least: int):
+  """`keep` with, where it holds fewer than `least` units, the most
+  important of the other alive units added (lowest index among equals)
+  until it holds `least` or every alive unit."""
+  candidates = tf.logical_and(alive, tf.logical_not(keep))
+  need = least - tf.reduce_sum(tf.cast(keep, tf.int32))
+  score = tf.where(
+      candidates, -tf.cast(importance, tf.float64),
+      tf.fill(tf.shape(importance), tf.constant(np.inf, tf.float64)),
+  )
+  order = tf.argsort(score, stable=True)
+  size = tf.size(importance)
+  rank = tf.scatter_nd(order[:, None], tf.range(size), [size])
+  return tf.logical_or(keep, tf.logical_and(candidates, rank < need))
+
+
 def _select_tf(
     importance, alive, boundary: float, relative_to: str,
-    rule: str = "boundary", std_k: float = DEFAULT_STD_K,
+    rule: str = "boundary", std_k: float = DEFAULT_STD_K, min_width: float = 0.0,
 ):
   """TF version of `select_units` (graph-safe: usable inside TFF).
 
@@ -307,6 +330,9 @@ def _select_tf(
     keep = _std_band_keep_tf(importance, alive, std_k, low_only=rule == "std_band_low")
   else:
     keep = _boundary_keep_tf(importance, alive, boundary, relative_to)
+  least = min_units(min_width, int(importance.shape[0]))
+  if least > 1:
+    return _fill_to_tf(importance, alive, keep, least)
   # Never empty the layer.
   return tf.where(tf.reduce_any(keep), keep, _most_important_tf(importance, alive))
 
@@ -342,6 +368,7 @@ def kernel_masks_tf(graph: UnitGraph, alive_f: Mapping[str, tf.Tensor]) -> list[
 def prune_step_tf(
     graph: UnitGraph, kernels, old_alive, boundary: float, relative_to: str,
     *, rule: str = "boundary", std_k: float = DEFAULT_STD_K, prune_dense: bool = True,
+    min_width: float = 0.0,
 ):
   """One server pruning step: new alive vectors (bool) of every hidden layer.
 
@@ -350,9 +377,9 @@ def prune_step_tf(
   in model order, and a layer's importance is measured on its kernel with
   the inputs of the producer's dead units and of those removed in this same
   step zeroed, i.e. on the weights that will remain. Without `prune_dense`
-  the hidden dense layers keep their units.
+  the hidden dense layers keep their units. `min_width`: see `select_units`.
   """
-  check_selection_args(boundary, relative_to, rule, std_k)
+  check_selection_args(boundary, relative_to, rule, std_k, min_width)
   new_alive = {}
   for name in graph.hidden_names:
     if graph.layer(name).kind == "dense" and not prune_dense:
@@ -366,7 +393,8 @@ def prune_step_tf(
           tf.cast(new_alive[link.producer], kernel.dtype),
       )
     new_alive[name] = _select_tf(
-        _importance_tf(kernel), old_alive[name], boundary, relative_to, rule, std_k
+        _importance_tf(kernel), old_alive[name], boundary, relative_to, rule, std_k,
+        min_width,
     )
   return new_alive
 
@@ -386,13 +414,16 @@ def _check_number(name: str, value) -> None:
 
 def check_selection_args(
     boundary: float, relative_to: str, rule: str = "boundary",
-    std_k: float = DEFAULT_STD_K,
+    std_k: float = DEFAULT_STD_K, min_width: float = 0.0,
 ) -> None:
   """Raises ValueError unless rule is in RULES, relative_to in RELATIVE_TO,
-  and boundary and std_k are finite numbers >= 0."""
+  boundary and std_k are finite numbers >= 0 and min_width is in [0, 1]."""
   if rule not in RULES:
     raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
   _check_number("std_k", std_k)
+  _check_number("min_width", min_width)
+  if min_width > 1:
+    raise ValueError(f"min_width must be in [0, 1], got {min_width!r}")
   if relative_to not in RELATIVE_TO:
     raise ValueError(
         f"relative_to must be one of {', '.join(RELATIVE_TO)}, got {relative_to!r}"
@@ -414,7 +445,7 @@ def unit_importance(kernel) -> np.ndarray:
 
 def select_units(
     importance, alive, boundary: float = 0.95, relative_to: str = "original_mean",
-    *, rule: str = "boundary", std_k: float = DEFAULT_STD_K,
+    *, rule: str = "boundary", std_k: float = DEFAULT_STD_K, min_width: float = 0.0,
 ) -> np.ndarray:
   """The units that stay alive after one pruning step of a layer.
 
@@ -438,9 +469,15 @@ def select_units(
   lowers (or keeps) R, so a step with unchanged importances removes nothing
   more. A layer is never emptied: when every alive unit
   would go, the single most important one stays (lowest index among equal
-  importances). Dead units stay dead. Returns a new bool vector.
+  importances). Dead units stay dead.
+
+  `min_width` (any rule): a floor, as a share of the layer's original
+  units (the vector's length). When the step would leave fewer than
+  `min_units(min_width, len(alive))` units, the most important of those it
+  would remove stay (lowest index among equals) up to that number, or all
+  alive units where fewer are alive. Returns a new bool vector.
   """
-  check_selection_args(boundary, relative_to, rule, std_k)
+  check_selection_args(boundary, relative_to, rule, std_k, min_width)
   importance = np.asarray(importance)
   alive = np.asarray(alive, bool)
   if importance.ndim != 1 or importance.shape != alive.shape:
@@ -454,7 +491,7 @@ def select_units(
     importance = importance.astype(np.float64)
   return _select_tf(
       tf.constant(importance), tf.constant(alive), float(boundary), relative_to,
-      rule, float(std_k),
+      rule, float(std_k), float(min_width),
   ).numpy()
 
 
@@ -468,6 +505,7 @@ def prune_step(
     rule: str = "boundary",
     std_k: float = DEFAULT_STD_K,
     prune_dense: bool = True,
+    min_width: float = 0.0,
 ) -> dict[str, np.ndarray]:
   """The server's pruning decision of one round, in numpy.
 
@@ -476,10 +514,11 @@ def prune_step(
   importance is taken after zeroing the inputs of the producer's units that
   are dead or removed in this step, then `select_units` applies (dead units
   are ignored, so their kernel values do not matter). Without
-  `prune_dense`, hidden dense layers keep their units.
+  `prune_dense`, hidden dense layers keep their units. `min_width`: the
+  floor of `select_units`, per layer.
   Returns the new alive vectors of every hidden layer.
   """
-  check_selection_args(boundary, relative_to, rule, std_k)
+  check_selection_args(boundary, relative_to, rule, std_k, min_width)
   if not isinstance(kernels, Mapping):
     kernels = dict(zip(graph.names, kernels))
   alive = _complete_alive(graph, alive_per_layer)
@@ -492,6 +531,7 @@ def prune_step(
       rule=rule,
       std_k=float(std_k),
       prune_dense=prune_dense,
+      min_width=float(min_width),
   )
   return collections.OrderedDict((n, new[n].numpy()) for n in graph.hidden_names)
 
