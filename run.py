@@ -111,6 +111,10 @@ HELP = {
     "structured_min_width": "structured*: the search leaves every layer at least "
     "ceil(this x its original units), keeping the most important of the units it "
     "would remove (0: only never empty).",
+    "structured_remove_dead": "structured*: each search step first removes the units "
+    "that can never fire (behind a ReLU, no input in range makes their pre-activation "
+    "> 0; removing them leaves the network's function unchanged), then applies the rule "
+    "to the others.",
     "client_execution": "cohort: train each round's clients (in cohorts of --cohort_size) as one "
     "TensorFlow computation (the default where the algorithm has it: "
     + ", ".join(a.name for a in algorithms.REGISTRY.values() if any(p.cohort for p in a.phases))

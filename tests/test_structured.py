@@ -1426,6 +1426,179 @@ def test_the_finalizer_applies_min_width(tiny_layout):
   np.testing.assert_array_equal(alive["conv2"], [True, False, True, True])
 
 
+def test_the_unit_graph_records_relu_outputs_and_input_ranges():
+  layers = tf.keras.layers
+
+  def described(model):
+    return [(l.name, l.relu_output, l.input_max) for l in unit_graph.unit_graph(model).layers]
+
+  # conv -> pool -> ReLU, as in the MNIST network; images in [0, 1].
+  mnist = keras_models.build_model("mnist_cnn", (28, 28, 1), 10)
+  assert described(mnist) == [
+      ("conv1", True, 1.0), ("conv2", True, np.inf), ("dense1", True, np.inf),
+      ("logits", False, np.inf),
+  ]
+  paper2 = keras_models.build_model("paper2_cnn", (28, 28, 1), 10)
+  assert described(paper2) == [
+      ("conv1", True, 1.0), ("conv2", True, np.inf), ("logits", False, np.inf)
+  ]
+  # A LeakyReLU passes negative values, a tanh is no ReLU, and a layer
+  # before the first one may move the input out of [0, 1].
+  other = tf.keras.Sequential([
+      layers.InputLayer(input_shape=(8, 8, 1)),
+      layers.Rescaling(2.0, offset=-1.0),
+      layers.Conv2D(2, 3, name="c1"),
+      layers.LeakyReLU(),
+      layers.Conv2D(2, 3, activation="relu", name="c2"),
+      layers.Softmax(),
+      layers.Flatten(),
+      layers.Dense(3, activation="tanh", name="d1"),
+      layers.Dense(4, name="d2"),
+      layers.Activation("relu"),
+      layers.Dropout(0.5),
+      layers.Dense(2, name="out"),
+  ])
+  assert described(other) == [
+      ("c1", False, None), ("c2", False, None), ("d1", False, None),
+      ("d2", True, None), ("out", False, np.inf),
+  ]
+
+
+def _dense_layer(relu_output, input_max, use_bias=True):
+  return unit_graph.PrunableLayer("d", "dense", (2, 4), use_bias, relu_output, input_max)
+
+
+def test_never_fires_by_hand():
+  kernel = tf.constant([[0.2, 0.2, -1.0, 0.0], [-1.0, 0.0, -2.0, 0.0]])
+  bias = tf.constant([-0.2, -0.19, 0.0, 0.1])
+  # Inputs in [0, 1]: bounds 0.2 - 0.2 = 0, 0.2 - 0.19 > 0, 0 + 0, 0 + 0.1.
+  np.testing.assert_array_equal(
+      unit_graph.never_fires_tf(_dense_layer(True, 1.0), kernel, bias),
+      [True, False, True, False],
+  )
+  # Inputs in [0, 2]: 0.4 - 0.2 > 0.
+  np.testing.assert_array_equal(
+      unit_graph.never_fires_tf(_dense_layer(True, 2.0), kernel, bias),
+      [False, False, True, False],
+  )
+  # Inputs >= 0: only units without a positive weight and bias <= 0.
+  np.testing.assert_array_equal(
+      unit_graph.never_fires_tf(_dense_layer(True, np.inf), kernel, bias),
+      [False, False, True, False],
+  )
+  # Without a ReLU behind it, or with inputs of unknown range, none.
+  for layer in (_dense_layer(False, 1.0), _dense_layer(True, None)):
+    assert not unit_graph.never_fires_tf(layer, kernel, bias).numpy().any()
+
+
+def _mnist_with_dead_units():
+  """The MNIST network with conv1 filter 3 and conv2 filter 5 that can never
+  fire, and conv2 filter 7 that fires only through conv1 filter 3."""
+  model = keras_models.build_model("mnist_cnn", (28, 28, 1), 10)
+  rng = np.random.default_rng(3)
+  weights = [rng.normal(0.0, 0.1, w.shape).astype(np.float32) for w in model.get_weights()]
+  conv1_k, conv1_b, conv2_k, conv2_b = weights[:4]
+  conv1_k[..., 3] = -np.abs(conv1_k[..., 3]) + 0.001  # 25 x 0.001 + bias < 0
+  conv1_b[3] = -0.1
+  conv2_k[..., 5] = -np.abs(conv2_k[..., 5])
+  conv2_b[5] = -0.01
+  conv2_k[..., 7] = -np.abs(conv2_k[..., 7])
+  conv2_k[:, :, 3, 7] = 0.5
+  conv2_b[7] = 0.0
+  model.set_weights(weights)
+  return model
+
+
+def test_remove_dead_removes_exactly_the_units_that_never_fire_and_keeps_the_function():
+  model = _mnist_with_dead_units()
+  graph = unit_graph.unit_graph(model)
+  kernels = {l.name: l.get_weights()[0] for l in model.layers if l.name in graph.names}
+  biases = {l.name: l.get_weights()[1] for l in model.layers if l.name in graph.names}
+  # A band so wide that it removes nothing by itself.
+  band = dict(rule="std_band", std_k=100.0, prune_dense=True)
+  kept = unit_graph.prune_step(graph, kernels, None, 0.9, **band)
+  assert all(a.all() for a in kept.values())
+  alive = unit_graph.prune_step(graph, kernels, None, 0.9, remove_dead=True, biases=biases, **band)
+  expected = {"conv1": 10, "conv2": 20, "dense1": 50}
+  assert {n: int(a.sum()) for n, a in alive.items()} == {"conv1": 9, "conv2": 18, "dense1": 50}
+  assert not alive["conv1"][3] and not alive["conv2"][5] and not alive["conv2"][7]
+  assert {n: len(a) for n, a in alive.items()} == expected
+  # The network without them computes the same function on inputs in [0, 1].
+  x = np.random.default_rng(4).random((64, 28, 28, 1)).astype(np.float32)
+  small = unit_graph.build_shrunk_model("mnist_cnn", (28, 28, 1), 10, model, alive)
+  np.testing.assert_allclose(small(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+  # A bias is needed to tell.
+  with pytest.raises(ValueError, match="remove_dead needs the bias of 'conv1'"):
+    unit_graph.prune_step(graph, kernels, None, 0.9, remove_dead=True, **band)
+
+
+def test_remove_dead_then_the_rule_chooses_among_the_others():
+  # conv1 importance 25 x [1, 3, 2, 2]: filter 0 has only negative weights
+  # and bias 0, so with inputs in [0, 1] it never fires. The band (k = 1)
+  # is then taken over [75, 50, 50]: mean 58.3, std 11.8, band [46.5, 70.1]:
+  # 75 goes too. Without remove_dead, over [25, 75, 50, 50] (mean 50,
+  # std 17.7, band [32.3, 67.7]) 25 and 75 go.
+  graph = unit_graph.UnitGraph(
+      (
+          unit_graph.PrunableLayer("c", "conv", (5, 5, 1, 4), True, True, 1.0),
+          unit_graph.PrunableLayer("out", "dense", (4, 2), True, False, np.inf),
+      ),
+      (unit_graph.UnitLink("c", "out", "flatten", 4),),
+  )
+  kernel = np.broadcast_to(np.array([-1.0, 3.0, 2.0, 2.0], np.float32), (5, 5, 1, 4)).copy()
+  kernels = {"c": kernel, "out": np.ones((4, 2), np.float32)}
+  biases = {"c": np.zeros(4, np.float32), "out": np.zeros(2, np.float32)}
+  band = dict(rule="std_band", std_k=1.0)
+  np.testing.assert_array_equal(
+      unit_graph.prune_step(graph, kernels, None, 0.9, **band)["c"], [False, False, True, True]
+  )
+  np.testing.assert_array_equal(
+      unit_graph.prune_step(graph, kernels, None, 0.9, remove_dead=True, biases=biases, **band)["c"],
+      [False, False, True, True],
+  )
+  np.testing.assert_array_equal(
+      _band([25.0, 75.0, 50.0, 50.0], np.ones(4, bool), 1.0), [False, False, True, True]
+  )
+  np.testing.assert_array_equal(
+      _band([25.0, 75.0, 50.0, 50.0], np.array([False, True, True, True]), 1.0),
+      [False, False, True, True],
+  )
+  # The floor counts the units that can fire: min_width 0.75 keeps 3,
+  # bringing 75 back but not the dead 25.
+  np.testing.assert_array_equal(
+      unit_graph.prune_step(
+          graph, kernels, None, 0.9, remove_dead=True, biases=biases, min_width=0.75, **band
+      )["c"],
+      [False, True, True, True],
+  )
+  # Every filter dead: the most important stays.
+  dead = {"c": -np.abs(kernel), "out": kernels["out"]}
+  np.testing.assert_array_equal(
+      unit_graph.prune_step(graph, dead, None, 0.9, remove_dead=True, biases=biases, **band)["c"],
+      [False, True, False, False],
+  )
+
+
+def test_the_finalizer_removes_dead_units_first(tiny_layout):
+  # SCALES with conv1 filter 0 negative and its bias -1 (the others' are
+  # 2, 3): it never fires. The band (k = 1) over conv1's others [75, 50]
+  # keeps both (mean 62.5, std 12.5, bounds included); without remove_dead
+  # it would be taken over [25, 75, 50] and remove 75 too.
+  scales = dict(SCALES, conv1=[-1.0, 3.0, 2.0])
+  weights, update = _finalizer_inputs(tiny_layout, scales)
+  update["values"][tiny_layout.bias_index[0]][0] = -1.0
+  for remove_dead, conv1 in ((True, [False, True, True]), (False, [False, False, True])):
+    rule = structured.SearchRule(
+        rule="std_band", std_k=1.0, prune_dense=False, remove_dead=remove_dead
+    )
+    finalizer = _build_finalizer(tiny_layout, 0.9, "original_mean", rule=rule)
+    out = finalizer.next(finalizer.initialize(), weights, update)
+    alive = structured.alive_from_model_weights(tiny_layout, out.result)
+    np.testing.assert_array_equal(alive["conv1"], conv1, err_msg=str(remove_dead))
+    removed = sum(int((~a).sum()) for a in alive.values())
+    assert int(out.measurements["removed_total"]) == removed
+
+
 def _next_round(finalizer, state, weights, scales, layout):
   """One finalizer step on the SCALES-like aggregate `scales`, given the
   current weights (their masks are the current alive units)."""

@@ -81,6 +81,8 @@ class AlgorithmConfig:
   structured_max_prune_rounds: int = 50
   # The search leaves every layer at least this share of its units (0: off).
   structured_min_width: float = 0.0
+  # The search first removes units that can never fire (off: paper 2).
+  structured_remove_dead: bool = False
   # "cohort": each TFF client trains a cohort of clients as one computation.
   client_execution: str = "per_client"
   # PruneFL: local rounds of the initial pruning on one client.

@@ -334,6 +334,7 @@ def _saved_before_setting_existed(key: str, saved: dict):
       "prunefl_initial_rounds": 5, "prunefl_costs": "",
       "lotteryfl_accuracy_threshold": 0.5, "lotteryfl_prune_rate": 0.2,
       "client_sparsity_tiers": "", "sparse_init": "keras", "structured_min_width": 0.0,
+      "structured_remove_dead": False,
   }.get(key)
 
 

@@ -149,6 +149,7 @@ class SearchRule:
   patience: int = 0
   max_prune_rounds: int | None = None
   min_width: float = 0.0
+  remove_dead: bool = False
 
   def check(self) -> None:
     """Raises ValueError for a setting out of range."""
@@ -165,7 +166,7 @@ class SearchRule:
     return dict(
         boundary=float(self.boundary), relative_to=self.relative_to,
         rule=self.rule, std_k=float(self.std_k), prune_dense=self.prune_dense,
-        min_width=float(self.min_width),
+        min_width=float(self.min_width), remove_dead=bool(self.remove_dead),
     )
 
   def initial_state(self) -> collections.OrderedDict:
@@ -213,7 +214,14 @@ def _prune_round(layout: StructuredLayout, weights, update, selection, stopped):
       n: values[sparse.kernel_index[slot[n]]] * old_masks[slot[n]]
       for n in graph.names
   }
-  selected = unit_graph_lib.prune_step_tf(graph, kernels, old_alive, **selection)
+  biases = {
+      info.name: values[layout.bias_index[s]]
+      for s, info in enumerate(graph.layers)
+      if layout.bias_index[s] is not None
+  }
+  selected = unit_graph_lib.prune_step_tf(
+      graph, kernels, old_alive, biases=biases, **selection
+  )
   new_alive = {n: tf.where(stopped, old_alive[n], selected[n]) for n in hidden}
   alive_f = {n: tf.cast(a, tf.float32) for n, a in new_alive.items()}
   new_masks = unit_graph_lib.kernel_masks_tf(graph, alive_f)
@@ -382,6 +390,7 @@ def search_rule(config) -> SearchRule:
       patience=config.structured_patience,
       max_prune_rounds=config.structured_max_prune_rounds,
       min_width=config.structured_min_width,
+      remove_dead=config.structured_remove_dead,
   )
 
 
@@ -540,6 +549,8 @@ def describe_rule(config) -> str:
     text += f", at most {rule.max_prune_rounds} pruning rounds"
   if rule.min_width:
     text += f", layers keep at least {rule.min_width:g} of their units"
+  if rule.remove_dead:
+    text += ", units that can never fire go first"
   return text
 
 
@@ -554,6 +565,7 @@ def summary_section(config, found_widths, phase_results) -> dict:
       "patience": config.structured_patience,
       "max_prune_rounds": config.structured_max_prune_rounds,
       "min_width": config.structured_min_width,
+      "remove_dead": config.structured_remove_dead,
       "search_rounds": config.structured_search_rounds,
       "reinit": config.structured_reinit,
       "original_widths": keras_models.default_widths(config.model_name),

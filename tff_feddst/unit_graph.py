@@ -88,6 +88,12 @@ class PrunableLayer:
   kind: str
   kernel_shape: tuple[int, ...]
   use_bias: bool
+  # Every unit's output passes a ReLU before the next prunable layer (with
+  # only pooling and dropout around it), so a unit whose pre-activation is
+  # never > 0 outputs 0.
+  relu_output: bool = False
+  # The layer's inputs lie in [0, input_max] (inf: >= 0; None: not known).
+  input_max: float | None = None
 
   @property
   def units(self) -> int:
@@ -171,6 +177,26 @@ def _describe(layer: tf.keras.layers.Layer) -> PrunableLayer:
   )
 
 
+def _is_relu(layer: tf.keras.layers.Layer) -> bool:
+  """A layer that maps every value <= 0 to 0 (a ReLU, with any max_value)."""
+  if isinstance(layer, _layers.ReLU):
+    return float(layer.negative_slope) == 0.0 and float(layer.threshold) >= 0.0
+  if type(layer) is _layers.Activation:  # pylint: disable=unidiomatic-typecheck
+    return getattr(layer.activation, "__name__", "") == "relu"
+  return False
+
+
+# Layers that keep values <= 0 at <= 0 per unit (and values >= 0 at >= 0).
+_SIGN_KEEPING = (
+    _layers.MaxPooling2D,
+    _layers.AveragePooling2D,
+    _layers.Dropout,
+    _layers.Flatten,
+    _layers.GlobalAveragePooling2D,
+    _layers.GlobalMaxPooling2D,
+)
+
+
 def unit_graph(model: tf.keras.Model) -> UnitGraph:
   """Derives the unit graph of a (built) Sequential model from its layers.
 
@@ -180,12 +206,20 @@ def unit_graph(model: tf.keras.Model) -> UnitGraph:
   pooling (a "flatten" link whose rows are the channels) are allowed;
   anything else (e.g. normalisation with parameters, reshapes) raises
   ValueError, because removing a unit would then need more than slicing.
+
+  It also records, per layer, whether its units' outputs pass a ReLU
+  (`PrunableLayer.relu_output`) and the range of its inputs
+  (`PrunableLayer.input_max`): [0, 1] for a first layer that reads the
+  model's input directly (the models' images are scaled to [0, 1]), >= 0
+  for a layer whose producer's outputs pass a ReLU.
   """
   prunable: list[PrunableLayer] = []
   links: list[UnitLink] = []
   producer: PrunableLayer | None = None
   flattened = False
   blocker = None  # an unsupported layer seen after `producer`
+  relu = {}  # per prunable layer: None (no ReLU yet), True, or False (broken)
+  only_input_before = True
   for wrapper in model.layers:
     layer = wrappers.unwrap(wrapper)
     if keras_models.is_prunable(layer):
@@ -200,9 +234,20 @@ def unit_graph(model: tf.keras.Model) -> UnitGraph:
         links.append(_link(producer, info, flattened))
       prunable.append(info)
       producer, flattened = info, False
-    elif producer is None or blocker is not None:
+      relu[info.name] = True if getattr(layer.activation, "__name__", "") == "relu" else (
+          None if getattr(layer.activation, "__name__", "") == "linear" else False
+      )
       continue
-    elif isinstance(layer, _TO_ROWS):
+    if producer is None:
+      only_input_before = only_input_before and isinstance(layer, _layers.InputLayer)
+      continue
+    if _is_relu(layer):
+      relu[producer.name] = relu[producer.name] is not False
+    elif not isinstance(layer, _SIGN_KEEPING):
+      relu[producer.name] = False
+    if blocker is not None:
+      continue
+    if isinstance(layer, _TO_ROWS):
       if getattr(layer, "data_format", "channels_last") != "channels_last":
         raise ValueError(f"unit graph: {layer.name!r} must flatten channels_last")
       # Flattening a dense layer's (batch, units) output changes nothing.
@@ -211,7 +256,16 @@ def unit_graph(model: tf.keras.Model) -> UnitGraph:
       blocker = layer
   if not prunable:
     raise ValueError("unit graph: the model has no Conv2D or Dense layer")
-  return UnitGraph(tuple(prunable), tuple(links))
+  described = []
+  for i, info in enumerate(prunable):
+    if i == 0:
+      input_max = 1.0 if only_input_before else None
+    else:
+      input_max = math.inf if relu[prunable[i - 1].name] else None
+    described.append(
+        dataclasses.replace(info, relu_output=bool(relu[info.name]), input_max=input_max)
+    )
+  return UnitGraph(tuple(described), tuple(links))
 
 
 def _link(producer: PrunableLayer, consumer: PrunableLayer, flattened: bool):
@@ -365,10 +419,32 @@ def kernel_masks_tf(graph: UnitGraph, alive_f: Mapping[str, tf.Tensor]) -> list[
   return masks
 
 
+def never_fires_tf(layer: PrunableLayer, kernel, bias=None):
+  """Bool per unit of `layer`: its pre-activation is <= 0 for every input in
+  the layer's range, so that, behind its ReLU, it outputs 0 (always False
+  where `layer` has no ReLU output or its input range is not known).
+
+  With inputs in [0, m] the largest pre-activation is m x (sum of the
+  unit's positive weights) + bias; with inputs >= 0 (m infinite) it is
+  unbounded unless no weight is positive, and then it is the bias. Zero
+  padding only adds inputs 0, which lie in the range.
+  """
+  units = layer.kernel_shape[-1]
+  if not layer.relu_output or layer.input_max is None:
+    return tf.zeros([units], tf.bool)
+  positive = tf.reduce_sum(
+      tf.maximum(kernel, 0.0), axis=list(range(len(kernel.shape) - 1))
+  )
+  bias = tf.zeros([units], kernel.dtype) if bias is None else tf.cast(bias, kernel.dtype)
+  if math.isinf(layer.input_max):
+    return tf.logical_and(tf.equal(positive, 0.0), bias <= 0.0)
+  return tf.cast(layer.input_max, kernel.dtype) * positive + bias <= 0.0
+
+
 def prune_step_tf(
     graph: UnitGraph, kernels, old_alive, boundary: float, relative_to: str,
     *, rule: str = "boundary", std_k: float = DEFAULT_STD_K, prune_dense: bool = True,
-    min_width: float = 0.0,
+    min_width: float = 0.0, remove_dead: bool = False, biases=None,
 ):
   """One server pruning step: new alive vectors (bool) of every hidden layer.
 
@@ -378,6 +454,12 @@ def prune_step_tf(
   the inputs of the producer's dead units and of those removed in this same
   step zeroed, i.e. on the weights that will remain. Without `prune_dense`
   the hidden dense layers keep their units. `min_width`: see `select_units`.
+
+  With `remove_dead`, the alive units that can never fire (`never_fires_tf`
+  on the remaining weights and `biases`, {layer name: bias tensor}, of
+  the layers that take part) are removed first, and the rule then chooses
+  among the others; the floor of `min_width` counts those others only. A
+  layer whose every alive unit can never fire keeps its most important one.
   """
   check_selection_args(boundary, relative_to, rule, std_k, min_width)
   new_alive = {}
@@ -392,10 +474,25 @@ def prune_step_tf(
           link, graph.layer(name).kernel_shape,
           tf.cast(new_alive[link.producer], kernel.dtype),
       )
-    new_alive[name] = _select_tf(
-        _importance_tf(kernel), old_alive[name], boundary, relative_to, rule, std_k,
-        min_width,
-    )
+    importance = _importance_tf(kernel)
+    alive = old_alive[name]
+    if remove_dead:
+      bias = None if biases is None else biases.get(name)
+      if bias is None and graph.layer(name).use_bias:
+        raise ValueError(f"remove_dead needs the bias of {name!r}")
+      firing = tf.logical_and(
+          alive, tf.logical_not(never_fires_tf(graph.layer(name), kernel, bias))
+      )
+      selected = _select_tf(
+          importance, firing, boundary, relative_to, rule, std_k, min_width
+      )
+      new_alive[name] = tf.where(
+          tf.reduce_any(firing), selected, _most_important_tf(importance, alive)
+      )
+    else:
+      new_alive[name] = _select_tf(
+          importance, alive, boundary, relative_to, rule, std_k, min_width
+      )
   return new_alive
 
 
@@ -506,6 +603,8 @@ def prune_step(
     std_k: float = DEFAULT_STD_K,
     prune_dense: bool = True,
     min_width: float = 0.0,
+    remove_dead: bool = False,
+    biases: Mapping[str, object] | None = None,
 ) -> dict[str, np.ndarray]:
   """The server's pruning decision of one round, in numpy.
 
@@ -515,7 +614,8 @@ def prune_step(
   are dead or removed in this step, then `select_units` applies (dead units
   are ignored, so their kernel values do not matter). Without
   `prune_dense`, hidden dense layers keep their units. `min_width`: the
-  floor of `select_units`, per layer.
+  floor of `select_units`, per layer. `remove_dead`, `biases` ({layer
+  name: bias} of the layers with one): see `prune_step_tf`.
   Returns the new alive vectors of every hidden layer.
   """
   check_selection_args(boundary, relative_to, rule, std_k, min_width)
@@ -532,6 +632,10 @@ def prune_step(
       std_k=float(std_k),
       prune_dense=prune_dense,
       min_width=float(min_width),
+      remove_dead=bool(remove_dead),
+      biases=None if biases is None else {
+          n: tf.constant(np.asarray(b, np.float32)) for n, b in biases.items()
+      },
   )
   return collections.OrderedDict((n, new[n].numpy()) for n in graph.hidden_names)
 
