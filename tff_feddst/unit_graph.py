@@ -234,9 +234,8 @@ def unit_graph(model: tf.keras.Model) -> UnitGraph:
         links.append(_link(producer, info, flattened))
       prunable.append(info)
       producer, flattened = info, False
-      relu[info.name] = True if getattr(layer.activation, "__name__", "") == "relu" else (
-          None if getattr(layer.activation, "__name__", "") == "linear" else False
-      )
+      activation = getattr(layer.activation, "__name__", "")
+      relu[info.name] = {"relu": True, "linear": None}.get(activation, False)
       continue
     if producer is None:
       only_input_before = only_input_before and isinstance(layer, _layers.InputLayer)
@@ -475,24 +474,22 @@ def prune_step_tf(
           tf.cast(new_alive[link.producer], kernel.dtype),
       )
     importance = _importance_tf(kernel)
-    alive = old_alive[name]
+    alive = candidates = old_alive[name]
     if remove_dead:
       bias = None if biases is None else biases.get(name)
       if bias is None and graph.layer(name).use_bias:
         raise ValueError(f"remove_dead needs the bias of {name!r}")
-      firing = tf.logical_and(
+      candidates = tf.logical_and(
           alive, tf.logical_not(never_fires_tf(graph.layer(name), kernel, bias))
       )
-      selected = _select_tf(
-          importance, firing, boundary, relative_to, rule, std_k, min_width
+    selected = _select_tf(
+        importance, candidates, boundary, relative_to, rule, std_k, min_width
+    )
+    if remove_dead:
+      selected = tf.where(
+          tf.reduce_any(candidates), selected, _most_important_tf(importance, alive)
       )
-      new_alive[name] = tf.where(
-          tf.reduce_any(firing), selected, _most_important_tf(importance, alive)
-      )
-    else:
-      new_alive[name] = _select_tf(
-          importance, alive, boundary, relative_to, rule, std_k, min_width
-      )
+    new_alive[name] = selected
   return new_alive
 
 
