@@ -187,14 +187,7 @@ def _is_relu(layer: tf.keras.layers.Layer) -> bool:
 
 
 # Layers that keep values <= 0 at <= 0 per unit (and values >= 0 at >= 0).
-_SIGN_KEEPING = (
-    _layers.MaxPooling2D,
-    _layers.AveragePooling2D,
-    _layers.Dropout,
-    _layers.Flatten,
-    _layers.GlobalAveragePooling2D,
-    _layers.GlobalMaxPooling2D,
-)
+_SIGN_KEEPING = (_layers.MaxPooling2D, _layers.AveragePooling2D, _layers.Dropout) + _TO_ROWS
 
 
 def unit_graph(model: tf.keras.Model) -> UnitGraph:
