@@ -1,0 +1,522 @@
+"""The structured + block-sparse study: std-band settings over seeds, against FedAvg.
+
+  python -m benchmarks.structured_study --seeds=0-9 --output_dir=runs/structured_blocks
+  python -m benchmarks.structured_study --settings=floor0.7_k1.8_1x4 --seeds=0,1
+  python -m benchmarks.structured_study --report_only    # the tables of finished runs
+  python -m benchmarks.structured_study --retime         # batch-1 latency again, quiet
+
+Every setting (`SETTINGS`) trains `structured_feddst` on the paper's MNIST
+network (paper 2's std band on the convolution filters, 20 search rounds,
+FedDST at S = 0.8 with 1x4 blocks on dense kernels, float32 TFLite export)
+into <output_dir>/<setting>_seed<k>; FedAvg, the reference, trains into
+<output_dir>/mnist_fedavg_seed<k>. A directory holding a finished run of
+the same settings is reused, and the tables are rewritten after every run,
+so an interrupted study continues where it stopped.
+
+The tables (study.md and study.csv in --output_dir) give, per run: the
+widths the search found, non-zero parameters and forward FLOPs against
+FedAvg's dense network, clients_accuracy as the mean of the evaluations in
+the last 16 rounds (rounds 85-100 of 100) against FedAvg on the same seed,
+and the sparse export's batch-1 median latency against the dense network's;
+per setting: the mean, median and standard error of the accuracy
+difference over the seeds, and on how many seeds paper 2's goal holds
+(`GOAL`).
+
+Latency comes from the runs' own reports (the run's sparse export against
+FedAvg's dense export of the same seed, each timed at the end of its
+training, maybe while other work shared the machine) unless --retime has
+timed the run again: it times every finished
+run's export in one sequence, FedAvg's dense export of the first seed first
+and last as the reference, into <output_dir>/latency_quiet/. Run it with
+nothing else on the machine; the ratio then takes the faster of the two
+reference timings, so the goal is judged on the worse ratio.
+"""
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from tff_feddst import files  # noqa: E402
+from tff_feddst.config import ExperimentConfig  # noqa: E402
+
+# Paper 2's goal: at least 80% of parameters and FLOPs removed, at most 2
+# points of accuracy lost against dense FedAvg, at most 0.5x dense latency.
+GOAL = {"removed": 0.8, "points": 2.0, "latency": 0.5}
+
+# What every setting shares: the README's command
+#   python run.py --algorithm=structured_feddst --structured_rule=std_band \
+#     --structured_search_rounds=20 --mask_block=1x4 --export_tflite ...
+STUDY = {
+    "algorithm": "structured_feddst",
+    "model": "mnist_cnn",
+    "structured_rule": "std_band",
+    "structured_search_rounds": 20,
+    "mask_block": "1x4",
+    "export_tflite": True,
+}
+BASELINE = "mnist_fedavg"
+BASELINE_SETTINGS = {"algorithm": "fedavg", "model": "mnist_cnn", "export_tflite": True}
+
+# {name: (row label, settings on top of STUDY)}. The names are the run
+# directories' prefixes of the README's tables.
+SETTINGS = {
+    "sf_k1.8_1x4_s0.8": ("std_band 1.8", {"structured_std_k": 1.8}),
+    "floor0.6_k1.8_1x4": (
+        "std_band 1.8, min_width 0.6",
+        {"structured_std_k": 1.8, "structured_min_width": 0.6},
+    ),
+    "dead_k1.8_1x4": (
+        "std_band 1.8, remove_dead",
+        {"structured_std_k": 1.8, "structured_remove_dead": True},
+    ),
+    "deadfloor0.6_k1.8_1x4": (
+        "std_band 1.8, min_width 0.6, remove_dead",
+        {"structured_std_k": 1.8, "structured_min_width": 0.6, "structured_remove_dead": True},
+    ),
+    "floor0.5_k1.8_1x4": (
+        "std_band 1.8, min_width 0.5",
+        {"structured_std_k": 1.8, "structured_min_width": 0.5},
+    ),
+    "floor0.7_k1.8_1x4": (
+        "std_band 1.8, min_width 0.7",
+        {"structured_std_k": 1.8, "structured_min_width": 0.7},
+    ),
+    "floor0.6_k2.2_1x4": (
+        "std_band 2.2, min_width 0.6",
+        {"structured_std_k": 2.2, "structured_min_width": 0.6},
+    ),
+}
+
+LATENCY_DIR = "latency_quiet"
+# The dense reference's timings before and after the runs' (--retime).
+REFERENCE_TIMINGS = ("dense_reference_first", "dense_reference_last")
+
+
+def run_name(setting: str, seed: int) -> str:
+  return f"{setting}_seed{seed}"
+
+
+def experiment_config(
+    setting: str, seed: int, output_dir: str, rounds: int = 100, eval_every: int = 5,
+    data_dir: str | None = None,
+) -> ExperimentConfig:
+  """The resolved run.py settings of one run of the study (`BASELINE` or a
+  name in `SETTINGS`)."""
+  if setting == BASELINE:
+    settings = dict(BASELINE_SETTINGS)
+  elif setting in SETTINGS:
+    settings = {**STUDY, **SETTINGS[setting][1]}
+  else:
+    raise ValueError(
+        f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}"
+    )
+  return ExperimentConfig(
+      **settings, rounds=rounds, eval_every=eval_every, seed=seed, data_dir=data_dir,
+      output_dir=os.path.join(output_dir, run_name(setting, seed)),
+  ).resolve()
+
+
+def finished_with(config: ExperimentConfig) -> bool:
+  """True when `config.output_dir` holds a finished run of exactly `config`."""
+  try:
+    with open(os.path.join(config.output_dir, "config.json")) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return False
+  if not os.path.exists(os.path.join(config.output_dir, "summary.json")):
+    return False
+  return not config.differences_from(saved) and saved.get("rounds") == config.rounds
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def window_accuracy(metrics_csv: str, last_rounds: int = 16) -> float:
+  """Mean clients_accuracy of the evaluations in the run's last `last_rounds`
+  rounds (of 100 rounds, the last 16 are rounds 85-100)."""
+  with open(metrics_csv, newline="") as f:
+    rows = [r for r in csv.DictReader(f)]
+  last = max(int(r["round"]) for r in rows)
+  values = [
+      float(r["clients_accuracy"]) for r in rows
+      if r["clients_accuracy"] not in ("", None) and int(r["round"]) > last - last_rounds
+  ]
+  if not values:
+    raise ValueError(f"{metrics_csv}: no evaluation in the last {last_rounds} rounds")
+  return sum(values) / len(values)
+
+
+def nonzero_params(summary: dict) -> int:
+  """The final model's non-zero parameters: kept masked weights plus the
+  parameters no mask covers (biases and the like)."""
+  kept = summary.get("final_layer_kept")
+  if kept:
+    return int(sum(kept.values())) + int(summary["num_unmasked"])
+  density = 1.0 - float(summary.get("final_sparsity") or 0.0)
+  return int(round(summary["num_prunable"] * density)) + int(summary["num_unmasked"])
+
+
+def median_ms(report: dict, export: str = "sparse") -> float:
+  """Batch-1 median latency (ms) of an export of a TFLite report; a report
+  without a sparse export (a dense model) gives its dense one."""
+  exports = report["exports"]
+  return float(exports.get(export, exports["dense"])["batch1_latency_median_ms"])
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFigures:
+  setting: str
+  seed: int
+  widths: tuple[int, ...]
+  params: int
+  dense_params: int
+  flops: float
+  dense_flops: float
+  accuracy: float
+  baseline_accuracy: float
+  latency_ms: float
+  dense_ms: tuple[float, ...]  # the reference timings the ratio uses
+  quiet: bool  # latency from --retime, not from the run's own report
+
+  @property
+  def params_removed(self) -> float:
+    return 1.0 - self.params / self.dense_params
+
+  @property
+  def flops_removed(self) -> float:
+    return 1.0 - self.flops / self.dense_flops
+
+  @property
+  def points(self) -> float:
+    """Accuracy difference from FedAvg, in points."""
+    return 100.0 * (self.accuracy - self.baseline_accuracy)
+
+  @property
+  def ratio_worse(self) -> float:
+    return self.latency_ms / min(self.dense_ms)
+
+  @property
+  def ratio_better(self) -> float:
+    return self.latency_ms / max(self.dense_ms)
+
+  @property
+  def within_points(self) -> bool:
+    return self.points >= -GOAL["points"] - 1e-9
+
+  @property
+  def goal_met(self) -> bool:
+    # A figure exactly at a limit meets it (1e-9: rounding of the ratios).
+    return (
+        min(self.params_removed, self.flops_removed) >= GOAL["removed"] - 1e-9
+        and self.within_points and self.ratio_worse <= GOAL["latency"] + 1e-9
+    )
+
+
+def run_figures(run_dir: str, baseline_dir: str, setting: str, seed: int,
+                latency_dir: str | None = None) -> RunFigures:
+  """The figures of one finished run against FedAvg's run on its seed."""
+  summary = _read_json(os.path.join(run_dir, "summary.json"))
+  base = _read_json(os.path.join(baseline_dir, "summary.json"))
+  structured = summary.get("structured") or {}
+  widths = tuple(int(w) for w in (structured.get("found_widths") or {}).values())
+  name = os.path.basename(os.path.normpath(run_dir))
+  quiet_path = latency_dir and os.path.join(latency_dir, f"{name}.json")
+  references = [
+      os.path.join(latency_dir, f"{r}.json") for r in REFERENCE_TIMINGS
+  ] if latency_dir else []
+  references = [r for r in references if os.path.exists(r)]
+  if quiet_path and os.path.exists(quiet_path) and references:
+    latency = median_ms(_read_json(quiet_path))
+    dense = tuple(median_ms(_read_json(r), "dense") for r in references)
+    quiet = True
+  else:
+    # Each timed in its own run: the run's sparse export, FedAvg's dense one.
+    latency = median_ms(_read_json(os.path.join(run_dir, "tflite_report.json")))
+    dense = (median_ms(_read_json(os.path.join(baseline_dir, "tflite_report.json")), "dense"),)
+    quiet = False
+  return RunFigures(
+      setting=setting, seed=seed, widths=widths,
+      params=nonzero_params(summary),
+      dense_params=int(base["num_prunable"]) + int(base["num_unmasked"]),
+      flops=float(summary["forward_flops"]), dense_flops=float(base["forward_flops"]),
+      accuracy=window_accuracy(os.path.join(run_dir, "metrics.csv")),
+      baseline_accuracy=window_accuracy(os.path.join(baseline_dir, "metrics.csv")),
+      latency_ms=latency, dense_ms=dense, quiet=quiet,
+  )
+
+
+def collect(output_dir: str, settings, seeds) -> list[RunFigures]:
+  """Figures of every finished run (and its seed's FedAvg run) in `output_dir`."""
+  latency_dir = os.path.join(output_dir, LATENCY_DIR)
+  figures = []
+  for setting in settings:
+    for seed in seeds:
+      run_dir = os.path.join(output_dir, run_name(setting, seed))
+      baseline_dir = os.path.join(output_dir, run_name(BASELINE, seed))
+      if all(os.path.exists(os.path.join(d, "summary.json")) for d in (run_dir, baseline_dir)):
+        figures.append(run_figures(run_dir, baseline_dir, setting, seed, latency_dir))
+  return figures
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingSummary:
+  setting: str
+  seeds: int
+  mean_points: float
+  median_points: float
+  stderr_points: float
+  within_points: int
+  goal_met: int
+  params_removed: tuple[float, float]
+  flops_removed: tuple[float, float]
+  ratio_worse: tuple[float, float]
+
+
+def summarize(figures: list[RunFigures]) -> list[SettingSummary]:
+  """Per setting (in order of appearance), over its seeds."""
+  out = []
+  for setting in dict.fromkeys(f.setting for f in figures):
+    runs = [f for f in figures if f.setting == setting]
+    points = [f.points for f in runs]
+    stderr = statistics.stdev(points) / math.sqrt(len(points)) if len(points) > 1 else math.nan
+    span = lambda values: (min(values), max(values))  # noqa: E731
+    out.append(SettingSummary(
+        setting=setting, seeds=len(runs),
+        mean_points=statistics.fmean(points), median_points=statistics.median(points),
+        stderr_points=stderr,
+        within_points=sum(f.within_points for f in runs),
+        goal_met=sum(f.goal_met for f in runs),
+        params_removed=span([f.params_removed for f in runs]),
+        flops_removed=span([f.flops_removed for f in runs]),
+        ratio_worse=span([f.ratio_worse for f in runs]),
+    ))
+  return out
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _label(setting: str) -> str:
+  return SETTINGS[setting][0] if setting in SETTINGS else setting
+
+
+def markdown(figures: list[RunFigures]) -> str:
+  if not figures:
+    return "No finished run yet.\n"
+  dense_params = figures[0].dense_params
+  lines = [
+      "| setting | seed | widths | non-zero parameters (of "
+      f"{dense_params:,}) | FLOPs removed | accuracy | FedAvg | difference (points) "
+      "| batch-1 ms (x dense) | goal |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for f in figures:
+    ratio = (f"{f.ratio_better:.2f}-{f.ratio_worse:.2f}x" if len(f.dense_ms) > 1
+             else f"{f.ratio_worse:.2f}x")
+    lines.append(
+        f"| {_label(f.setting)} | {f.seed} | {', '.join(map(str, f.widths))} "
+        f"| {f.params:,} (-{100 * f.params_removed:.1f}%) | {100 * f.flops_removed:.1f}% "
+        f"| {f.accuracy:.4f} | {f.baseline_accuracy:.4f} | {f.points:+.1f} "
+        f"| {f.latency_ms:.3f} ({ratio}{'' if f.quiet else ', in the run'}) "
+        f"| {'yes' if f.goal_met else 'no'} |"
+    )
+  lines += [
+      "",
+      f"Goal: at least {100 * GOAL['removed']:.0f}% of parameters and FLOPs removed, at most "
+      f"{GOAL['points']:g} points lost, at most {GOAL['latency']:g}x the dense latency "
+      "(the worse ratio).",
+      "",
+      "| setting | seeds | mean difference (points) | median | standard error "
+      "| within 2 points | goal met | parameters removed | FLOPs removed | latency (x dense, worse) |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for s in summarize(figures):
+    lines.append(
+        f"| {_label(s.setting)} | {s.seeds} | {s.mean_points:+.1f} | {s.median_points:+.1f} "
+        f"| {'-' if math.isnan(s.stderr_points) else f'{s.stderr_points:.1f}'} | {s.within_points} of {s.seeds} | {s.goal_met} of {s.seeds} "
+        f"| {100 * s.params_removed[0]:.1f}-{100 * s.params_removed[1]:.1f}% "
+        f"| {100 * s.flops_removed[0]:.1f}-{100 * s.flops_removed[1]:.1f}% "
+        f"| {s.ratio_worse[0]:.2f}-{s.ratio_worse[1]:.2f}x |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = (
+    "setting", "seed", "widths", "params", "dense_params", "params_removed", "flops",
+    "dense_flops", "flops_removed", "accuracy", "baseline_accuracy", "points",
+    "latency_ms", "dense_ms", "ratio_worse", "quiet", "goal_met",
+)
+
+
+def csv_text(figures: list[RunFigures]) -> str:
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(CSV_FIELDS)
+  for f in figures:
+    writer.writerow([
+        f.setting, f.seed, " ".join(map(str, f.widths)), f.params, f.dense_params,
+        f"{f.params_removed:.6f}", f"{f.flops:.0f}", f"{f.dense_flops:.0f}",
+        f"{f.flops_removed:.6f}", f"{f.accuracy:.6f}", f"{f.baseline_accuracy:.6f}",
+        f"{f.points:.4f}", f"{f.latency_ms:.6f}", " ".join(f"{d:.6f}" for d in f.dense_ms),
+        f"{f.ratio_worse:.6f}", int(f.quiet), int(f.goal_met),
+    ])
+  return out.getvalue()
+
+
+def write_tables(output_dir: str, settings, seeds) -> list[RunFigures]:
+  figures = collect(output_dir, settings, seeds)
+  files.write_atomic(os.path.join(output_dir, "study.md"), markdown(figures))
+  files.write_atomic(os.path.join(output_dir, "study.csv"), csv_text(figures))
+  return figures
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_study(output_dir: str, settings, seeds, rounds: int = 100, eval_every: int = 5,
+              data_dir: str | None = None, log=print) -> None:
+  """Trains every run not yet finished, seed by seed (FedAvg first), and
+  rewrites the tables after each."""
+  from tff_feddst import training  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+
+  for seed in seeds:
+    for setting in (BASELINE, *settings):
+      config = experiment_config(setting, seed, output_dir, rounds, eval_every, data_dir)
+      name = os.path.basename(config.output_dir)
+      if finished_with(config):
+        log(f"[study] {name}: finished run found, reused")
+        continue
+      log(f"[study] {name}: training {rounds} rounds into {config.output_dir}")
+      training.run_experiment(config, log=lambda line, n=name: log(f"[{n}] {line}"))
+      write_tables(output_dir, settings, seeds)
+
+
+def retime(output_dir: str, settings, seeds, latency_examples: int = 1000,
+           data_dir: str | None = None, log=print) -> None:
+  """Times every finished run's TFLite exports again, one after the other,
+  with the first seed's FedAvg export first and last; reports go to
+  <output_dir>/latency_quiet/<run>.json."""
+  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  import numpy as np
+  import tensorflow as tf
+  from tff_feddst.data import load_arrays
+  from tflite_export.report import export_and_report
+
+  latency_dir = os.path.join(output_dir, LATENCY_DIR)
+  os.makedirs(latency_dir, exist_ok=True)
+  work = os.path.join(latency_dir, ".work")
+  reference = os.path.join(output_dir, run_name(BASELINE, seeds[0]))
+  runs = [os.path.join(output_dir, run_name(s, seed)) for s in settings for seed in seeds]
+  runs = [r for r in runs if os.path.exists(os.path.join(r, "summary.json"))]
+  jobs = [(REFERENCE_TIMINGS[0], reference), *((os.path.basename(r), r) for r in runs),
+          (REFERENCE_TIMINGS[1], reference)]
+  data = None
+  for name, run_dir in jobs:
+    config = _read_json(os.path.join(run_dir, "config.json"))
+    if data is None:
+      data = load_arrays(config.get("dataset", "fashion_mnist"),
+                         data_dir=data_dir or config.get("data_dir"))
+      # int8 calibration: python -m tflite_export's 300 training images.
+      rng = np.random.default_rng(0)
+      representative = data.x_train[np.sort(rng.choice(len(data.x_train), 300, replace=False))]
+    model = tf.keras.models.load_model(os.path.join(run_dir, "final_model.keras"), compile=False)
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+      report = export_and_report(
+          model, output_dir=work, x_test=data.x_test, y_test=data.y_test,
+          representative_data=representative,
+          quantization=config.get("tflite_quantization", "float32"),
+          latency_examples=latency_examples, num_threads=1,
+      )
+    finally:
+      shutil.rmtree(work, ignore_errors=True)
+    files.write_atomic(os.path.join(latency_dir, f"{name}.json"), files.json_text(report))
+    log(f"[retime] {name}: {median_ms(report):.3f} ms")
+
+
+def parse_seeds(text: str) -> list[int]:
+  """'0-9' or '0,3,5' (or both: '0-2,7')."""
+  seeds = []
+  for part in text.split(","):
+    part = part.strip()
+    if "-" in part:
+      first, last = (int(p) for p in part.split("-", 1))
+      if last < first:
+        raise ValueError(f"seed range {part!r} runs backwards")
+      seeds.extend(range(first, last + 1))
+    elif part:
+      seeds.append(int(part))
+  if not seeds or min(seeds) < 0:
+    raise ValueError(f"--seeds={text!r}: give non-negative seeds, like 0-9 or 0,1,2")
+  return list(dict.fromkeys(seeds))
+
+
+def main(argv) -> int:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  f = flags.FLAGS
+  try:
+    if len(argv) > 1:
+      raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    seeds = parse_seeds(f.seeds)
+    unknown = [s for s in f.settings if s not in SETTINGS]
+    if unknown:
+      raise ValueError(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  logging.set_verbosity(logging.WARNING)
+  os.makedirs(f.output_dir, exist_ok=True)
+  if f.retime or not f.report_only:
+    # pylint: disable=g-import-not-at-top  (TensorFlow)
+    from tff_feddst import config as config_lib
+    from tff_feddst import data as data_lib
+    from tff_feddst import runtime
+
+    try:
+      with runtime.managed_runtime():
+        if f.retime:
+          retime(f.output_dir, f.settings, seeds, f.latency_examples, f.data_dir)
+        else:
+          run_study(f.output_dir, f.settings, seeds, f.rounds, f.eval_every, f.data_dir)
+    except (data_lib.DataError, config_lib.ConfigError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    except KeyboardInterrupt:
+      print("interrupted; rerun the same command to continue", file=sys.stderr)
+      return 1
+  figures = write_tables(f.output_dir, f.settings, seeds)
+  print(markdown(figures), end="")
+  print(f"[study] tables: {os.path.join(f.output_dir, 'study.md')}, study.csv")
+  return 0
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_string("output_dir", "runs/structured_blocks", "Where the runs and tables are.")
+  flags.DEFINE_list("settings", list(SETTINGS), f"Settings to run: {', '.join(SETTINGS)}.")
+  flags.DEFINE_string("seeds", "0-9", "Seeds, like 0-9 or 0,1,2.")
+  flags.DEFINE_integer("rounds", 100, "Rounds of every run.", lower_bound=1)
+  flags.DEFINE_integer("eval_every", 5, "Evaluation period (rounds).", lower_bound=1)
+  flags.DEFINE_string("data_dir", None, "Fashion-MNIST directory (default: the Debian package's).")
+  flags.DEFINE_bool("report_only", False, "Only rewrite the tables from finished runs.")
+  flags.DEFINE_bool("retime", False, "Time every finished run's export again (quiet machine).")
+  flags.DEFINE_integer("latency_examples", 1000, "Timed batch-1 images per export (--retime).",
+                       lower_bound=1)
+  app.run(lambda argv: sys.exit(main(argv)))

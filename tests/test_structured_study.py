@@ -1,0 +1,262 @@
+"""The structured study's runs and tables (benchmarks/structured_study.py),
+from hand-made run directories and the study's committed configs."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import structured_study as study
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+TEN_SEEDS = REPO_ROOT / "docs/benchmarks/structured_blocks/ten_seeds_2026-12-07"
+
+
+@pytest.mark.parametrize("run, setting", [
+    ("mnist_fedavg_seed5", study.BASELINE),
+    ("sf_k1.8_1x4_s0.8_seed5", "sf_k1.8_1x4_s0.8"),
+    ("floor0.6_k1.8_1x4_seed3", "floor0.6_k1.8_1x4"),
+    ("dead_k1.8_1x4_seed3", "dead_k1.8_1x4"),
+    ("deadfloor0.6_k1.8_1x4_seed3", "deadfloor0.6_k1.8_1x4"),
+])
+def test_the_study_reruns_the_committed_runs_exactly(run, setting):
+  """Each setting is the run.py command of the README's table: the config
+  that command saved differs from the study's in nothing."""
+  with open(TEN_SEEDS / run / "config.json") as f:
+    saved = json.load(f)
+  config = study.experiment_config(setting, saved["seed"], "runs/structured_blocks")
+  assert config.differences_from(saved) == []
+  assert os.path.basename(config.output_dir) == run
+  # And another setting is another experiment.
+  other = "floor0.7_k1.8_1x4" if setting != study.BASELINE else "floor0.6_k2.2_1x4"
+  assert study.experiment_config(other, saved["seed"], "x").differences_from(saved)
+
+
+def test_settings_and_errors():
+  config = study.experiment_config("floor0.6_k2.2_1x4", 4, "out", rounds=30)
+  assert (config.algorithm, config.structured_rule, config.structured_std_k) == (
+      "structured_feddst", "std_band", 2.2)
+  assert (config.structured_min_width, config.mask_block, config.seed, config.rounds) == (
+      0.6, "1x4", 4, 30)
+  assert config.export_tflite and config.output_dir == os.path.join("out", "floor0.6_k2.2_1x4_seed4")
+  with pytest.raises(ValueError, match="unknown setting"):
+    study.experiment_config("nope", 0, "out")
+
+
+def test_parse_seeds():
+  assert study.parse_seeds("0-2,7") == [0, 1, 2, 7]
+  assert study.parse_seeds("3") == [3]
+  assert study.parse_seeds("1,1,0-1") == [1, 0]
+  for bad in ("", "5-2", "-1", "a"):
+    with pytest.raises(ValueError):
+      study.parse_seeds(bad)
+
+
+def _write_run(run_dir, *, accuracies, summary, sparse_ms, dense_ms, config=None):
+  """A finished run: metrics.csv evaluated every 5 rounds (`accuracies` at
+  rounds 5, 10, ...), summary.json, tflite_report.json and config.json."""
+  os.makedirs(run_dir, exist_ok=True)
+  lines = ["round,clients_accuracy,test_accuracy"]
+  for r in range(1, 5 * len(accuracies) + 1):
+    acc = f"{accuracies[r // 5 - 1]}" if r % 5 == 0 else ""
+    lines.append(f"{r},{acc},")
+  with open(os.path.join(run_dir, "metrics.csv"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with open(os.path.join(run_dir, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  exports = {"dense": {"batch1_latency_median_ms": dense_ms}}
+  if sparse_ms is not None:
+    exports["sparse"] = {"batch1_latency_median_ms": sparse_ms}
+  with open(os.path.join(run_dir, "tflite_report.json"), "w") as f:
+    json.dump({"exports": exports}, f)
+  with open(os.path.join(run_dir, "config.json"), "w") as f:
+    json.dump(config or {}, f)
+
+
+BASE_SUMMARY = {"num_prunable": 1000, "num_unmasked": 24, "forward_flops": 10000.0,
+                "final_layer_kept": None, "final_sparsity": 0.0}
+
+
+def _structured_summary(kept, unmasked, flops, widths):
+  return {"num_prunable": 500, "num_unmasked": unmasked, "forward_flops": flops,
+          "final_layer_kept": kept, "final_sparsity": 0.8,
+          "structured": {"found_widths": widths}}
+
+
+def test_window_accuracy_is_the_mean_of_the_last_16_rounds(tmp_path):
+  accuracies = [0.1 * (i % 7) for i in range(20)]  # rounds 5..100
+  _write_run(str(tmp_path), accuracies=accuracies, summary={}, sparse_ms=1, dense_ms=1)
+  # Rounds 85, 90, 95, 100: the last 4 evaluations.
+  assert study.window_accuracy(str(tmp_path / "metrics.csv")) == pytest.approx(
+      np.mean(accuracies[-4:]))
+  assert study.window_accuracy(str(tmp_path / "metrics.csv"), last_rounds=5) == pytest.approx(
+      accuracies[-1])
+
+
+def test_nonzero_params():
+  assert study.nonzero_params({"final_layer_kept": {"a": 10, "b": 5}, "num_unmasked": 3}) == 18
+  # A dense run: every prunable weight and the rest.
+  assert study.nonzero_params(BASE_SUMMARY) == 1024
+  assert study.nonzero_params({"num_prunable": 100, "num_unmasked": 4,
+                               "final_sparsity": 0.75, "final_layer_kept": None}) == 29
+
+
+def _study_dir(tmp_path, quiet=False):
+  """Two seeds of one setting and FedAvg, by hand."""
+  out = tmp_path / "study"
+  setting = "floor0.6_k1.8_1x4"
+  # Seed 0: 104 of 1024 parameters (-89.8%), 1500 of 10000 FLOPs, 0.5 points
+  # below FedAvg, 0.04 / 0.1 ms: meets the goal.
+  _write_run(str(out / "mnist_fedavg_seed0"), accuracies=[0.5] * 16 + [0.70, 0.72, 0.74, 0.76],
+             summary=BASE_SUMMARY, sparse_ms=None, dense_ms=0.1)
+  _write_run(str(out / f"{setting}_seed0"), accuracies=[0.2] * 16 + [0.725] * 4,
+             summary=_structured_summary({"c": 40, "d": 60}, 4, 1500.0,
+                                         {"conv1": 6, "conv2": 12, "dense1": 50}),
+             sparse_ms=0.04, dense_ms=0.09)
+  # Seed 1: 3.5 points below FedAvg; 0.06 / 0.1 ms.
+  _write_run(str(out / "mnist_fedavg_seed1"), accuracies=[0.8] * 20,
+             summary=BASE_SUMMARY, sparse_ms=None, dense_ms=0.1)
+  _write_run(str(out / f"{setting}_seed1"), accuracies=[0.765] * 20,
+             summary=_structured_summary({"c": 100}, 4, 2500.0, {"conv1": 7, "conv2": 13}),
+             sparse_ms=0.06, dense_ms=0.09)
+  if quiet:
+    lat = out / study.LATENCY_DIR
+    os.makedirs(lat)
+    for name, report in {
+        "dense_reference_first": {"exports": {"dense": {"batch1_latency_median_ms": 0.12}}},
+        "dense_reference_last": {"exports": {"dense": {"batch1_latency_median_ms": 0.10}}},
+        f"{setting}_seed0": {"exports": {"sparse": {"batch1_latency_median_ms": 0.055},
+                                         "dense": {"batch1_latency_median_ms": 0.07}}},
+    }.items():
+      with open(lat / f"{name}.json", "w") as f:
+        json.dump(report, f)
+  return out, setting
+
+
+def test_run_figures_by_hand(tmp_path):
+  out, setting = _study_dir(tmp_path)
+  figures = study.collect(str(out), [setting, "dead_k1.8_1x4"], [0, 1, 2])
+  assert [(f.setting, f.seed) for f in figures] == [(setting, 0), (setting, 1)]
+  f0, f1 = figures
+  assert f0.widths == (6, 12, 50)
+  assert (f0.params, f0.dense_params) == (104, 1024)
+  assert f0.params_removed == pytest.approx(1 - 104 / 1024)
+  assert f0.flops_removed == pytest.approx(0.85)
+  assert f0.accuracy == pytest.approx(0.725)
+  assert f0.baseline_accuracy == pytest.approx(0.73)
+  assert f0.points == pytest.approx(-0.5)
+  # In the runs' own reports: the sparse export against FedAvg's dense one.
+  assert (f0.latency_ms, f0.dense_ms, f0.quiet) == (0.04, (0.1,), False)
+  assert f0.ratio_worse == pytest.approx(0.4)
+  assert f0.goal_met
+  assert f1.points == pytest.approx(-3.5)
+  assert f1.flops_removed == pytest.approx(0.75)
+  assert not f1.within_points and not f1.goal_met
+
+
+def test_quiet_timings_replace_the_runs_own(tmp_path):
+  out, setting = _study_dir(tmp_path, quiet=True)
+  f0, f1 = study.collect(str(out), [setting], [0, 1])
+  # Seed 0 was timed again: against both reference timings; the goal takes
+  # the faster reference (0.10 ms), so 0.55x misses it.
+  assert f0.quiet and f0.latency_ms == 0.055 and f0.dense_ms == (0.12, 0.10)
+  assert f0.ratio_better == pytest.approx(0.055 / 0.12)
+  assert f0.ratio_worse == pytest.approx(0.55)
+  assert f0.within_points and not f0.goal_met
+  # Seed 1 was not: its runs' own timings.
+  assert not f1.quiet and f1.dense_ms == (0.1,)
+
+
+def test_goal_boundaries():
+  base = study.RunFigures(
+      setting="s", seed=0, widths=(), params=20, dense_params=100, flops=20.0,
+      dense_flops=100.0, accuracy=0.70, baseline_accuracy=0.72, latency_ms=0.05,
+      dense_ms=(0.1,), quiet=True)
+  assert base.points == pytest.approx(-2.0) and base.goal_met  # every limit exactly met
+  assert not dataclasses.replace(base, params=21).goal_met
+  assert not dataclasses.replace(base, flops=20.5).goal_met
+  assert not dataclasses.replace(base, accuracy=0.6999).goal_met
+  assert not dataclasses.replace(base, latency_ms=0.0501).goal_met
+
+
+def test_summary_over_seeds():
+  points = [-3.0, 0.5, -1.0, -2.5]
+  figures = [
+      study.RunFigures(setting="s", seed=i, widths=(), params=10, dense_params=100,
+                       flops=10.0 + i, dense_flops=100.0, accuracy=0.7 + p / 100,
+                       baseline_accuracy=0.7, latency_ms=0.04 + 0.01 * i, dense_ms=(0.1,),
+                       quiet=True)
+      for i, p in enumerate(points)
+  ]
+  (s,) = study.summarize(figures)
+  assert s.seeds == 4
+  assert s.mean_points == pytest.approx(np.mean(points))
+  assert s.median_points == pytest.approx(-1.75)
+  assert s.stderr_points == pytest.approx(np.std(points, ddof=1) / 2)
+  assert s.within_points == 2  # 0.5 and -1.0
+  # The goal needs 0.5x as well: seed 1 runs at 0.5x, seed 2 at 0.6x.
+  assert s.goal_met == 1
+  assert s.ratio_worse == pytest.approx((0.4, 0.7))
+  assert s.flops_removed == pytest.approx((0.87, 0.9))
+
+
+def test_finished_with(tmp_path):
+  config = study.experiment_config("dead_k1.8_1x4", 2, str(tmp_path), rounds=25)
+  os.makedirs(config.output_dir)
+  saved = dataclasses.asdict(config)
+  with open(os.path.join(config.output_dir, "config.json"), "w") as f:
+    json.dump(saved, f)
+  assert not study.finished_with(config)  # no summary: it did not finish
+  with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
+    f.write("{}")
+  assert study.finished_with(config)
+  assert not study.finished_with(dataclasses.replace(config, rounds=26))
+  assert not study.finished_with(dataclasses.replace(config, structured_std_k=2.0))
+
+
+def _cli(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "benchmarks.structured_study", *args],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+  )
+
+
+def test_report_only_writes_the_tables(tmp_path):
+  out, setting = _study_dir(tmp_path, quiet=True)
+  result = _cli("--report_only", f"--output_dir={out}", f"--settings={setting}", "--seeds=0-1")
+  assert result.returncode == 0, result.stderr
+  table = (out / "study.md").read_text()
+  assert table in result.stdout
+  assert "| std_band 1.8, min_width 0.6 | 0 | 6, 12, 50 | 104 (-89.8%) | 85.0% | 0.7250 " \
+         "| 0.7300 | -0.5 | 0.055 (0.46-0.55x) | no |" in table
+  assert "| 0.060 (0.60x, in the run) | no |" in table
+  assert "| std_band 1.8, min_width 0.6 | 2 | -2.0 | -2.0 | 1.5 | 1 of 2 | 0 of 2 " in table
+  rows = (out / "study.csv").read_text().splitlines()
+  assert rows[0].split(",") == list(study.CSV_FIELDS) and len(rows) == 3
+  assert rows[1].startswith(f"{setting},0,6 12 50,104,1024,")
+
+
+def test_cli_rejects_bad_input_in_one_line(tmp_path):
+  for args, mention in ((["--settings=nope"], "unknown setting"), (["--seeds=4-1"], "backwards")):
+    result = _cli("--report_only", f"--output_dir={tmp_path}", *args)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error:") and mention in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+  assert not os.listdir(tmp_path)
+
+
+def test_one_seed_has_no_standard_error():
+  one = study.RunFigures(
+      setting="dead_k1.8_1x4", seed=3, widths=(4, 9), params=20, dense_params=100, flops=20.0,
+      dense_flops=100.0, accuracy=0.70, baseline_accuracy=0.71, latency_ms=0.05,
+      dense_ms=(0.1,), quiet=False)
+  (s,) = study.summarize([one])
+  assert np.isnan(s.stderr_points)
+  assert "| std_band 1.8, remove_dead | 1 | -1.0 | -1.0 | - | 1 of 1 | 1 of 1 |" in study.markdown([one])
+  assert study.markdown([]) == "No finished run yet.\n"
