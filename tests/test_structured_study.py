@@ -232,7 +232,8 @@ def test_report_only_writes_the_tables(tmp_path):
   result = _cli("--report_only", f"--output_dir={out}", f"--settings={setting}", "--seeds=0-1")
   assert result.returncode == 0, result.stderr
   table = (out / "study.md").read_text()
-  assert table in result.stdout
+  assert table.startswith("Generated ") and f"--settings={setting} --seeds=0,1`" in table
+  assert table.split("\n\n", 1)[1] in result.stdout
   assert "| std_band 1.8, min_width 0.6 | 0 | 6, 12, 50 | 104 (-89.8%) | 85.0% | 0.7250 " \
          "| 0.7300 | -0.5 | 0.055 (0.46-0.55x) | no |" in table
   assert "| 0.060 (0.60x, in the run) | no |" in table
