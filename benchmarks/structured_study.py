@@ -82,6 +82,13 @@ SETTINGS = {
         "std_band 1.8, min_width 0.6, remove_dead",
         {"structured_std_k": 1.8, "structured_min_width": 0.6, "structured_remove_dead": True},
     ),
+    # Where the accuracy goes: the same search, then dense training of the
+    # smaller network (`structured`) instead of FedDST at S = 0.8.
+    "dense_floor0.6_k1.8": (
+        "std_band 1.8, min_width 0.6, dense phase 2",
+        {"algorithm": "structured", "mask_block": "none", "structured_std_k": 1.8,
+         "structured_min_width": 0.6},
+    ),
     "floor0.5_k1.8_1x4": (
         "std_band 1.8, min_width 0.5",
         {"structured_std_k": 1.8, "structured_min_width": 0.5},

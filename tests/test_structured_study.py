@@ -44,6 +44,11 @@ def test_settings_and_errors():
   assert (config.structured_min_width, config.mask_block, config.seed, config.rounds) == (
       0.6, "1x4", 4, 30)
   assert config.export_tflite and config.output_dir == os.path.join("out", "floor0.6_k2.2_1x4_seed4")
+  # The comparison without FedDST: the same search, a dense phase 2.
+  dense = study.experiment_config("dense_floor0.6_k1.8", 4, "out", rounds=30)
+  assert (dense.algorithm, dense.mask_block, dense.sparsity, dense.structured_min_width) == (
+      "structured", "none", 0.0, 0.6)
+  assert dense.differences_from(dataclasses.asdict(config))
   with pytest.raises(ValueError, match="unknown setting"):
     study.experiment_config("nope", 0, "out")
 
