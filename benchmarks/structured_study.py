@@ -441,6 +441,8 @@ def retime(output_dir: str, settings, seeds, latency_examples: int = 1000,
   os.makedirs(latency_dir, exist_ok=True)
   work = os.path.join(latency_dir, ".work")
   reference = os.path.join(output_dir, run_name(BASELINE, seeds[0]))
+  if not os.path.exists(os.path.join(reference, "final_model.keras")):
+    raise ValueError(f"no finished FedAvg run in {reference} to time as the dense reference")
   runs = [os.path.join(output_dir, run_name(s, seed)) for s in settings for seed in seeds]
   runs = [r for r in runs if os.path.exists(os.path.join(r, "summary.json"))]
   jobs = [(REFERENCE_TIMINGS[0], reference), *((os.path.basename(r), r) for r in runs),
@@ -505,7 +507,6 @@ def main(argv) -> int:
   os.makedirs(f.output_dir, exist_ok=True)
   if f.retime or not f.report_only:
     # pylint: disable=g-import-not-at-top  (TensorFlow)
-    from tff_feddst import config as config_lib
     from tff_feddst import data as data_lib
     from tff_feddst import runtime
 
@@ -515,7 +516,7 @@ def main(argv) -> int:
           retime(f.output_dir, f.settings, seeds, f.latency_examples, f.data_dir)
         else:
           run_study(f.output_dir, f.settings, seeds, f.rounds, f.eval_every, f.data_dir)
-    except (data_lib.DataError, config_lib.ConfigError) as e:
+    except (data_lib.DataError, ValueError) as e:  # ConfigError is a ValueError
       print(f"error: {e}", file=sys.stderr)
       return 1
     except KeyboardInterrupt:

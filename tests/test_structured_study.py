@@ -255,6 +255,10 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path):
     assert result.stderr.strip().startswith("error:") and mention in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
   assert not os.listdir(tmp_path)
+  # Re-timing needs FedAvg's model of the first seed as the dense reference.
+  result = _cli("--retime", f"--output_dir={tmp_path}", "--seeds=3")
+  assert result.returncode == 1
+  assert "error: no finished FedAvg run in" in result.stderr and "mnist_fedavg_seed3" in result.stderr
 
 
 def test_one_seed_has_no_standard_error():
