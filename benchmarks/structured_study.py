@@ -3,6 +3,7 @@
   python -m benchmarks.structured_study --seeds=0-9 --output_dir=runs/structured_blocks
   python -m benchmarks.structured_study --settings=floor0.7_k1.8_1x4 --seeds=0,1
   python -m benchmarks.structured_study --report_only    # the tables of finished runs
+  python -m benchmarks.structured_study --report_only --output_dir=D --runs_dirs=E,F
   python -m benchmarks.structured_study --retime         # batch-1 latency again, quiet
 
 Every setting (`SETTINGS`) trains `structured_feddst` on the paper's MNIST
@@ -266,15 +267,26 @@ def run_figures(run_dir: str, baseline_dir: str, setting: str, seed: int,
   )
 
 
-def collect(output_dir: str, settings, seeds) -> list[RunFigures]:
-  """Figures of every finished run (and its seed's FedAvg run) in `output_dir`."""
+def find_run(name: str, runs_dirs) -> str | None:
+  """The first of `runs_dirs` holding a finished run `name`."""
+  for runs_dir in runs_dirs:
+    if os.path.exists(os.path.join(runs_dir, name, "summary.json")):
+      return os.path.join(runs_dir, name)
+  return None
+
+
+def collect(output_dir: str, settings, seeds, runs_dirs=()) -> list[RunFigures]:
+  """Figures of every finished run that has its seed's FedAvg run, each
+  looked for in `output_dir`, then in `runs_dirs`; quiet timings come from
+  <output_dir>/latency_quiet."""
   latency_dir = os.path.join(output_dir, LATENCY_DIR)
+  where = [output_dir, *runs_dirs]
   figures = []
   for setting in settings:
     for seed in seeds:
-      run_dir = os.path.join(output_dir, run_name(setting, seed))
-      baseline_dir = os.path.join(output_dir, run_name(BASELINE, seed))
-      if all(os.path.exists(os.path.join(d, "summary.json")) for d in (run_dir, baseline_dir)):
+      run_dir = find_run(run_name(setting, seed), where)
+      baseline_dir = find_run(run_name(BASELINE, seed), where)
+      if run_dir and baseline_dir:
         figures.append(run_figures(run_dir, baseline_dir, setting, seed, latency_dir))
   return figures
 
@@ -384,23 +396,25 @@ def csv_text(figures: list[RunFigures]) -> str:
   return out.getvalue()
 
 
-def header(settings, seeds) -> str:
+def header(settings, seeds, runs_dirs=()) -> str:
   """What study.md holds, and the command that rebuilds it."""
   return (
       f"Generated {datetime.date.today().isoformat()} by `python -m "
       f"benchmarks.structured_study --report_only --settings={','.join(settings)} "
-      f"--seeds={','.join(map(str, seeds))}`. Fashion-MNIST, pathological split, "
-      "the paper's MNIST network; accuracy is clients_accuracy, the mean of the "
+      f"--seeds={','.join(map(str, seeds))}"
+      f"{' --runs_dirs=' + ','.join(runs_dirs) if runs_dirs else ''}`. Fashion-MNIST, "
+      "pathological split, the paper's MNIST network; accuracy is clients_accuracy, the mean of the "
       "evaluations in the last 16 rounds, against FedAvg on the same seed. Latency: "
       "batch 1, 1 thread, median; x dense is against FedAvg's dense export, timed "
       "with --retime (two timings, first and last) or else in the runs.\n\n"
   )
 
 
-def write_tables(output_dir: str, settings, seeds) -> list[RunFigures]:
-  figures = collect(output_dir, settings, seeds)
+def write_tables(output_dir: str, settings, seeds, runs_dirs=()) -> list[RunFigures]:
+  figures = collect(output_dir, settings, seeds, runs_dirs)
   files.write_atomic(
-      os.path.join(output_dir, "study.md"), header(settings, seeds) + markdown(figures))
+      os.path.join(output_dir, "study.md"),
+      header(settings, seeds, runs_dirs) + markdown(figures))
   files.write_atomic(os.path.join(output_dir, "study.csv"), csv_text(figures))
   return figures
 
@@ -522,7 +536,7 @@ def main(argv) -> int:
     except KeyboardInterrupt:
       print("interrupted; rerun the same command to continue", file=sys.stderr)
       return 1
-  figures = write_tables(f.output_dir, f.settings, seeds)
+  figures = write_tables(f.output_dir, f.settings, seeds, f.runs_dirs)
   print(markdown(figures), end="")
   print(f"[study] tables: {os.path.join(f.output_dir, 'study.md')}, study.csv")
   return 0
@@ -539,6 +553,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("eval_every", 5, "Evaluation period (rounds).", lower_bound=1)
   flags.DEFINE_string("data_dir", None, "Fashion-MNIST directory (default: the Debian package's).")
   flags.DEFINE_bool("report_only", False, "Only rewrite the tables from finished runs.")
+  flags.DEFINE_list("runs_dirs", [], "More directories to look for finished runs in, after "
+                    "--output_dir (the tables only: e.g. earlier studies' committed runs).")
   flags.DEFINE_bool("retime", False, "Time every finished run's export again (quiet machine).")
   flags.DEFINE_integer("latency_examples", 1000, "Timed batch-1 images per export (--retime).",
                        lower_bound=1)

@@ -234,10 +234,16 @@ def _cli(*args):
 
 def test_report_only_writes_the_tables(tmp_path):
   out, setting = _study_dir(tmp_path, quiet=True)
-  result = _cli("--report_only", f"--output_dir={out}", f"--settings={setting}", "--seeds=0-1")
+  # Runs may lie in other directories too (earlier studies' committed runs).
+  other = tmp_path / "other"
+  os.makedirs(other)
+  os.rename(out / "mnist_fedavg_seed1", other / "mnist_fedavg_seed1")
+  assert [f.seed for f in study.collect(str(out), [setting], [0, 1])] == [0]
+  result = _cli("--report_only", f"--output_dir={out}", f"--settings={setting}", "--seeds=0-1",
+                f"--runs_dirs={tmp_path / 'nothing'},{other}")
   assert result.returncode == 0, result.stderr
   table = (out / "study.md").read_text()
-  assert table.startswith("Generated ") and f"--settings={setting} --seeds=0,1`" in table
+  assert table.startswith("Generated ") and f"--settings={setting} --seeds=0,1 --runs_dirs=" in table
   assert table.split("\n\n", 1)[1] in result.stdout
   assert "| std_band 1.8, min_width 0.6 | 0 | 6, 12, 50 | 104 (-89.8%) | 85.0% | 0.7250 " \
          "| 0.7300 | -0.5 | 0.055 (0.46-0.55x) | no |" in table
