@@ -276,3 +276,19 @@ def test_one_seed_has_no_standard_error():
   assert np.isnan(s.stderr_points)
   assert "| std_band 1.8, remove_dead | 1 | -1.0 | -1.0 | - | 1 of 1 | 1 of 1 |" in study.markdown([one])
   assert study.markdown([]) == "No finished run yet.\n"
+
+
+STUDY_DOCS = REPO_ROOT / "docs/benchmarks/structured_blocks/study_2026-12-07"
+
+
+def test_the_committed_study_table_comes_from_the_committed_runs():
+  """docs/.../study_2026-12-07/study.md is what the study makes of the
+  committed runs (its own, the ten-seed study's and the rerun's) and of the
+  committed quiet timings."""
+  figures = study.collect(
+      str(STUDY_DOCS), list(study.SETTINGS), range(10),
+      runs_dirs=[str(TEN_SEEDS), str(TEN_SEEDS.parent / "rerun_2026-12-07")])
+  assert len(figures) == 10 * len(study.SETTINGS) and all(f.quiet for f in figures)
+  header, body = (STUDY_DOCS / "study.md").read_text().split("\n\n", 1)
+  assert "--report_only" in header
+  assert body == study.markdown(figures)
