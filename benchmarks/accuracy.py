@@ -149,7 +149,7 @@ def experiment_config(name: str, settings: BenchmarkSettings, run_dir: str) -> E
   return dataclasses.replace(config, **overrides).resolve()
 
 
-def _finished_with(config: ExperimentConfig) -> bool:
+def finished_with(config: ExperimentConfig) -> bool:
   """True when `config.output_dir` holds a finished run of exactly `config`."""
   summary_path = os.path.join(config.output_dir, "summary.json")
   config_path = os.path.join(config.output_dir, "config.json")
@@ -176,7 +176,7 @@ def run_all(
   for algorithm in algorithms:
     config = experiment_config(algorithm, settings, os.path.join(output_dir, algorithm))
     run_dirs[algorithm] = config.output_dir
-    if _finished_with(config):
+    if finished_with(config):
       log(f"[benchmark] {algorithm}: finished run found in {config.output_dir}, reused")
       continue
     log(f"[benchmark] {algorithm}: training {settings.rounds} rounds into {config.output_dir}")

@@ -46,6 +46,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from benchmarks.accuracy import finished_with  # noqa: E402
 from tff_feddst import files  # noqa: E402
 from tff_feddst.config import ExperimentConfig  # noqa: E402
 
@@ -131,18 +132,6 @@ def experiment_config(
       **settings, rounds=rounds, eval_every=eval_every, seed=seed, data_dir=data_dir,
       output_dir=os.path.join(output_dir, run_name(setting, seed)),
   ).resolve()
-
-
-def finished_with(config: ExperimentConfig) -> bool:
-  """True when `config.output_dir` holds a finished run of exactly `config`."""
-  try:
-    with open(os.path.join(config.output_dir, "config.json")) as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
-    return False
-  if not os.path.exists(os.path.join(config.output_dir, "summary.json")):
-    return False
-  return not config.differences_from(saved) and saved.get("rounds") == config.rounds
 
 
 # ---------------------------------------------------------------- figures
