@@ -103,6 +103,34 @@ def test_window_accuracy_is_the_mean_of_the_last_16_rounds(tmp_path):
       accuracies[-1])
 
 
+def test_paired_differences_and_their_standard_error(tmp_path):
+  # FedAvg evaluated every 5 rounds, the run every round: the pairs are the
+  # rounds both evaluated within the last 16 (85, 90, 95, 100).
+  base = [0.70 + 0.01 * (i % 3) for i in range(20)]
+  _write_run(str(tmp_path / "base"), accuracies=base, summary={}, sparse_ms=1, dense_ms=1)
+  rows = ["round,clients_accuracy"] + [f"{r},{0.6 + 0.001 * r}" for r in range(1, 101)]
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "metrics.csv").write_text("\n".join(rows) + "\n")
+  run = study.window_evaluations(str(tmp_path / "run" / "metrics.csv"))
+  assert sorted(run) == list(range(85, 101)) and run[85] == pytest.approx(0.685)
+  base_window = study.window_evaluations(str(tmp_path / "base" / "metrics.csv"))
+  assert sorted(base_window) == [85, 90, 95, 100]
+  differences = study.paired_differences(run, base_window)
+  expected = [100 * (0.6 + 0.001 * r - base[r // 5 - 1]) for r in (85, 90, 95, 100)]
+  assert differences == pytest.approx(expected)
+  figures = study.RunFigures(
+      setting="s", seed=0, widths=(), params=10, dense_params=100, flops=10.0,
+      dense_flops=100.0, accuracy=0.7, baseline_accuracy=0.72, latency_ms=0.04,
+      dense_ms=(0.1,), quiet=True, differences=differences)
+  assert figures.points_se == pytest.approx(np.std(expected, ddof=1) / 2)
+  # A clear miss: below -2 points by more than two standard errors.
+  at = lambda points, se: dataclasses.replace(  # noqa: E731
+      figures, accuracy=0.72 + points / 100, differences=(points - se, points + se))
+  assert at(-3.0, 0.5 * 0.999).clear_miss  # two values at +-d: a standard error of d
+  assert not at(-3.0, 0.5 * 1.001).clear_miss
+  assert not at(-1.0, 0.0).clear_miss
+
+
 def test_nonzero_params():
   assert study.nonzero_params({"final_layer_kept": {"a": 10, "b": 5}, "num_unmasked": 3}) == 18
   # A dense run: every prunable weight and the rest.
@@ -246,9 +274,10 @@ def test_report_only_writes_the_tables(tmp_path):
   assert table.startswith("Generated ") and f"--settings={setting} --seeds=0,1 --runs_dirs=" in table
   assert table.split("\n\n", 1)[1] in result.stdout
   assert "| std_band 1.8, min_width 0.6 | 0 | 6, 12, 50 | 104 (-89.8%) | 85.0% | 0.7250 " \
-         "| 0.7300 | -0.5 | 0.055 (0.46-0.55x) | no |" in table
+         "| 0.7300 | -0.5 (1.3) | 0.055 (0.46-0.55x) | no |" in table
   assert "| 0.060 (0.60x, in the run) | no |" in table
-  assert "| std_band 1.8, min_width 0.6 | 2 | -2.0 | -2.0 | 1.5 | 1 of 2 | 0 of 2 " in table
+  # Seed 1 is 3.5 points below in every evaluation: a clear miss.
+  assert "| std_band 1.8, min_width 0.6 | 2 | -2.0 | -2.0 | 1.5 | 1 of 2 | 1 of 2 | 0 of 2 " in table
   rows = (out / "study.csv").read_text().splitlines()
   assert rows[0].split(",") == list(study.CSV_FIELDS) and len(rows) == 3
   assert rows[1].startswith(f"{setting},0,6 12 50,104,1024,")
@@ -274,7 +303,10 @@ def test_one_seed_has_no_standard_error():
       dense_ms=(0.1,), quiet=False)
   (s,) = study.summarize([one])
   assert np.isnan(s.stderr_points)
-  assert "| std_band 1.8, remove_dead | 1 | -1.0 | -1.0 | - | 1 of 1 | 1 of 1 |" in study.markdown([one])
+  assert "| std_band 1.8, remove_dead | 1 | -1.0 | -1.0 | - | 1 of 1 | 0 of 1 | 1 of 1 |" in \
+      study.markdown([one])
+  # Without the window's per-round differences, no standard error either.
+  assert np.isnan(one.points_se) and not one.clear_miss
   assert study.markdown([]) == "No finished run yet.\n"
 
 
