@@ -250,6 +250,16 @@ def test_finished_with(tmp_path):
   assert study.finished_with(config)
   assert not study.finished_with(dataclasses.replace(config, rounds=26))
   assert not study.finished_with(dataclasses.replace(config, structured_std_k=2.0))
+  # The study evaluates every round by default; a run that evaluated every
+  # 5 rounds is the same training, but its window holds 4 evaluations, so
+  # the study trains it again unless asked for every 5 (or 10) rounds.
+  assert config.eval_every == 1 and study.reusable(config)
+  every_5 = dataclasses.replace(config, eval_every=5)
+  with open(os.path.join(config.output_dir, "config.json"), "w") as f:
+    json.dump(dataclasses.asdict(every_5), f)
+  assert study.finished_with(config) and not study.reusable(config)
+  assert study.reusable(every_5) and study.reusable(dataclasses.replace(config, eval_every=10))
+  assert not study.reusable(dataclasses.replace(config, eval_every=4))
 
 
 def _cli(*args):
