@@ -1,6 +1,7 @@
 """The structured study's runs and tables (benchmarks/structured_study.py),
 from hand-made run directories and the study's committed configs."""
 
+import csv
 import dataclasses
 import json
 import os
@@ -334,3 +335,39 @@ def test_the_committed_study_table_comes_from_the_committed_runs():
   header, body = (STUDY_DOCS / "study.md").read_text().split("\n\n", 1)
   assert "--report_only" in header
   assert body == study.markdown(figures)
+
+
+EVERY_ROUND_DOCS = REPO_ROOT / "docs/benchmarks/structured_blocks/every_round_2026-12-07"
+EVERY_ROUND_SETTINGS = ["floor0.7_k1.8_1x4", "dense_floor0.6_k1.8"]
+
+
+def test_the_committed_every_round_table_comes_from_its_runs():
+  """docs/.../every_round_2026-12-07: runs that evaluated every round, 16
+  evaluations in each window, and the table made of them."""
+  figures = study.collect(str(EVERY_ROUND_DOCS), EVERY_ROUND_SETTINGS, range(10))
+  assert len(figures) == 20 and all(f.quiet for f in figures)
+  assert all(len(f.differences) == 16 for f in figures)
+  header, body = (EVERY_ROUND_DOCS / "study.md").read_text().split("\n\n", 1)
+  assert "--report_only" in header
+  assert body == study.markdown(figures)
+
+
+@pytest.mark.parametrize("setting", ["mnist_fedavg", *EVERY_ROUND_SETTINGS])
+def test_evaluating_every_round_trains_the_same_runs(setting):
+  """The every-round runs are the earlier studies' runs evaluated more
+  often: the same losses every round and the same evaluation wherever both
+  evaluated (so their exports' committed quiet timings hold for them)."""
+  earlier = [STUDY_DOCS, TEN_SEEDS, TEN_SEEDS.parent / "rerun_2026-12-07"]
+  for seed in range(10):
+    name = study.run_name(setting, seed)
+    old_dir = study.find_run(name, [str(d) for d in earlier])
+    with open(os.path.join(old_dir, "metrics.csv")) as f:
+      old = {r["round"]: r for r in csv.DictReader(f)}
+    with open(EVERY_ROUND_DOCS / name / "metrics.csv") as f:
+      new = {r["round"]: r for r in csv.DictReader(f)}
+    assert sorted(old) == sorted(new)
+    for r, row in old.items():
+      assert new[r]["train_loss"] == row["train_loss"], (name, r)
+      if row["clients_accuracy"]:
+        assert new[r]["clients_accuracy"] == row["clients_accuracy"], (name, r)
+    assert all(new[str(r)]["clients_accuracy"] for r in range(85, 101))
