@@ -22,10 +22,10 @@ with its standard error from the per-round differences (FedAvg samples the
 same clients each round, so the swings those clients cause cancel; a seed
 below the accuracy limit by more than two of them is a clear miss; runs
 evaluate every round, 16 evaluations in the window, unless --eval_every
-says otherwise), and the sparse export's batch-1 median latency against the dense network's;
-per setting: the mean, median and standard error of the accuracy
-difference over the seeds, and on how many seeds paper 2's goal holds
-(`GOAL`).
+says otherwise), and the sparse export's batch-1 median latency against
+the dense network's; per setting: the mean, median and standard error of
+the accuracy difference over the seeds, the clear misses, and on how many
+seeds paper 2's goal holds (`GOAL`).
 
 Latency comes from the runs' own reports (the run's sparse export against
 FedAvg's dense export of the same seed, each timed at the end of its
@@ -164,8 +164,7 @@ def window_evaluations(metrics_csv: str, last_rounds: int = 16) -> dict[int, flo
 def window_accuracy(metrics_csv: str, last_rounds: int = 16) -> float:
   """Mean clients_accuracy of the evaluations in the run's last `last_rounds`
   rounds."""
-  values = list(window_evaluations(metrics_csv, last_rounds).values())
-  return sum(values) / len(values)
+  return statistics.fmean(window_evaluations(metrics_csv, last_rounds).values())
 
 
 def paired_differences(run: dict[int, float], baseline: dict[int, float]) -> tuple[float, ...]:
@@ -419,7 +418,8 @@ def csv_text(figures: list[RunFigures]) -> str:
         f.setting, f.seed, " ".join(map(str, f.widths)), f.params, f.dense_params,
         f"{f.params_removed:.6f}", f"{f.flops:.0f}", f"{f.dense_flops:.0f}",
         f"{f.flops_removed:.6f}", f"{f.accuracy:.6f}", f"{f.baseline_accuracy:.6f}",
-        f"{f.points:.4f}", f"{f.points_se:.4f}", len(f.differences), f"{f.latency_ms:.6f}", " ".join(f"{d:.6f}" for d in f.dense_ms),
+        f"{f.points:.4f}", f"{f.points_se:.4f}", len(f.differences), f"{f.latency_ms:.6f}",
+        " ".join(f"{d:.6f}" for d in f.dense_ms),
         f"{f.ratio_worse:.6f}", int(f.quiet), int(f.goal_met),
     ])
   return out.getvalue()
