@@ -27,9 +27,11 @@ from tff_feddst import structured
 from tff_feddst import unit_graph
 from tff_feddst import wrappers
 
-# Compares training results within tolerances: also run under another
-# instruction set (`make test`; see the marker in pyproject.toml).
-pytestmark = pytest.mark.portability
+# `portability` (pyproject.toml) marks the tests that run the networks
+# (convolutions and matrix products, whose oneDNN kernels change with the
+# instruction set): `make test` runs them under another one too. The
+# selection rules and the finalizer add and compare importances without
+# oneDNN, the same on every processor.
 
 # The tiny network: cifar10_cnn on 14x14x1 images, 3 classes.
 #   conv1 5x5 1->3 valid: 14 -> 10; pool 3/1: 8
@@ -582,6 +584,7 @@ def test_shrink_slices_the_right_channels_and_rows(tiny_model):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.portability
 def test_shrunk_model_computes_the_same_logits(tiny_model):
   small = unit_graph.build_shrunk_model(
       TINY, TINY_SHAPE, TINY_CLASSES, tiny_model, ALIVE
@@ -599,6 +602,7 @@ def test_shrunk_model_computes_the_same_logits(tiny_model):
   assert [l.name for l in small.layers] == [l.name for l in tiny_model.layers]
 
 
+@pytest.mark.portability
 def test_shrinking_to_one_unit_per_layer(tiny_model):
   one = {n: np.eye(w, dtype=bool)[w - 1] for n, w in TINY_WIDTHS.items()}
   small = unit_graph.build_shrunk_model(TINY, TINY_SHAPE, TINY_CLASSES, tiny_model, one)
@@ -610,6 +614,7 @@ def test_shrinking_to_one_unit_per_layer(tiny_model):
   )
 
 
+@pytest.mark.portability
 def test_shrinking_a_wrapped_model_uses_its_masks(tiny_model):
   wrapped = sparse_model.wrap_prunable(tiny_model)
   masks = unit_graph.kernel_masks(unit_graph.unit_graph(wrapped), ALIVE)
@@ -625,6 +630,7 @@ def test_shrinking_a_wrapped_model_uses_its_masks(tiny_model):
   )
 
 
+@pytest.mark.portability
 def test_mnist_cnn_shrinks_with_parameters_by_hand():
   tf.keras.utils.set_random_seed(4)
   model = keras_models.build_model("mnist_cnn", (28, 28, 1), 10)
@@ -1095,12 +1101,14 @@ def _check_removed_units_are_zero(layout, weights):
   return alive
 
 
+@pytest.mark.portability
 def test_initial_search_masks_are_all_ones(search_run):
   layout, initial, _ = search_run
   _, masks = sparse_model.kernels_and_masks(initial, layout.sparse)
   assert all(m.min() == 1.0 for m in masks)
 
 
+@pytest.mark.portability
 def test_every_round_keeps_masks_structured_and_consistent(search_run):
   layout, _, rounds = search_run
   for previous, weights, metrics in rounds:
@@ -1127,6 +1135,7 @@ def test_every_round_keeps_masks_structured_and_consistent(search_run):
     assert fin["removed_total"] == sum(fin["removed"].values())
 
 
+@pytest.mark.portability
 def test_the_search_removes_units(search_run):
   layout, _, rounds = search_run
   first = rounds[0][2]["finalizer"]
@@ -1139,6 +1148,7 @@ def test_the_search_removes_units(search_run):
   assert rounds[0][2]["client_work"]["clients"]["examples"] == 24
 
 
+@pytest.mark.portability
 def test_the_found_architecture_shrinks_to_an_equivalent_model(search_run):
   layout, _, rounds = search_run
   weights = rounds[-1][1]

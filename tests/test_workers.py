@@ -88,6 +88,7 @@ class Worker:
   """One `python -m tff_feddst.worker` on a free loopback port."""
 
   def __init__(self, mark: str):
+    """Starts the worker; `wait_ready` waits until it serves."""
     self.port = portpicker.pick_unused_port()
     self.address = f"localhost:{self.port}"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **{MARK: mark})
@@ -95,6 +96,8 @@ class Worker:
         [sys.executable, "-m", "tff_feddst.worker", f"--port={self.port}"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+
+  def wait_ready(self) -> None:
     # Retries every 20-100 ms while the worker starts (gRPC's default
     # backoff, 1 s growing by 1.6x, found it up to seconds late).
     channel = grpc.insecure_channel(self.address, options=runtime.WORKER_RECONNECT_OPTIONS)
@@ -124,8 +127,10 @@ def _workers(count: int):
   mark = uuid.uuid4().hex
   started = []
   try:
-    for _ in range(count):
+    for _ in range(count):  # all start together; then each is waited for
       started.append(Worker(mark))
+    for worker in started:
+      worker.wait_ready()
     yield started
   finally:
     for worker in started:
