@@ -9,8 +9,10 @@
 Every setting (`SETTINGS`) trains `structured_feddst` on the paper's MNIST
 network (paper 2's std band on the convolution filters, 20 search rounds,
 FedDST at S = 0.8 with 1x4 blocks on dense kernels, float32 TFLite export)
-into <output_dir>/<setting>_seed<k>; FedAvg, the reference, trains into
-<output_dir>/mnist_fedavg_seed<k>. A directory holding a finished run of
+into <output_dir>/<setting>_seed<k>, unless it says otherwise (the
+`paper2_` settings train paper 2's CNN); FedAvg on the same network, the
+reference, trains into <output_dir>/<network>_fedavg_seed<k> (`BASELINES`).
+A directory holding a finished run of
 the same settings is reused, and the tables are rewritten after every run,
 so an interrupted study continues where it stopped.
 
@@ -31,8 +33,9 @@ Latency comes from the runs' own reports (the run's sparse export against
 FedAvg's dense export of the same seed, each timed at the end of its
 training, maybe while other work shared the machine) unless --retime has
 timed the run again: it times every finished
-run's export in one sequence, FedAvg's dense export of the first seed first
-and last as the reference, into <output_dir>/latency_quiet/. Run it with
+run's export in one sequence per network, FedAvg's dense export of the
+first seed first and last as its reference, into
+<output_dir>/latency_quiet/. Run it with
 nothing else on the machine; the ratio then takes the faster of the two
 reference timings, so the goal is judged on the worse ratio.
 """
@@ -69,8 +72,10 @@ STUDY = {
     "mask_block": "1x4",
     "export_tflite": True,
 }
-BASELINE = "mnist_fedavg"
-BASELINE_SETTINGS = {"algorithm": "fedavg", "model": "mnist_cnn", "export_tflite": True}
+# Each network's reference, dense FedAvg: {model: run name prefix}.
+BASELINES = {"mnist_cnn": "mnist_fedavg", "paper2_cnn": "paper2_fedavg"}
+BASELINE = BASELINES["mnist_cnn"]
+BASELINE_SETTINGS = {"algorithm": "fedavg", "export_tflite": True}
 
 # {name: (row label, settings on top of STUDY)}. The names are the run
 # directories' prefixes of the README's tables.
@@ -107,6 +112,13 @@ SETTINGS = {
         "std_band 2.2, min_width 0.6",
         {"structured_std_k": 2.2, "structured_min_width": 0.6},
     ),
+    # Paper 2's CNN: the band alone with a dense phase 2, at the k where it
+    # stops being free (the README's "trade-off over three seeds").
+    "paper2_k2.0": (
+        "paper2_cnn: std_band 2.0, dense phase 2",
+        {"model": "paper2_cnn", "algorithm": "structured", "mask_block": "none",
+         "structured_std_k": 2.0},
+    ),
 }
 
 LATENCY_DIR = "latency_quiet"
@@ -118,20 +130,39 @@ def run_name(setting: str, seed: int) -> str:
   return f"{setting}_seed{seed}"
 
 
+def model_of(setting: str) -> str:
+  """The network a setting (or a baseline) trains."""
+  for model, baseline in BASELINES.items():
+    if setting == baseline:
+      return model
+  if setting not in SETTINGS:
+    raise ValueError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
+  return {**STUDY, **SETTINGS[setting][1]}["model"]
+
+
+def baseline_of(setting: str) -> str:
+  """The FedAvg run that `setting` is compared with (on the same seed)."""
+  return BASELINES[model_of(setting)]
+
+
+def reference_timings(baseline: str) -> tuple[str, str]:
+  """The names of the quiet timings of `baseline`'s dense export (--retime)."""
+  if baseline == BASELINE:
+    return REFERENCE_TIMINGS
+  return tuple(f"{baseline}_{name}" for name in REFERENCE_TIMINGS)
+
+
 def experiment_config(
     setting: str, seed: int, output_dir: str, rounds: int = 100, eval_every: int = 1,
     data_dir: str | None = None,
 ) -> ExperimentConfig:
-  """The resolved run.py settings of one run of the study (`BASELINE` or a
-  name in `SETTINGS`)."""
-  if setting == BASELINE:
-    settings = dict(BASELINE_SETTINGS)
-  elif setting in SETTINGS:
-    settings = {**STUDY, **SETTINGS[setting][1]}
+  """The resolved run.py settings of one run of the study (a FedAvg run of
+  `BASELINES` or a name in `SETTINGS`)."""
+  model = model_of(setting)
+  if setting == BASELINES[model]:
+    settings = {**BASELINE_SETTINGS, "model": model}
   else:
-    raise ValueError(
-        f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}"
-    )
+    settings = {**STUDY, **SETTINGS[setting][1]}
   return ExperimentConfig(
       **settings, rounds=rounds, eval_every=eval_every, seed=seed, data_dir=data_dir,
       output_dir=os.path.join(output_dir, run_name(setting, seed)),
@@ -257,7 +288,8 @@ class RunFigures:
 
 def run_figures(run_dir: str, baseline_dir: str, setting: str, seed: int,
                 latency_dir: str | None = None) -> RunFigures:
-  """The figures of one finished run against FedAvg's run on its seed."""
+  """The figures of one finished run against FedAvg's run on its seed
+  (`baseline_of(setting)`)."""
   summary = _read_json(os.path.join(run_dir, "summary.json"))
   base = _read_json(os.path.join(baseline_dir, "summary.json"))
   structured = summary.get("structured") or {}
@@ -265,7 +297,7 @@ def run_figures(run_dir: str, baseline_dir: str, setting: str, seed: int,
   name = os.path.basename(os.path.normpath(run_dir))
   quiet_path = latency_dir and os.path.join(latency_dir, f"{name}.json")
   references = [
-      os.path.join(latency_dir, f"{r}.json") for r in REFERENCE_TIMINGS
+      os.path.join(latency_dir, f"{r}.json") for r in reference_timings(baseline_of(setting))
   ] if latency_dir else []
   references = [r for r in references if os.path.exists(r)]
   if quiet_path and os.path.exists(quiet_path) and references:
@@ -309,7 +341,7 @@ def collect(output_dir: str, settings, seeds, runs_dirs=()) -> list[RunFigures]:
   for setting in settings:
     for seed in seeds:
       run_dir = find_run(run_name(setting, seed), where)
-      baseline_dir = find_run(run_name(BASELINE, seed), where)
+      baseline_dir = find_run(run_name(baseline_of(setting), seed), where)
       if run_dir and baseline_dir:
         figures.append(run_figures(run_dir, baseline_dir, setting, seed, latency_dir))
   return figures
@@ -432,11 +464,12 @@ def header(settings, seeds, runs_dirs=()) -> str:
       f"benchmarks.structured_study --report_only --settings={','.join(settings)} "
       f"--seeds={','.join(map(str, seeds))}"
       f"{' --runs_dirs=' + ','.join(runs_dirs) if runs_dirs else ''}`. Fashion-MNIST, "
-      "pathological split, the paper's MNIST network; accuracy is clients_accuracy, the mean of the "
+      "pathological split, the paper's MNIST network (paper 2's CNN in the paper2_cnn settings); "
+      "accuracy is clients_accuracy, the mean of the "
       "evaluations in the last 16 rounds, against FedAvg on the same seed; SE: the standard error "
       "of the difference from its per-round values in those rounds (FedAvg samples the same "
       "clients), as if the evaluations were independent. Latency: "
-      "batch 1, 1 thread, median; x dense is against FedAvg's dense export, timed "
+      "batch 1, 1 thread, median; x dense is against FedAvg's dense export (same network), timed "
       "with --retime (two timings, first and last) or else in the runs.\n\n"
   )
 
@@ -465,12 +498,13 @@ def reusable(config: ExperimentConfig) -> bool:
 
 def run_study(output_dir: str, settings, seeds, rounds: int = 100, eval_every: int = 1,
               data_dir: str | None = None, log=print) -> None:
-  """Trains every run not yet finished, seed by seed (FedAvg first), and
-  rewrites the tables after each."""
+  """Trains every run not yet finished, seed by seed (the FedAvg runs
+  first), and rewrites the tables after each."""
   from tff_feddst import training  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
 
+  baselines = tuple(dict.fromkeys(baseline_of(s) for s in settings))
   for seed in seeds:
-    for setting in (BASELINE, *settings):
+    for setting in (*baselines, *settings):
       config = experiment_config(setting, seed, output_dir, rounds, eval_every, data_dir)
       name = os.path.basename(config.output_dir)
       if reusable(config):
@@ -484,7 +518,8 @@ def run_study(output_dir: str, settings, seeds, rounds: int = 100, eval_every: i
 def retime(output_dir: str, settings, seeds, latency_examples: int = 1000,
            data_dir: str | None = None, log=print) -> None:
   """Times every finished run's TFLite exports again, one after the other,
-  with the first seed's FedAvg export first and last; reports go to
+  network by network, each network's runs between its first seed's FedAvg
+  export timed first and last; reports go to
   <output_dir>/latency_quiet/<run>.json."""
   # pylint: disable=g-import-not-at-top  (TensorFlow)
   import numpy as np
@@ -495,13 +530,16 @@ def retime(output_dir: str, settings, seeds, latency_examples: int = 1000,
   latency_dir = os.path.join(output_dir, LATENCY_DIR)
   os.makedirs(latency_dir, exist_ok=True)
   work = os.path.join(latency_dir, ".work")
-  reference = os.path.join(output_dir, run_name(BASELINE, seeds[0]))
-  if not os.path.exists(os.path.join(reference, "final_model.keras")):
-    raise ValueError(f"no finished FedAvg run in {reference} to time as the dense reference")
-  runs = [os.path.join(output_dir, run_name(s, seed)) for s in settings for seed in seeds]
-  runs = [r for r in runs if os.path.exists(os.path.join(r, "summary.json"))]
-  jobs = [(REFERENCE_TIMINGS[0], reference), *((os.path.basename(r), r) for r in runs),
-          (REFERENCE_TIMINGS[1], reference)]
+  jobs = []
+  for baseline in dict.fromkeys(baseline_of(s) for s in settings):
+    reference = os.path.join(output_dir, run_name(baseline, seeds[0]))
+    if not os.path.exists(os.path.join(reference, "final_model.keras")):
+      raise ValueError(f"no finished FedAvg run in {reference} to time as the dense reference")
+    runs = [os.path.join(output_dir, run_name(s, seed))
+            for s in settings if baseline_of(s) == baseline for seed in seeds]
+    runs = [r for r in runs if os.path.exists(os.path.join(r, "summary.json"))]
+    first, last = reference_timings(baseline)
+    jobs += [(first, reference), *((os.path.basename(r), r) for r in runs), (last, reference)]
   data = None
   for name, run_dir in jobs:
     config = _read_json(os.path.join(run_dir, "config.json"))

@@ -16,19 +16,25 @@ from benchmarks import structured_study as study
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEN_SEEDS = REPO_ROOT / "docs/benchmarks/structured_blocks/ten_seeds_2026-12-07"
+STD_BAND = REPO_ROOT / "docs/benchmarks/structured_std_band"
+# The settings of the MNIST network (the committed studies' tables).
+MNIST_SETTINGS = [s for s in study.SETTINGS if study.model_of(s) == "mnist_cnn"]
 
 
-@pytest.mark.parametrize("run, setting", [
-    ("mnist_fedavg_seed5", study.BASELINE),
-    ("sf_k1.8_1x4_s0.8_seed5", "sf_k1.8_1x4_s0.8"),
-    ("floor0.6_k1.8_1x4_seed3", "floor0.6_k1.8_1x4"),
-    ("dead_k1.8_1x4_seed3", "dead_k1.8_1x4"),
-    ("deadfloor0.6_k1.8_1x4_seed3", "deadfloor0.6_k1.8_1x4"),
+@pytest.mark.parametrize("runs, run, setting", [
+    (TEN_SEEDS, "mnist_fedavg_seed5", study.BASELINE),
+    (TEN_SEEDS, "sf_k1.8_1x4_s0.8_seed5", "sf_k1.8_1x4_s0.8"),
+    (TEN_SEEDS, "floor0.6_k1.8_1x4_seed3", "floor0.6_k1.8_1x4"),
+    (TEN_SEEDS, "dead_k1.8_1x4_seed3", "dead_k1.8_1x4"),
+    (TEN_SEEDS, "deadfloor0.6_k1.8_1x4_seed3", "deadfloor0.6_k1.8_1x4"),
+    # Paper 2's CNN: the README's trade-off runs.
+    (STD_BAND, "paper2_fedavg_seed1", "paper2_fedavg"),
+    (STD_BAND, "paper2_k2.0_seed1", "paper2_k2.0"),
 ])
-def test_the_study_reruns_the_committed_runs_exactly(run, setting):
+def test_the_study_reruns_the_committed_runs_exactly(runs, run, setting):
   """Each setting is the run.py command of the README's table: the config
   that command saved differs from the study's in nothing."""
-  with open(TEN_SEEDS / run / "config.json") as f:
+  with open(runs / run / "config.json") as f:
     saved = json.load(f)
   config = study.experiment_config(setting, saved["seed"], "runs/structured_blocks")
   assert config.differences_from(saved) == []
@@ -36,6 +42,22 @@ def test_the_study_reruns_the_committed_runs_exactly(run, setting):
   # And another setting is another experiment.
   other = "floor0.7_k1.8_1x4" if setting != study.BASELINE else "floor0.6_k2.2_1x4"
   assert study.experiment_config(other, saved["seed"], "x").differences_from(saved)
+
+
+def test_each_setting_is_compared_with_fedavg_on_its_own_network():
+  assert study.baseline_of("floor0.7_k1.8_1x4") == "mnist_fedavg"
+  assert study.baseline_of("paper2_k2.0") == "paper2_fedavg"
+  assert study.model_of("paper2_fedavg") == "paper2_cnn"
+  for setting in study.SETTINGS:
+    config = study.experiment_config(study.baseline_of(setting), 0, "out")
+    assert (config.algorithm, config.model, config.sparsity) == (
+        "fedavg", study.model_of(setting), 0.0)
+    assert config.model == study.experiment_config(setting, 0, "out").model
+  assert study.reference_timings("mnist_fedavg") == study.REFERENCE_TIMINGS
+  assert study.reference_timings("paper2_fedavg") == (
+      "paper2_fedavg_dense_reference_first", "paper2_fedavg_dense_reference_last")
+  with pytest.raises(ValueError, match="unknown setting"):
+    study.baseline_of("paper2_k9")
 
 
 def test_settings_and_errors():
@@ -206,6 +228,32 @@ def test_quiet_timings_replace_the_runs_own(tmp_path):
   assert not f1.quiet and f1.dense_ms == (0.1,)
 
 
+def test_paper2_runs_pair_with_paper2_fedavg_and_its_timings(tmp_path):
+  out, setting = _study_dir(tmp_path, quiet=True)
+  # Paper 2's CNN on seed 0: its own FedAvg (0.60 over the window) and its
+  # own dense reference timings; the MNIST network's are not used.
+  _write_run(str(out / "paper2_fedavg_seed0"), accuracies=[0.6] * 20,
+             summary={**BASE_SUMMARY, "num_prunable": 2000}, sparse_ms=None, dense_ms=0.2)
+  _write_run(str(out / "paper2_k2.0_seed0"), accuracies=[0.59] * 20,
+             summary=_structured_summary(None, 24, 2000.0, {"conv1": 14, "conv2": 27}),
+             sparse_ms=0.05, dense_ms=0.05)
+  f_mnist, f_paper2 = study.collect(str(out), [setting, "paper2_k2.0"], [0])
+  assert f_mnist.baseline_accuracy == pytest.approx(0.73)
+  assert f_paper2.baseline_accuracy == pytest.approx(0.6) and f_paper2.points == pytest.approx(-1.0)
+  assert f_paper2.dense_params == 2024
+  # No quiet timing of paper 2's reference yet: the runs' own reports.
+  assert (f_paper2.quiet, f_paper2.dense_ms) == (False, (0.2,))
+  lat = out / study.LATENCY_DIR
+  for name, ms in (("paper2_fedavg_dense_reference_first", 0.21),
+                   ("paper2_fedavg_dense_reference_last", 0.19),
+                   ("paper2_k2.0_seed0", 0.06)):
+    with open(lat / f"{name}.json", "w") as f:
+      json.dump({"exports": {"dense": {"batch1_latency_median_ms": ms}}}, f)
+  _, f_paper2 = study.collect(str(out), [setting, "paper2_k2.0"], [0])
+  assert (f_paper2.quiet, f_paper2.latency_ms, f_paper2.dense_ms) == (True, 0.06, (0.21, 0.19))
+  assert f_paper2.ratio_worse == pytest.approx(0.06 / 0.19)
+
+
 def test_goal_boundaries():
   base = study.RunFigures(
       setting="s", seed=0, widths=(), params=20, dense_params=100, flops=20.0,
@@ -329,9 +377,9 @@ def test_the_committed_study_table_comes_from_the_committed_runs():
   committed runs (its own, the ten-seed study's and the rerun's) and of the
   committed quiet timings."""
   figures = study.collect(
-      str(STUDY_DOCS), list(study.SETTINGS), range(10),
+      str(STUDY_DOCS), MNIST_SETTINGS, range(10),
       runs_dirs=[str(TEN_SEEDS), str(TEN_SEEDS.parent / "rerun_2026-12-07")])
-  assert len(figures) == 10 * len(study.SETTINGS) and all(f.quiet for f in figures)
+  assert len(figures) == 10 * len(MNIST_SETTINGS) and all(f.quiet for f in figures)
   header, body = (STUDY_DOCS / "study.md").read_text().split("\n\n", 1)
   assert "--report_only" in header
   assert body == study.markdown(figures)
