@@ -419,3 +419,40 @@ def test_evaluating_every_round_trains_the_same_runs(setting):
       if row["clients_accuracy"]:
         assert new[r]["clients_accuracy"] == row["clients_accuracy"], (name, r)
     assert all(new[str(r)]["clients_accuracy"] for r in range(85, 101))
+
+
+PAPER2_DOCS = STD_BAND / "every_round_2026-12-07"
+
+
+def test_the_committed_paper2_table_comes_from_its_runs():
+  """docs/.../structured_std_band/every_round_2026-12-07: paper 2's CNN at
+  k = 2.0 and FedAvg on it, every round evaluated, timed quietly."""
+  figures = study.collect(str(PAPER2_DOCS), ["paper2_k2.0"], range(10))
+  assert len(figures) == 10 and all(f.quiet for f in figures)
+  assert all(len(f.differences) == 16 for f in figures)
+  # Against FedAvg on paper 2's CNN (52,746 parameters), not the MNIST network's.
+  assert {f.dense_params for f in figures} == {52746}
+  header, body = (PAPER2_DOCS / "study.md").read_text().split("\n\n", 1)
+  assert "--report_only" in header and "--settings=paper2_k2.0" in header
+  assert body == study.markdown(figures)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("paper2_fedavg_seed3", "paper2_fedavg_seed3"),
+    ("paper2_k2.0_seed3", "paper2_k2.0_seed3"),
+    ("paper2_fedavg_seed4", "paper2_fedavg_seed4"),
+    ("paper2_k2.0_seed4", "paper2_k2.0_seed4"),
+    ("paper2_k2.0_seed1_xeon", "paper2_k2.0_seed1"),
+])
+def test_the_paper2_study_trains_the_earlier_runs_on_this_machine(old, new):
+  """The runs that the earlier trade-off made on the same processor with
+  today's code: the same loss every round and the same evaluations."""
+  with open(STD_BAND / old / "metrics.csv") as f:
+    earlier = {r["round"]: r for r in csv.DictReader(f)}
+  with open(PAPER2_DOCS / new / "metrics.csv") as f:
+    rows = {r["round"]: r for r in csv.DictReader(f)}
+  assert sorted(earlier) == sorted(rows)
+  for r, row in earlier.items():
+    assert rows[r]["train_loss"] == row["train_loss"], r
+    if row["clients_accuracy"]:
+      assert rows[r]["clients_accuracy"] == row["clients_accuracy"], r
