@@ -119,6 +119,11 @@ SETTINGS = {
         {"model": "paper2_cnn", "algorithm": "structured", "mask_block": "none",
          "structured_std_k": 2.0},
     ),
+    "paper2_k1.9": (
+        "paper2_cnn: std_band 1.9, dense phase 2",
+        {"model": "paper2_cnn", "algorithm": "structured", "mask_block": "none",
+         "structured_std_k": 1.9},
+    ),
 }
 
 LATENCY_DIR = "latency_quiet"

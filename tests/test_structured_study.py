@@ -30,6 +30,7 @@ MNIST_SETTINGS = [s for s in study.SETTINGS if study.model_of(s) == "mnist_cnn"]
     # Paper 2's CNN: the README's trade-off runs.
     (STD_BAND, "paper2_fedavg_seed1", "paper2_fedavg"),
     (STD_BAND, "paper2_k2.0_seed1", "paper2_k2.0"),
+    (STD_BAND, "paper2_k1.9_seed1", "paper2_k1.9"),
 ])
 def test_the_study_reruns_the_committed_runs_exactly(runs, run, setting):
   """Each setting is the run.py command of the README's table: the config
