@@ -427,14 +427,14 @@ PAPER2_DOCS = STD_BAND / "every_round_2026-12-07"
 
 def test_the_committed_paper2_table_comes_from_its_runs():
   """docs/.../structured_std_band/every_round_2026-12-07: paper 2's CNN at
-  k = 2.0 and FedAvg on it, every round evaluated, timed quietly."""
-  figures = study.collect(str(PAPER2_DOCS), ["paper2_k2.0"], range(10))
-  assert len(figures) == 10 and all(f.quiet for f in figures)
+  k = 2.0 and 1.9 and FedAvg on it, every round evaluated, timed quietly."""
+  figures = study.collect(str(PAPER2_DOCS), ["paper2_k2.0", "paper2_k1.9"], range(10))
+  assert len(figures) == 20 and all(f.quiet for f in figures)
   assert all(len(f.differences) == 16 for f in figures)
   # Against FedAvg on paper 2's CNN (52,746 parameters), not the MNIST network's.
   assert {f.dense_params for f in figures} == {52746}
   header, body = (PAPER2_DOCS / "study.md").read_text().split("\n\n", 1)
-  assert "--report_only" in header and "--settings=paper2_k2.0" in header
+  assert "--report_only" in header and "--settings=paper2_k2.0,paper2_k1.9" in header
   assert body == study.markdown(figures)
 
 
@@ -444,6 +444,7 @@ def test_the_committed_paper2_table_comes_from_its_runs():
     ("paper2_fedavg_seed4", "paper2_fedavg_seed4"),
     ("paper2_k2.0_seed4", "paper2_k2.0_seed4"),
     ("paper2_k2.0_seed1_xeon", "paper2_k2.0_seed1"),
+    *((f"paper2_k1.9_seed{k}", f"paper2_k1.9_seed{k}") for k in range(5)),
 ])
 def test_the_paper2_study_trains_the_earlier_runs_on_this_machine(old, new):
   """The runs that the earlier trade-off made on the same processor with
