@@ -399,11 +399,12 @@ def _label(setting: str) -> str:
 def markdown(figures: list[RunFigures]) -> str:
   if not figures:
     return "No finished run yet.\n"
-  dense_params = figures[0].dense_params
+  # One network: its parameter count in the header; several: in each row.
+  dense = {f.dense_params for f in figures}
+  of = f" (of {dense.pop():,})" if len(dense) == 1 else ""
   lines = [
-      "| setting | seed | widths | non-zero parameters (of "
-      f"{dense_params:,}) | FLOPs removed | accuracy | FedAvg | difference (points, SE) "
-      "| batch-1 ms (x dense) | goal |",
+      f"| setting | seed | widths | non-zero parameters{of} | FLOPs removed | accuracy | FedAvg "
+      "| difference (points, SE) | batch-1 ms (x dense) | goal |",
       "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for f in figures:
@@ -412,7 +413,8 @@ def markdown(figures: list[RunFigures]) -> str:
     se = "" if math.isnan(f.points_se) else f" ({f.points_se:.1f})"
     lines.append(
         f"| {_label(f.setting)} | {f.seed} | {', '.join(map(str, f.widths))} "
-        f"| {f.params:,} (-{100 * f.params_removed:.1f}%) | {100 * f.flops_removed:.1f}% "
+        f"| {f.params:,}{'' if of else f' of {f.dense_params:,}'} (-{100 * f.params_removed:.1f}%) "
+        f"| {100 * f.flops_removed:.1f}% "
         f"| {f.accuracy:.4f} | {f.baseline_accuracy:.4f} | {f.points:+.1f}{se} "
         f"| {f.latency_ms:.3f} ({ratio}{'' if f.quiet else ', in the run'}) "
         f"| {'yes' if f.goal_met else 'no'} |"

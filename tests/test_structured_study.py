@@ -250,9 +250,15 @@ def test_paper2_runs_pair_with_paper2_fedavg_and_its_timings(tmp_path):
                    ("paper2_k2.0_seed0", 0.06)):
     with open(lat / f"{name}.json", "w") as f:
       json.dump({"exports": {"dense": {"batch1_latency_median_ms": ms}}}, f)
-  _, f_paper2 = study.collect(str(out), [setting, "paper2_k2.0"], [0])
+  figures = study.collect(str(out), [setting, "paper2_k2.0"], [0])
+  f_paper2 = figures[1]
   assert (f_paper2.quiet, f_paper2.latency_ms, f_paper2.dense_ms) == (True, 0.06, (0.21, 0.19))
   assert f_paper2.ratio_worse == pytest.approx(0.06 / 0.19)
+  # Two networks in one table: each row names its own network's count.
+  table = study.markdown(figures)
+  assert "| non-zero parameters | " in table
+  assert "| 104 of 1,024 (-89.8%) |" in table and " of 2,024 (-" in table
+  assert "| non-zero parameters (of 1,024) |" in study.markdown(figures[:1])
 
 
 def test_goal_boundaries():
