@@ -25,7 +25,12 @@ float32 TFLite file:
   im2col_gather  the same with one GATHER of conv2's input rows instead of
                  the slices;
   no_conv2       conv2 replaced by a slice and a tile (no arithmetic): what
-                 the rest of the network costs, a floor for any conv2.
+                 the rest of the network costs, a floor for any conv2;
+  pair_sparse    dense1 in 1x4 blocks and conv2 masked in whole 5x5
+                 kernels (`--conv_block=kernel`: its budget's 15 of its 200
+                 (input, output) channel pairs, drawn at random), which the
+                 sparse export runs as select, depthwise and mix
+                 (`tflite_export.pair_sparse`).
 
 Each variant's batch-1 latency (1 thread, TensorFlow's interpreter with its
 default XNNPack delegate) is the median of --latency_examples single-image
@@ -33,7 +38,8 @@ invokes on Fashion-MNIST-sized random images, timed in --sweeps sweeps, in
 turn and in reverse order on alternate sweeps. Prints a table and writes
 it (sparse_conv.md) with every timing (sparse_conv.json) to --output_dir.
 The im2col variants' outputs are checked against the CONV_2D network's
-(atol 1e-5) before timing.
+(atol 1e-5) before timing, pair_sparse's against the same weights' dense
+export.
 """
 
 import json
@@ -59,7 +65,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Seed of the weights, masks and images.")
 
 
-VARIANTS = ("dense", "dense1_blocks", "im2col_slices", "im2col_gather", "no_conv2")
+VARIANTS = ("dense", "dense1_blocks", "im2col_slices", "im2col_gather", "no_conv2", "pair_sparse")
 BLOCK = 4  # float32 FULLY_CONNECTED block: 1x4 along the input.
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -162,6 +168,23 @@ def masked_weights(sparsity: float, seed: int) -> dict[str, tuple[np.ndarray, np
   return weights
 
 
+def kernel_block_weights(weights, seed: int):
+  """`weights` with conv2 masked in whole k_h x k_w kernels instead: its
+  budget (the count of non-zeros in `weights`' conv2) // (k_h k_w) of its
+  (input, output) channel pairs, drawn with `seed`."""
+  kernel, bias = weights["conv2"]
+  k_h, k_w, c_in, c_out = kernel.shape
+  pairs = np.count_nonzero(kernel) // (k_h * k_w)
+  keep = np.zeros(c_in * c_out, np.float32)
+  keep[np.random.default_rng(seed).permutation(keep.size)[:pairs]] = 1.0
+  from keras_models import networks  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  tf.keras.utils.set_random_seed(seed)
+  full = networks.build_model("mnist_cnn", INPUT_SHAPE, NUM_CLASSES).get_layer("conv2").kernel.numpy()
+  return {**weights, "conv2": (full * keep.reshape(1, 1, c_in, c_out), bias)}
+
+
 def build(variant: str, weights):
   """The MNIST network of `variant` (module docstring) with `weights`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -171,7 +194,7 @@ def build(variant: str, weights):
   conv1 = layers.Conv2D(10, 5, name="conv1")
   x = layers.ReLU()(layers.MaxPool2D(3, strides=1)(conv1(inputs)))
   kernel, bias = weights["conv2"]
-  if variant in ("dense", "dense1_blocks"):
+  if variant in ("dense", "dense1_blocks", "pair_sparse"):
     x = layers.Conv2D(20, 5, name="conv2")(x)
   elif variant == "im2col_slices":
     x = layers.Lambda(lambda t: im2col_conv(t, kernel, bias, "slices"))(x)
@@ -187,25 +210,35 @@ def build(variant: str, weights):
   logits = layers.Dense(NUM_CLASSES, name="logits")
   outputs = logits(dense1(x))
   model = tf.keras.Model(inputs, outputs)
-  for name in ("conv1", "dense1", "logits") + (("conv2",) if variant in ("dense", "dense1_blocks") else ()):
+  for name in ("conv1", "dense1", "logits") + (("conv2",) if variant in ("dense", "dense1_blocks", "pair_sparse") else ()):
     model.get_layer(name).set_weights(list(weights[name]))
   return model
 
 
 def export(variant: str, weights) -> bytes:
+  """`variant`'s float32 file; pair_sparse's `weights` are
+  `kernel_block_weights`."""
   from tflite_export import convert  # pylint: disable=g-import-not-at-top
 
   return convert(build(variant, weights), sparse=variant != "dense")
 
 
-def check_outputs(contents: dict[str, bytes], images: np.ndarray, atol: float = 1e-5) -> dict[str, float]:
-  """Largest |difference| of each im2col variant's logits from `dense`'s;
-  raises AssertionError above `atol`."""
+def check_outputs(
+    contents: dict[str, bytes], images: np.ndarray, atol: float = 1e-5, pair_reference: bytes | None = None
+) -> dict[str, float]:
+  """Largest |difference| of each im2col variant's logits from `dense`'s
+  (and of pair_sparse's from `pair_reference`, the dense export of its
+  weights, where both are given); raises AssertionError above `atol`."""
   from tflite_export import evaluate  # pylint: disable=g-import-not-at-top
 
-  reference = evaluate.predict_logits(contents["dense"], images)
+  references = {"dense": evaluate.predict_logits(contents["dense"], images)}
+  checked = [(v, "dense") for v in ("dense1_blocks", "im2col_slices", "im2col_gather") if v in contents]
+  if pair_reference is not None and "pair_sparse" in contents:
+    references["pair"] = evaluate.predict_logits(pair_reference, images)
+    checked.append(("pair_sparse", "pair"))
   differences = {}
-  for variant in ("dense1_blocks", "im2col_slices", "im2col_gather"):
+  for variant, reference in checked:
+    reference = references[reference]
     difference = float(np.abs(evaluate.predict_logits(contents[variant], images) - reference).max())
     if difference > atol:
       raise AssertionError(f"{variant}: logits differ from the dense export's by {difference}")
@@ -221,10 +254,19 @@ def conv2_weight_kept_sparse(content: bytes) -> bool:
   return bool(tensors) and all(t.kept_sparse for t in tensors)
 
 
+def conv2_computed_sparse(content: bytes) -> bool:
+  """Whether the file computes conv2 from its non-zeros only: its weight
+  kept sparse (im2col), or only its kept channel pairs (a
+  DEPTHWISE_CONV_2D: `tflite_export.pair_sparse`)."""
+  from tflite_export import inspect_model  # pylint: disable=g-import-not-at-top
+
+  return conv2_weight_kept_sparse(content) or "DEPTHWISE_CONV_2D" in inspect_model.operators(content)
+
+
 def _table(medians: dict[str, list[float]], p90s: dict[str, list[float]], kept: dict[str, bool], sizes: dict[str, int]) -> str:
   dense = statistics.median(medians["dense"])
   lines = [
-      "| variant | file bytes | conv2 weight run sparse | median ms per sweep | p90 ms (median of sweeps) | x dense |",
+      "| variant | file bytes | conv2 computed from its non-zeros only | median ms per sweep | p90 ms (median of sweeps) | x dense |",
       "|---|---|---|---|---|---|",
   ]
   for variant in medians:
@@ -246,9 +288,13 @@ def main(argv):
 
   weights = masked_weights(flags.FLAGS.sparsity, seed)
   images = np.random.default_rng(seed).random((1000,) + INPUT_SHAPE).astype(np.float32)
-  contents = {variant: export(variant, weights) for variant in VARIANTS}
-  differences = check_outputs(contents, images[:64])
-  kept = {variant: conv2_weight_kept_sparse(content) for variant, content in contents.items()}
+  pair_weights = kernel_block_weights(weights, seed)
+  contents = {
+      variant: export(variant, pair_weights if variant == "pair_sparse" else weights)
+      for variant in VARIANTS
+  }
+  differences = check_outputs(contents, images[:64], pair_reference=export("dense", pair_weights))
+  kept = {variant: conv2_computed_sparse(content) for variant, content in contents.items()}
   medians = {variant: [] for variant in VARIANTS}
   p90s = {variant: [] for variant in VARIANTS}
   for sweep in range(sweeps):
@@ -274,7 +320,7 @@ def main(argv):
             "latency_examples": latency_examples,
             "median_ms": medians,
             "p90_ms": p90s,
-            "conv2_kept_sparse": kept,
+            "conv2_computed_sparse": kept,
             "file_bytes": sizes,
             "max_logit_difference_from_dense": differences,
         },

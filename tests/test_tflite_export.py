@@ -670,3 +670,21 @@ def test_im2col_export_runs_conv2_sparse_and_equals_the_conv_network():
   assert sparse_conv.conv2_weight_kept_sparse(contents["im2col_gather"])
   assert not sparse_conv.conv2_weight_kept_sparse(contents["dense1_blocks"])
   assert "DENSIFY" not in inspect_model.operators(contents["im2col_slices"])
+
+
+def test_pair_sparse_variant_keeps_whole_kernels_and_equals_its_dense_export():
+  """The benchmark's pair_sparse conv2 keeps its ERK budget's 396 // 25 =
+  15 whole 5x5 filters; its sparse export computes only those and the
+  logits of the same weights' dense export."""
+  from benchmarks import sparse_conv  # pylint: disable=g-import-not-at-top
+
+  weights = sparse_conv.kernel_block_weights(sparse_conv.masked_weights(0.8, seed=0), seed=0)
+  kernel = weights["conv2"][0]
+  per_pair = np.count_nonzero(kernel, axis=(0, 1))
+  assert sorted(set(per_pair.ravel())) == [0, 25] and np.count_nonzero(per_pair) == 15
+  contents = {v: sparse_conv.export(v, weights) for v in ("dense", "pair_sparse")}
+  images = np.random.default_rng(1).random((8, 28, 28, 1)).astype(np.float32)
+  differences = sparse_conv.check_outputs(contents, images, pair_reference=contents["dense"])
+  assert set(differences) == {"pair_sparse"}
+  assert sparse_conv.conv2_computed_sparse(contents["pair_sparse"])
+  assert not sparse_conv.conv2_computed_sparse(contents["dense"])

@@ -35,7 +35,10 @@ CNN, TF 2.14.1; see tests/test_tflite_export.py):
   FULLY_CONNECTED weights whose zeros form 1x4 blocks (float32) or 1x16
   blocks (int8) along the input dimension: then the weights are block-encoded
   and consumed without DENSIFY (a real sparse matmul). Conv2D weights are
-  always densified. FedDST's random masks give no such blocks.
+  always densified. FedDST's random masks give no such blocks. A sparse
+  export therefore rewrites a convolution that keeps few of its (input,
+  output) channel pairs (`--conv_block=kernel` masks) as three dense ops
+  that compute only those pairs (`tflite_export.pair_sparse`).
 - Bug handled here: a float16 FULLY_CONNECTED weight with 1x4 block sparsity
   is block-encoded and fed to DEQUANTIZE without DENSIFY, and the interpreter
   then computes NaN. `convert` detects a sparse tensor feeding an op that
@@ -63,6 +66,7 @@ import tensorflow_model_optimization as tfmot
 from tff_feddst import wrappers as wrappers_lib
 from tflite_export import QUANTIZATION_MODES
 from tflite_export import inspect_model
+from tflite_export import pair_sparse
 
 # How many representative images the int8 calibration uses at most.
 MAX_REPRESENTATIVE_EXAMPLES = 500
@@ -157,7 +161,9 @@ def convert(
 
   Args:
     model: a Keras model, with or without tfmot pruning wrappers.
-    sparse: store weight tensors with enough zeros in TFLite's sparse format.
+    sparse: store weight tensors with enough zeros in TFLite's sparse format,
+      and run convolutions that keep few (input, output) channel pairs as
+      `pair_sparse.PairSparseConv2D` (select, depthwise, mix).
     quantization: "float32", "float16" or "int8".
     representative_data: float32 NHWC images for int8 calibration (a few
       hundred; at most MAX_REPRESENTATIVE_EXAMPLES are used).
@@ -167,6 +173,8 @@ def convert(
   """
   check_quantization(quantization)
   plain = export_model(model)
+  if sparse:
+    plain, _ = pair_sparse.rewrite(plain)
   content = _run(_converter(plain, sparse, quantization, representative_data))
   if sparse and inspect_model.unreadable_sparse_inputs(content):
     logging.warning(

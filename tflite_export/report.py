@@ -24,6 +24,7 @@ import tensorflow as tf
 from keras_models import networks
 from tff_feddst import files
 from tflite_export import inspect_model
+from tflite_export import pair_sparse
 from tflite_export.convert import check_quantization, convert, export_model
 from tflite_export.evaluate import DEFAULT_LATENCY_EXAMPLES
 from tflite_export.evaluate import accuracy_of
@@ -207,7 +208,10 @@ def export_and_report(
   threads), and with `standalone_runtime` the same batch-1 figures on the
   standalone LiteRT runtime (None where it is not installed);
   latency_ratio_sparse_dense (sparse / dense median batch-1 latency, the
-  TensorFlow interpreter, chosen quantisation).
+  TensorFlow interpreter, chosen quantisation); pair_sparse_convs: per
+  Conv2D, its kept (input, output) channel pairs, the multiply-adds of the
+  dense and of the pair-sparse form, and whether the sparse exports run it
+  pair-sparse (`tflite_export.pair_sparse`).
   """
   check_quantization(quantization)
   x_test, y_test = _checked_test_split(x_test, y_test)
@@ -241,6 +245,7 @@ def export_and_report(
       ),
       "weight_sparsity": sparsity,
       "layer_sparsity": layer_sparsity,
+      "pair_sparse_convs": pair_sparse.report(plain),
       "size_ratio_sparse_dense": (
           exports["sparse"]["size_bytes"] / exports["dense"]["size_bytes"]
       ),
