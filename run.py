@@ -80,6 +80,9 @@ HELP = {
     "mask_block": "Sparse algorithms: mask the dense kernels in blocks of 1 output x 4 (or 16) "
     "inputs, the blocks TFLite's sparse fully-connected kernel runs (float32: 1x4, int8: "
     "1x16); convolutions and dense kernels whose inputs do not divide stay element-wise.",
+    "conv_block": "Sparse algorithms: mask the convolutions in whole k x k filters of one "
+    "(input channel, output filter) pair (kernel); a sparse TFLite export then computes only "
+    "the kept pairs, with 1x1, depthwise and 1x1 convolutions.",
     "min_votes": "Clients that must keep a weight for it to survive aggregation.",
     "upload_dtype": "Precision of uploaded weights (float16: "
     + ", ".join(a.name for a in algorithms.REGISTRY.values() if a.float16_upload)

@@ -7,12 +7,17 @@ blocks at the layout's budgets and its export runs dense1 sparse.
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from tff_feddst.config import ConfigError
 from tff_feddst.config import ExperimentConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize(
@@ -22,6 +27,8 @@ from tff_feddst.config import ExperimentConfig
         (dict(algorithm="snip", mask_block="1x16"), "--mask_block=1x16 is implemented for feddst, randommask, structured_feddst only"),
         (dict(algorithm="structured", mask_block="1x4"), "is implemented for feddst, randommask, structured_feddst only"),
         (dict(mask_block="2x2"), "--mask_block=2x2 is not one of none, 1x4, 1x16"),
+        (dict(algorithm="fedavg", conv_block="kernel"), "--conv_block=kernel is implemented for feddst, randommask, structured_feddst only"),
+        (dict(conv_block="3x3"), "--conv_block=3x3 is not one of none, kernel"),
     ],
 )
 def test_bad_mask_block_settings_are_one_line_errors(settings, message):
@@ -37,6 +44,10 @@ def test_a_run_saved_before_mask_block_existed_resumes_as_element_wise():
   assert config.differences_from(saved) == []
   blocked = ExperimentConfig(rounds=10, mask_block="1x4").resolve()
   assert blocked.differences_from(saved) == ["--mask_block=1x4 (was none)"]
+  saved = {k: v for k, v in config.__dict__.items() if k != "conv_block"}
+  assert config.differences_from(saved) == []
+  blocked = ExperimentConfig(rounds=10, conv_block="kernel").resolve()
+  assert blocked.differences_from(saved) == ["--conv_block=kernel (was none)"]
 
 
 def test_block_feddst_run_keeps_whole_blocks_and_exports_dense1_sparse(
@@ -89,3 +100,74 @@ def test_block_feddst_run_keeps_whole_blocks_and_exports_dense1_sparse(
   with open(tmp_path / "model.tflite", "rb") as f:
     logits = tfl_eval.predict_logits(f.read(), x)
   np.testing.assert_allclose(logits, model(x).numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_block_feddst_run_keeps_whole_filters_and_exports_conv2_as_pairs(
+    tmp_path, small_fashion_mnist
+):
+  """Two readjusting rounds at S = 0.8 with --conv_block=kernel and 1x4
+  blocks: conv1 keeps 8 whole 5x5 filters, conv2 15 (ERK, test_masks); a
+  mask upload costs a bit per filter; the sparse export runs conv2 over
+  its kept pairs only (DEPTHWISE_CONV_2D) and computes the Keras model's
+  logits. `benchmarks.retime_runs` times the run's exports again and
+  tabulates it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from tflite_export import evaluate as tfl_eval  # pylint: disable=g-import-not-at-top
+  from tflite_export import inspect_model  # pylint: disable=g-import-not-at-top
+  from tff_feddst import training  # pylint: disable=g-import-not-at-top
+
+  config = ExperimentConfig(
+      data_dir=small_fashion_mnist,
+      algorithm="feddst", mask_block="1x4", conv_block="kernel", total_clients=20,
+      clients_per_round=3, local_epochs=1, rounds=2, eval_every=2,
+      rounds_between_readjustments=1, readjustment_end_round=3, seed=4,
+      export_tflite=True, output_dir=str(tmp_path / "run"),
+  )
+  training.run_experiment(config, log=lambda line: None)
+  with open(tmp_path / "run" / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["layer_budgets"]["conv1"] == 25 * 8
+  assert summary["layer_budgets"]["conv2"] == 25 * 15
+  model = tf.keras.models.load_model(tmp_path / "run" / "final_model.keras")
+  for name, budget in (("conv1", 8), ("conv2", 15)):
+    kept = np.abs(model.get_layer(name).kernel.numpy()).sum(axis=(0, 1)) > 0
+    assert kept.sum() <= budget
+    assert kept.sum() >= budget - 1  # a regrown filter may still be all zero
+
+  # A mask: a bit per filter of conv1 and conv2, per 1x4 block of dense1,
+  # per weight of logits, each layer's in whole bytes: 16 + 200 + 64,000 + 504.
+  with open(tmp_path / "run" / "metrics.csv") as f:
+    rows = list(csv.DictReader(f))
+  values = 32 * (sum(summary["layer_budgets"].values()) + summary["num_unmasked"])
+  assert [int(r["round_upload_bits"]) for r in rows] == [
+      3 * values + int(r["clients_mask_uploaded"]) * 64_720 for r in rows
+  ]
+
+  report = summary["tflite"]
+  convs = {row["layer"]: row for row in report["pair_sparse_convs"]}
+  assert convs["conv2"]["rewritten"] and convs["conv2"]["kept_pairs"] <= 15
+  with open(tmp_path / "run" / "model.tflite", "rb") as f:
+    content = f.read()
+  assert "DEPTHWISE_CONV_2D" in inspect_model.operators(content)
+  x = np.random.default_rng(0).random((64, 28, 28, 1), np.float32)
+  np.testing.assert_allclose(
+      tfl_eval.predict_logits(content, x), model(x).numpy(), atol=1e-5, rtol=1e-5
+  )
+
+  retimed = subprocess.run(
+      [sys.executable, "-m", "benchmarks.retime_runs", f"--runs_dir={tmp_path}", "--latency_examples=5"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+  )
+  assert retimed.returncode == 0, retimed.stderr[-3000:]
+  with open(tmp_path / "latency_quiet" / "run.json") as f:
+    again = json.load(f)
+  assert again["pair_sparse_convs"] == report["pair_sparse_convs"]
+  assert again["exports"]["sparse"]["batch1_latency_num_examples"] == 5
+  evaluated = [float(r["clients_accuracy"]) for r in rows if r["clients_accuracy"]]
+  mean = sum(evaluated[-4:]) / len(evaluated[-4:])
+  lines = (tmp_path / "latency_quiet" / "retimed.md").read_text().splitlines()
+  assert lines[2].startswith(
+      f"| run | {evaluated[-1]:.4f} ({mean:.4f}) | {again['exports']['sparse']['size_bytes']:,} |"
+  )
+  assert lines[2].endswith("| conv2 |") and "run:" in retimed.stdout

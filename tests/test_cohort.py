@@ -18,6 +18,7 @@ from tff_feddst import cohort
 from tff_feddst import cohort_work
 from tff_feddst import compact_download
 from tff_feddst import feddst
+from tff_feddst import masks as masks_lib
 from tff_feddst import messages
 from tff_feddst import optimizers
 from tff_feddst import sparse_model
@@ -241,6 +242,22 @@ def test_batched_readjust_equals_the_per_client_rule():
     np.testing.assert_array_equal(new_weights[g], want_weights)
 
 
+def test_batched_readjust_in_whole_filters_equals_the_per_client_rule():
+  """--conv_block=kernel: 3x3 filters of a [3, 3, 4, 6] kernel, 2 of them
+  moved per client, as `masks.readjust` moves them one client at a time."""
+  rng = np.random.default_rng(2)
+  grid = rng.random((4, 1, 1, 4, 6)) < 0.5
+  mask = np.broadcast_to(grid, (4, 3, 3, 4, 6)).astype(np.float32)
+  weights = rng.normal(size=(4, 3, 3, 4, 6)).astype(np.float32) * mask
+  gradient = rng.normal(size=(4, 3, 3, 4, 6)).astype(np.float32)
+  new_mask, new_weights = cohort.readjust(weights, mask, gradient, 18, rows=9)
+  for g in range(4):
+    want_mask, want_weights = masks_lib.readjust(weights[g], mask[g], gradient[g], 18, rows=9)
+    np.testing.assert_array_equal(new_mask[g], want_mask)
+    np.testing.assert_array_equal(new_weights[g], want_weights)
+    assert np.asarray(new_mask[g]).sum() == mask[g].sum()
+
+
 WIDTHS = {"conv1": 3, "conv2": 4, "dense1": 8}
 SPEC = collections.OrderedDict(
     x=tf.TensorSpec([None, 28, 28, 1], tf.float32), y=tf.TensorSpec([None], tf.int32)
@@ -337,13 +354,19 @@ def test_cohort_feddst_equals_per_client_feddst(upload_dtype):
     s_ref, s_coh = out_ref.state, out_coh.state
 
 
-@pytest.mark.parametrize("mask_block", [pytest.param(4, marks=PORTABLE), 16])
-def test_block_feddst_cohort_equals_per_client_and_keeps_whole_blocks(mask_block):
+@pytest.mark.parametrize(
+    "mask_block, conv_kernels", [pytest.param(4, False, marks=PORTABLE), (16, False), (4, True)]
+)
+def test_block_feddst_cohort_equals_per_client_and_keeps_whole_blocks(mask_block, conv_kernels):
   """--mask_block: dense1 (1024 inputs) is masked in blocks at 1x4 and
-  1x16, logits (8 inputs) at 1x4 only. Two readjusting rounds: both engines
+  1x16, logits (8 inputs) at 1x4 only; --conv_block=kernel: the
+  convolutions in whole 5x5 filters. Two readjusting rounds: both engines
   agree, and every mask holds whole blocks at exactly its budget."""
-  layout = sparse_model.build_layout(sparse_model.wrap_prunable(_keras()), 0.6, "erk", mask_block)
-  assert layout.all_rows == ((1, 1, 4, 4) if mask_block == 4 else (1, 1, 16, 1))
+  layout = sparse_model.build_layout(
+      sparse_model.wrap_prunable(_keras()), 0.6, "erk", mask_block, conv_kernels
+  )
+  conv_rows = (25, 25) if conv_kernels else (1, 1)
+  assert layout.all_rows == conv_rows + ((4, 4) if mask_block == 4 else (16, 1))
   assert layout.budgets[2] < 1024 * 8  # dense1 is sparse: its blocks must move
   initial = sparse_model.initial_model_weights(_keras, 0, layout)
   common = dict(
@@ -369,7 +392,7 @@ def test_block_feddst_cohort_equals_per_client_and_keeps_whole_blocks(mask_block
     mask, rows = np.asarray(weights.non_trainable[i]), layout.rows(slot)
     assert mask.sum() == layout.budgets[slot] and layout.budgets[slot] % rows == 0
     if rows > 1:
-      grid = mask.reshape(mask.shape[0] // rows, rows, -1)
+      grid = mask.reshape(masks_lib.block_view(mask.shape, rows))
       np.testing.assert_array_equal(grid.min(axis=1), grid.max(axis=1))
       if slot == 2:  # dense1's global blocks moved
         assert not np.array_equal(mask, masks_before[slot])

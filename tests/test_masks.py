@@ -763,3 +763,116 @@ def test_keep_top_k_equals_the_sorting_reference(rows):
       got = _np(masks.keep_top_k(tf.constant(v), tf.constant(support), kk, rows=rows))
       want = _np(masks.keep_top_k_by_sorting(tf.constant(v), tf.constant(support), kk, rows=rows))
       np.testing.assert_array_equal(got, want, err_msg=f"trial {trial} k {k}")
+
+
+# ---------------------------------------------------------------------------
+# Kernel blocks (--conv_block=kernel): a convolution [k_h, k_w, n_in, n_out]
+# masked in whole filters kernel[:, :, i, o]. References below work on
+# numpy filter sums |w|.sum(axis=(0, 1)), an [n_in, n_out] grid, row-major.
+# ---------------------------------------------------------------------------
+
+
+def _filter_sums(x):
+  return np.abs(x).sum(axis=(0, 1))
+
+
+def _whole_filters(mask):
+  return bool((mask.min(axis=(0, 1)) == mask.max(axis=(0, 1))).all())
+
+
+def _filters_to_mask(grid, shape):
+  return np.broadcast_to(grid[None, None].astype(np.float32), shape).copy()
+
+
+def test_kernel_blocks_are_whole_filters_of_convolutions_only():
+  assert masks.layer_rows(MNIST_SHAPES, 4, conv_kernels=True) == [25, 25, 4, 1]
+  assert masks.layer_rows(MNIST_SHAPES, 1, conv_kernels=True) == [25, 25, 1, 1]
+  assert masks.layer_rows([(3, 2, 4, 5), (1, 1, 4, 5)], 1, conv_kernels=True) == [6, 1]
+  assert masks.block_view((5, 5, 10, 20), 25) == [1, 25, 200]
+  assert masks.grid_shape((5, 5, 10, 20), 25) == [1, 200]
+  assert masks.block_view((5120, 50), 4) == [1280, 4, 50]
+  with pytest.raises(ValueError, match="whole 5x5 filters"):
+    masks.block_view((5, 5, 10, 20), 4)
+  # A block is one filter: the row-major view's column i * n_out + o.
+  kernel = np.arange(3 * 2 * 4 * 5, dtype=np.float32).reshape(3, 2, 4, 5)
+  view = kernel.reshape(masks.block_view(kernel.shape, 6))
+  np.testing.assert_array_equal(view[0, :, 2 * 5 + 3], kernel[:, :, 2, 3].ravel())
+
+
+def test_kernel_block_budgets_and_random_masks_by_hand():
+  rows = masks.layer_rows(MNIST_SHAPES, 4, conv_kernels=True)
+  budgets = masks.layer_budgets(MNIST_SHAPES, 0.8, "erk", rows)
+  # ERK at 0.8 (test above: 208 and 396 element-wise): 8 of conv1's 10
+  # filters, 15 of conv2's 200.
+  assert budgets == [25 * 8, 25 * 15, 4 * 12811, 500]
+  drawn = masks.random_masks(MNIST_SHAPES, budgets, 3, rows)
+  for mask, budget in zip(drawn[:2], budgets[:2]):
+    assert int(mask.sum()) == budget and _whole_filters(mask)
+  # Dense layers draw as they did without kernel blocks (the same stream).
+  plain = masks.random_masks(MNIST_SHAPES, budgets, 3, [1, 1, 4, 1])
+  assert not _whole_filters(plain[1])
+
+
+def test_largest_magnitude_mask_in_whole_filters_by_hand():
+  w = np.zeros((2, 2, 2, 2), np.float32)
+  w[:, :, 0, 0] = [[1.0, 0.0], [0.0, 0.0]]  # filter sum 1
+  w[:, :, 0, 1] = [[0.5, 0.5], [0.5, 0.5]]  # 2
+  w[:, :, 1, 0] = [[-3.0, 0.0], [0.0, 0.0]]  # 3, one large entry
+  w[:, :, 1, 1] = [[0.1, 0.1], [0.1, -0.1]]  # 0.4
+  got = masks.largest_magnitude_mask(w, 8, rows=4)
+  np.testing.assert_array_equal(got[0, 0], [[0, 1], [1, 0]])
+  assert _whole_filters(got)
+  # Ties go to the lower grid index (i * n_out + o).
+  got = masks.largest_magnitude_mask(np.ones((2, 2, 2, 2), np.float32), 4, rows=4)
+  np.testing.assert_array_equal(got[1, 1], [[1, 0], [0, 0]])
+
+
+def _numpy_filter_readjust(w, mask, g, k):
+  """Prune the k kept filters of least sum |w|, grow the k dropped filters
+  of largest sum |g| (ties: lower grid index)."""
+  grid = (_filter_sums(mask) > 0).ravel()
+  sums = _filter_sums(w).ravel()
+  active = np.flatnonzero(grid)
+  pruned = grid.copy()
+  pruned[active[np.argsort(sums[active], kind="stable")[:k]]] = False
+  inactive = np.flatnonzero(~pruned)
+  grown = pruned.copy()
+  grown[inactive[np.argsort(-_filter_sums(g).ravel()[inactive], kind="stable")[:k]]] = True
+  new_mask = _filters_to_mask(grown.reshape(mask.shape[2:]), mask.shape)
+  return new_mask, w * new_mask * (1 - new_mask * (1 - mask))
+
+
+def test_kernel_block_readjust_random_against_numpy():
+  rng = np.random.default_rng(11)
+  shape = (3, 3, 4, 6)
+  for _ in range(10):
+    mask = _filters_to_mask(rng.random(shape[2:]) < 0.4, shape)
+    w = rng.normal(size=shape).astype(np.float32) * mask
+    g = rng.normal(size=shape).astype(np.float32)
+    k = int(rng.integers(0, _filter_sums(mask).astype(bool).sum() + 1))
+    got_mask, got_w = masks.readjust(tf.constant(w), tf.constant(mask), tf.constant(g), 9 * k, rows=9)
+    want_mask, want_w = _numpy_filter_readjust(w, mask, g, k)
+    np.testing.assert_array_equal(_np(got_mask), want_mask)
+    np.testing.assert_array_equal(_np(got_w), want_w)
+    assert _np(got_mask).sum() == mask.sum()
+
+
+def test_kernel_block_vote_and_reprune_keep_whole_filters_and_the_budget():
+  rng = np.random.default_rng(8)
+  shape = (3, 3, 4, 6)
+  client_masks = [_filters_to_mask(rng.random(shape[2:]) < 0.35, shape) for _ in range(3)]
+  client_values = [rng.normal(size=shape).astype(np.float32) * m for m in client_masks]
+  weights = [3.0, 1.0, 2.0]
+  votes = sum(n * m for n, m in zip(weights, client_masks))
+  values = np.divide(
+      sum(n * v for n, v in zip(weights, client_values)), votes,
+      out=np.zeros_like(votes), where=votes > 0,
+  )
+  support = votes / sum(weights)
+  for reprune in (masks.keep_top_k, masks.keep_top_k_by_sorting):
+    got = _np(reprune(tf.constant(values), tf.constant(support), 5 * 9, rows=9))
+    assert _whole_filters(got) and got.sum() == 5 * 9
+    sums = np.where(_filter_sums(support).ravel() > 0, _filter_sums(values).ravel(), -1.0)
+    want = np.zeros(sums.shape, bool)
+    want[np.argsort(-sums, kind="stable")[:5]] = True
+    np.testing.assert_array_equal(got, _filters_to_mask(want.reshape(shape[2:]), shape))

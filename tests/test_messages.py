@@ -98,19 +98,43 @@ def test_block_masks_send_one_bit_per_block():
   np.testing.assert_array_equal(messages.unpack_bits_np(packed, (12, 5), rows=4), mask)
 
 
-def _layout(mask_block=1):
+def test_kernel_block_masks_send_one_bit_per_filter():
+  """A convolution [3, 2, 4, 5] in whole filters: 20 bits, filter (i, o)
+  at position i * 5 + o; numpy and TensorFlow agree and round-trip."""
+  rng = np.random.default_rng(5)
+  filters = rng.random((4, 5)) < 0.4
+  mask = np.broadcast_to(filters[None, None], (3, 2, 4, 5)).astype(np.float32)
+  kernel = (rng.normal(size=(3, 2, 4, 5)) * mask).astype(np.float32)
+  packed = messages.pack_bits_np(mask, rows=6)
+  assert messages.mask_units((3, 2, 4, 5), 6) == 20 and packed.shape == (3,)
+  np.testing.assert_array_equal(np.unpackbits(packed)[:20], filters.ravel())
+  np.testing.assert_array_equal(messages.pack_bits(tf.constant(mask), [3, 2, 4, 5], rows=6).numpy(), packed)
+  np.testing.assert_array_equal(messages.unpack_bits_np(packed, (3, 2, 4, 5), rows=6), mask)
+  np.testing.assert_array_equal(messages.unpack_bits(tf.constant(packed), [3, 2, 4, 5], rows=6).numpy(), mask)
+  layer = messages.encode_layer(tf.constant(kernel), tf.constant(mask), int(mask.sum()), rows=6)
+  back_kernel, back_mask = messages.decode_layer(layer, (3, 2, 4, 5), rows=6)
+  np.testing.assert_array_equal(back_mask.numpy(), mask)
+  np.testing.assert_array_equal(back_kernel.numpy(), kernel)
+
+
+def _layout(mask_block=1, conv_kernels=False):
   keras_fn = functools.partial(
       keras_models.build_model, "mnist_cnn", (28, 28, 1), 10,
       widths={"conv1": 3, "conv2": 4, "dense1": 8},
   )
   model = keras_fn()
-  layout = sparse_model.build_layout(sparse_model.wrap_prunable(keras_fn()), 0.8, "erk", mask_block)
+  layout = sparse_model.build_layout(
+      sparse_model.wrap_prunable(keras_fn()), 0.8, "erk", mask_block, conv_kernels
+  )
   return model, layout
 
 
-@pytest.mark.parametrize("mask_block", [1, 4])
-def test_a_models_message_round_trips_and_counts_its_bits(mask_block):
-  model, layout = _layout(mask_block)
+@pytest.mark.parametrize("mask_block, conv_kernels", [(1, False), (4, False), (4, True)])
+def test_a_models_message_round_trips_and_counts_its_bits(mask_block, conv_kernels):
+  model, layout = _layout(mask_block, conv_kernels)
+  if conv_kernels:  # conv2 [5, 5, 3, 4]: a bit per filter, 12 bits
+    assert layout.all_rows == (25, 25, 4, 4)
+    assert messages.mask_units(layout.kernel_shapes[1], 25) == 12
   rng = np.random.default_rng(5)
   masks = masks_lib.random_masks(layout.kernel_shapes, layout.budgets, 6, layout.all_rows)
   trainable = [rng.normal(size=w.shape).astype(np.float32) for w in model.trainable_weights]

@@ -68,6 +68,8 @@ class AlgorithmConfig:
   min_votes: int = 1
   # Masks of dense kernels in blocks (names.MASK_BLOCKS; "none": element-wise).
   mask_block: str = "none"
+  # Masks of convolution kernels in whole filters (names.CONV_BLOCKS).
+  conv_block: str = "none"
   upload_dtype: str = "float32"
   seed: int = 0
   structured_boundary: float = 0.95
@@ -123,7 +125,8 @@ class Algorithm:
   retrain_with: str | None = None
   # Has a cohort client work (`--client_execution=cohort`).
   cohort: bool = False
-  # Accepts `--mask_block` (its masks are drawn and readjusted in blocks).
+  # Accepts `--mask_block` and `--conv_block` (its masks are drawn and
+  # readjusted in blocks).
   block_masks: bool = False
   # Accepts `--sparse_init=rescaled` (its initial mask is the random one).
   rescaled_init: bool = False

@@ -180,6 +180,7 @@ def _build_sparse(readjusts: bool) -> Builder:
         config.sparsity,
         config.sparsity_distribution,
         names.MASK_BLOCK_ROWS[config.mask_block],
+        conv_kernels=config.conv_block == "kernel",
     )
     initial = sparse_model.initial_model_weights(
         keras_fn, config.seed, layout, rescaled=config.sparse_init == "rescaled"

@@ -552,17 +552,20 @@ def readjust(weights, mask, gradient, k, rows: int = 1):
   Returns (new_mask, new_weights).
   """
   shape = tf.shape(weights)
+  kernel = weights.shape[1:]  # one client's kernel shape (static)
   per_client = lambda t: tf.reshape(t, [shape[0], -1])  # noqa: E731
   # The choices are made on blocks (single entries when rows = 1).
   k = tf.cast(k, tf.int32) // rows
-  w = per_client(masks_lib.pool_blocks(weights, rows))
-  m = per_client(tf.cast(masks_lib.pool_blocks(mask, rows) > 0, mask.dtype))
-  grad = per_client(masks_lib.pool_blocks(gradient, rows))
+  w = per_client(masks_lib.pool_blocks(weights, rows, kernel))
+  m = per_client(tf.cast(masks_lib.pool_blocks(mask, rows, kernel) > 0, mask.dtype))
+  grad = per_client(masks_lib.pool_blocks(gradient, rows, kernel))
   neg_inf = tf.constant(-np.inf, w.dtype)
   pruned = m * (1.0 - _select_rows(tf.where(m > 0, -tf.abs(w), neg_inf), k))
   grown = tf.minimum(pruned + _select_rows(tf.where(pruned > 0, neg_inf, tf.abs(grad)), k), 1.0)
-  grid = tf.concat([shape[:-2], [shape[-2] // rows, shape[-1]]], 0)
-  grown = tf.reshape(masks_lib.expand_blocks(tf.reshape(grown, grid), rows), shape)
+  if rows > 1:
+    grid = tf.concat([shape[:1], masks_lib.grid_shape(kernel, rows)], 0)
+    grown = masks_lib.expand_blocks(tf.reshape(grown, grid), rows, kernel)
+  grown = tf.reshape(grown, shape)
   new_positions = grown * (1.0 - mask)
   new_w = weights * grown * (1.0 - new_positions)
   return grown, new_w

@@ -35,6 +35,7 @@ CHOICES = {
     "sparsity_distribution": names.DISTRIBUTIONS,
     "sparse_init": names.SPARSE_INITS,
     "mask_block": names.MASK_BLOCKS,
+    "conv_block": names.CONV_BLOCKS,
     "upload_dtype": ("float32", "float16"),
     "tflite_quantization": tflite_export.QUANTIZATION_MODES,
     "structured_relative_to": names.RELATIVE_TO,
@@ -265,6 +266,11 @@ class ExperimentConfig(algorithms.AlgorithmConfig):
       raise ConfigError(
           f"--mask_block={self.mask_block} is implemented for {', '.join(allowed)} only"
       )
+    if self.conv_block != "none" and not self.spec.block_masks:
+      allowed = [a.name for a in algorithms.REGISTRY.values() if a.block_masks]
+      raise ConfigError(
+          f"--conv_block={self.conv_block} is implemented for {', '.join(allowed)} only"
+      )
     if self.client_execution == "cohort" and not any(p.cohort for p in self.spec.phases):
       allowed = [a.name for a in algorithms.REGISTRY.values() if any(p.cohort for p in a.phases)]
       raise ConfigError(
@@ -331,6 +337,7 @@ def _saved_before_setting_existed(key: str, saved: dict):
     return saved.get("sparsity")
   return {
       "readjustment_schedule": "cosine", "remember_old": False, "mask_block": "none",
+      "conv_block": "none",
       "prunefl_initial_rounds": 5, "prunefl_costs": "",
       "lotteryfl_accuracy_threshold": 0.5, "lotteryfl_prune_rate": 0.2,
       "client_sparsity_tiers": "", "sparse_init": "keras", "structured_min_width": 0.0,

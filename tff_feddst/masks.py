@@ -18,6 +18,12 @@ Conventions
   block). Every choice is then made on the block grid [n_in / rows, n_out]
   with a block's score the sum of its entries' |score|, and budgets and k
   are multiples of `rows`. `rows` = 1 is the element-wise mask.
+- Kernel blocks (`--conv_block=kernel`, section 3.8): a convolution's
+  kernel is masked in whole k_h x k_w filters, kernel[:, :, i, o], so
+  rows = k_h * k_w. Both kinds are blocks of `rows` consecutive entries of
+  one column of a row-major view of the kernel (`block_view`): [n_in /
+  rows, rows, n_out] for a dense kernel, [1, k_h * k_w, n_in * n_out] for
+  a convolution's; the block grid is that view without its middle axis.
 """
 
 import math
@@ -75,18 +81,42 @@ def layer_densities(
   return [1.0 if i in dense else scale * raw[i] for i in range(len(shapes))]
 
 
-def block_rows(shape: Sequence[int], rows: int) -> int:
+def block_rows(shape: Sequence[int], rows: int, conv_kernels: bool = False) -> int:
   """Rows per mask block of a kernel under `--mask_block` with `rows` inputs
   per block: `rows` for a dense kernel whose inputs divide by it, else 1
-  (convolutions and the other dense kernels stay element-wise)."""
+  (the other dense kernels stay element-wise); for a convolution k_h * k_w
+  with `conv_kernels` (`--conv_block=kernel`), else 1."""
+  if len(shape) == 4:
+    return int(shape[0] * shape[1]) if conv_kernels else 1
   if rows > 1 and len(shape) == 2 and shape[0] % rows == 0:
     return rows
   return 1
 
 
-def layer_rows(shapes: Sequence[Sequence[int]], rows: int) -> list[int]:
+def layer_rows(
+    shapes: Sequence[Sequence[int]], rows: int, conv_kernels: bool = False
+) -> list[int]:
   """`block_rows` of every layer."""
-  return [block_rows(shape, rows) for shape in shapes]
+  return [block_rows(shape, rows, conv_kernels) for shape in shapes]
+
+
+def block_view(shape: Sequence[int], rows: int) -> list[int]:
+  """[A, rows, B]: the row-major view of a kernel of `shape` in which each
+  mask block of `rows` entries is [a, :, b]. A dense kernel's: [n_in /
+  rows, rows, n_out]; a convolution's in whole filters (rows = k_h * k_w):
+  [1, k_h * k_w, n_in * n_out]. The block grid is [A, B]."""
+  shape = [int(d) for d in shape]
+  if len(shape) == 4:
+    if rows != shape[0] * shape[1]:
+      raise ValueError(f"a convolution's blocks are whole {shape[0]}x{shape[1]} filters, not {rows} entries")
+    return [1, rows, shape[2] * shape[3]]
+  return [shape[0] // rows, rows, shape[1]]
+
+
+def grid_shape(shape: Sequence[int], rows: int) -> list[int]:
+  """[A, B]: the block grid of `block_view`."""
+  view = block_view(shape, rows)
+  return [view[0], view[2]]
 
 
 def layer_budgets(
@@ -115,26 +145,42 @@ def random_masks(
   rows = rows or [1] * len(shapes)
   masks = []
   for shape, budget, r in zip(shapes, budgets, rows):
-    grid = (shape[0] // r, *shape[1:]) if r > 1 else tuple(shape)
+    grid = grid_shape(shape, r) if r > 1 else list(shape)
     size = int(np.prod(grid))
     flat = np.zeros(size, np.float32)
     flat[rng.permutation(size)[:budget // r]] = 1.0
-    masks.append(np.repeat(flat.reshape(grid), r, axis=0) if r > 1 else flat.reshape(shape))
+    masks.append(_expand_np(flat.reshape(grid), shape, r) if r > 1 else flat.reshape(shape))
   return masks
 
 
-def pool_blocks(x: tf.Tensor, rows: int) -> tf.Tensor:
-  """[..., n_in, n_out] -> [..., n_in / rows, n_out]: each block's sum of |x|."""
+def _expand_np(grid: np.ndarray, shape: Sequence[int], rows: int) -> np.ndarray:
+  """[A, B] block grid -> the kernel-shaped mask (`block_view`)."""
+  return np.repeat(grid[:, None, :], rows, axis=1).reshape(tuple(shape))
+
+
+def pool_blocks(x: tf.Tensor, rows: int, shape: Sequence[int] | None = None) -> tf.Tensor:
+  """[..., *shape] -> [..., A, B] (`grid_shape`): each block's sum of |x|.
+  `shape`: the kernel's (x's trailing axes); default x's static shape."""
   if rows == 1:
     return tf.abs(x)
-  shape = tf.shape(x)
-  grid = tf.concat([shape[:-2], [shape[-2] // rows, rows, shape[-1]]], 0)
-  return tf.reduce_sum(tf.abs(tf.reshape(x, grid)), axis=-2)
+  x = tf.convert_to_tensor(x)
+  shape = list(x.shape) if shape is None else list(shape)
+  lead = tf.shape(x)[: x.shape.rank - len(shape)]
+  view = tf.concat([lead, block_view(shape, rows)], 0)
+  return tf.reduce_sum(tf.abs(tf.reshape(x, view)), axis=-2)
 
 
-def expand_blocks(grid_mask: tf.Tensor, rows: int) -> tf.Tensor:
-  """[..., n_in / rows, n_out] -> [..., n_in, n_out]: each block's value on its entries."""
-  return grid_mask if rows == 1 else tf.repeat(grid_mask, rows, axis=-2)
+def expand_blocks(grid_mask: tf.Tensor, rows: int, shape: Sequence[int] | None = None) -> tf.Tensor:
+  """[..., A, B] -> [..., *shape]: each block's value on its entries.
+  Without `shape` (a dense kernel's blocks): [..., n_in / rows, n_out] ->
+  [..., n_in, n_out]."""
+  if rows == 1:
+    return grid_mask
+  if shape is None:
+    return tf.repeat(grid_mask, rows, axis=-2)
+  lead = tf.shape(grid_mask)[:-2]
+  repeated = tf.repeat(tf.expand_dims(grid_mask, -2), rows, axis=-2)
+  return tf.reshape(repeated, tf.concat([lead, [int(d) for d in shape]], 0))
 
 
 def largest_magnitude_mask(weights: np.ndarray, k: int, rows: int = 1) -> np.ndarray:
@@ -146,10 +192,9 @@ def largest_magnitude_mask(weights: np.ndarray, k: int, rows: int = 1) -> np.nda
   """
   weights = np.asarray(weights)
   if rows > 1:
-    n_in, n_out = weights.shape
-    scores = np.abs(weights).reshape(n_in // rows, rows, n_out).sum(axis=1)
+    scores = np.abs(weights).reshape(block_view(weights.shape, rows)).sum(axis=1)
     grid = largest_magnitude_mask(scores, k // rows)
-    return np.repeat(grid, rows, axis=0)
+    return _expand_np(grid, weights.shape, rows)
   flat = np.abs(weights).ravel()
   mask = np.zeros(flat.shape, np.float32)
   mask[np.argsort(-flat, kind="stable")[:k]] = 1.0
@@ -286,9 +331,10 @@ def readjust(
   """
   # The choices are made on blocks (single entries when rows = 1).
   k_blocks = tf.cast(k, tf.int32) // rows
-  block_mask = tf.cast(pool_blocks(mask, rows) > 0, mask.dtype)
-  pruned = prune_smallest(pool_blocks(weights, rows), block_mask, k_blocks)
-  grown = expand_blocks(grow_largest(pool_blocks(gradient, rows), pruned, k_blocks), rows)
+  shape = weights.shape
+  block_mask = tf.cast(pool_blocks(mask, rows, shape) > 0, mask.dtype)
+  pruned = prune_smallest(pool_blocks(weights, rows, shape), block_mask, k_blocks)
+  grown = expand_blocks(grow_largest(pool_blocks(gradient, rows, shape), pruned, k_blocks), rows, shape)
   new_positions = grown * (1.0 - mask)
   new_weights = weights * grown * (1.0 - new_positions)
   return grown, new_weights
@@ -326,13 +372,13 @@ def _largest_with_count(keys, count):
 def _on_blocks(select, values, support, k, rows: int) -> tf.Tensor:
   """`select` (a re-prune) on blocks of `rows` entries: a block's value is
   its sum of |v|, its support its largest entry's; k / rows blocks."""
-  grid = tf.shape(values)[-2] // rows
-  shares = tf.reshape(support, [grid, rows, -1])
+  shape = values.shape
+  shares = tf.reshape(support, block_view(shape, rows))
   block_support = tf.reduce_max(tf.cast(shares, tf.float32), axis=1)
-  block_values = tf.ensure_shape(
-      pool_blocks(values, rows), [values.shape[0] // rows, values.shape[1]]
+  block_values = tf.ensure_shape(pool_blocks(values, rows, shape), grid_shape(shape, rows))
+  return expand_blocks(
+      select(block_values, block_support, tf.cast(k, tf.int32) // rows), rows, shape
   )
-  return expand_blocks(select(block_values, block_support, tf.cast(k, tf.int32) // rows), rows)
 
 
 def keep_top_k(values: tf.Tensor, support: tf.Tensor, k: int, rows: int = 1) -> tf.Tensor:

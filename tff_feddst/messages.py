@@ -10,8 +10,9 @@ static type. Per prunable layer (kernel of `size` weights, budget k):
                first position in the byte's highest bit (numpy's packbits
                order), the last byte padded with zeros; `units` is the
                kernel's size, or with block masks (rows r > 1, blocks of r
-               consecutive inputs of one output) its number of blocks, one
-               bit per block
+               consecutive inputs of one output, or a convolution's whole
+               filters) its number of blocks, one bit per block, in the
+               row-major order of the block grid (`masks.block_view`)
 
 plus the other trainable values (biases) whole, in the values' dtype. The mask part is left out
 of messages that do not carry it (`encode(..., with_mask=False)`); the
@@ -27,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from tff_feddst import masks as masks_lib
 
 # Bits of one element of each dtype a message may hold.
 DTYPE_BITS = {
@@ -56,15 +59,16 @@ def _block_grid_np(mask: np.ndarray, rows: int) -> np.ndarray:
   """The block mask of an [in, out] mask in blocks of `rows` inputs (flat)."""
   if rows == 1:
     return np.asarray(mask).ravel()
-  grid = np.asarray(mask).reshape(mask.shape[0] // rows, rows, -1)
+  grid = np.asarray(mask).reshape(masks_lib.block_view(np.shape(mask), rows))
   return grid[:, 0, :].ravel()
 
 
 def _expand_np(units: np.ndarray, shape, rows: int) -> np.ndarray:
   if rows == 1:
     return units.reshape(shape)
-  grid = units.reshape(shape[0] // rows, 1, shape[1])
-  return np.broadcast_to(grid, (shape[0] // rows, rows, shape[1])).reshape(shape)
+  view = masks_lib.block_view(shape, rows)
+  grid = units.reshape(view[0], 1, view[2])
+  return np.broadcast_to(grid, view).reshape(shape)
 
 
 def pack_bits_np(mask: np.ndarray, rows: int = 1) -> np.ndarray:
@@ -107,14 +111,15 @@ def _block_grid(mask, shape, rows: int):
   flat = tf.reshape(mask, [-1])
   if rows == 1:
     return flat
-  grid = tf.reshape(mask, [shape[0] // rows, rows, shape[1]])
+  grid = tf.reshape(mask, masks_lib.block_view(shape, rows))
   return tf.reshape(grid[:, 0, :], [-1])
 
 
 def _expand(units, shape, rows: int):
   if rows == 1:
     return tf.reshape(units, shape)
-  grid = tf.reshape(units, [shape[0] // rows, 1, shape[1]])
+  view = masks_lib.block_view(shape, rows)
+  grid = tf.reshape(units, [view[0], 1, view[2]])
   return tf.reshape(tf.tile(grid, [1, rows, 1]), shape)
 
 
@@ -302,7 +307,7 @@ def _block_grids(mask, shape, rows: int):
   g, units = tf.shape(mask)[0], mask_units(shape, rows)
   if rows == 1:
     return tf.reshape(mask, [g, units])
-  grid = tf.reshape(mask, [g, shape[0] // rows, rows, shape[1]])
+  grid = tf.reshape(mask, [g, *masks_lib.block_view(shape, rows)])
   return tf.reshape(grid[:, :, 0, :], [g, units])
 
 
@@ -324,7 +329,8 @@ def _unpack_rows(packed, shape, rows: int):
   bits = tf.cast(tf.reshape(bits, [s, packed_size(units) * 8])[:, :units], tf.float32)
   if rows == 1:
     return tf.reshape(bits, [s, *shape])
-  grid = tf.reshape(bits, [s, shape[0] // rows, 1, shape[1]])
+  view = masks_lib.block_view(shape, rows)
+  grid = tf.reshape(bits, [s, view[0], 1, view[2]])
   return tf.reshape(tf.tile(grid, [1, 1, rows, 1]), [s, *shape])
 
 

@@ -35,6 +35,11 @@ SCHEDULES = ("cosine", "constant")
 # float32 sparse fully-connected kernel runs, 1x16 its int8 one.
 MASK_BLOCKS = ("none", "1x4", "1x16")
 MASK_BLOCK_ROWS = {"none": 1, "1x4": 4, "1x16": 16}
+# Convolution masks (`--conv_block`): element-wise, or whole k_h x k_w
+# filters of one (input channel, output filter) pair, which a sparse TFLite
+# export runs as 1x1, depthwise and 1x1 convolutions over the kept pairs
+# only (`tflite_export.pair_sparse`).
+CONV_BLOCKS = ("none", "kernel")
 
 # Structured search (unit_graph): what a layer's importances are compared
 # with; the first is the default (`algorithms.AlgorithmConfig.structured_relative_to`).

@@ -149,12 +149,14 @@ class SparseLayout:
 
 
 def build_layout(
-    wrapped: tf.keras.Model, sparsity: float, distribution: str = "erk", mask_block: int = 1
+    wrapped: tf.keras.Model, sparsity: float, distribution: str = "erk", mask_block: int = 1,
+    conv_kernels: bool = False,
 ) -> SparseLayout:
   """Reads variable positions off a wrapped model and computes budgets.
 
   `mask_block`: inputs per mask block of the dense kernels (`--mask_block`;
-  1: element-wise masks everywhere).
+  1: element-wise masks everywhere); `conv_kernels`: convolutions masked in
+  whole filters (`--conv_block=kernel`).
   """
   trainable = wrapped.trainable_weights
   non_trainable = wrapped.non_trainable_weights
@@ -170,7 +172,7 @@ def build_layout(
     k_idx.append(t_pos[id(inner.kernel)])
     m_idx.append(n_pos[id(wrappers.mask_variable(layer))])
     s_idx.append(n_pos[id(wrappers.step_variable(layer))])
-  rows = masks_lib.layer_rows(shapes, mask_block)
+  rows = masks_lib.layer_rows(shapes, mask_block, conv_kernels)
   budgets = masks_lib.layer_budgets(shapes, sparsity, distribution, rows)
   return SparseLayout(
       layer_names=tuple(names),
@@ -180,7 +182,7 @@ def build_layout(
       step_index=tuple(s_idx),
       budgets=tuple(budgets),
       trainable_sizes=tuple(int(np.prod(v.shape)) for v in trainable),
-      block_rows=tuple(rows) if mask_block > 1 else (),
+      block_rows=tuple(rows) if any(r > 1 for r in rows) else (),
   )
 
 

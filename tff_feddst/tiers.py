@@ -121,7 +121,7 @@ def client_mask_np(kernel: np.ndarray, global_mask: np.ndarray, budget: int,
   an [in, out] kernel) whole blocks by their summed |w|."""
   kernel, global_mask = np.asarray(kernel, np.float32), np.asarray(global_mask, np.float32)
   if rows > 1:
-    grid_shape = (kernel.shape[0] // rows, rows, kernel.shape[1])
+    grid_shape = tuple(masks_lib.block_view(kernel.shape, rows))
     score = np.abs(kernel).reshape(grid_shape).sum(axis=1).ravel()
     on = global_mask.reshape(grid_shape)[:, 0, :].ravel() > 0
     k = budget // rows
