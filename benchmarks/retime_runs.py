@@ -65,6 +65,18 @@ def accuracies(run_dir: str, last: int) -> tuple[float, float]:
   return values[-1], sum(tail) / len(tail)
 
 
+def row(name: str, run_dir: str, report: dict, last: int) -> dict:
+  """A run's line of the table: `accuracies` and its quiet `report`'s figures."""
+  last_accuracy, mean_last = accuracies(run_dir, last)
+  sparse, dense = report["exports"]["sparse"], report["exports"]["dense"]
+  return {
+      "run": name, "last": last_accuracy, "mean_last": mean_last, "bytes": sparse["size_bytes"],
+      "sparse_ms": sparse["batch1_latency_median_ms"], "dense_ms": dense["batch1_latency_median_ms"],
+      "ratio": report["latency_ratio_sparse_dense"],
+      "pairs": [c["layer"] for c in report.get("pair_sparse_convs", []) if c["rewritten"]],
+  }
+
+
 def table(rows: list[dict], last: int) -> str:
   lines = [
       f"| run | clients_accuracy, last (mean of last {last}) | sparse file bytes | sparse ms | dense ms | x dense | convolutions over kept pairs |",
@@ -108,15 +120,7 @@ def main(argv) -> int:
         shutil.rmtree(work, ignore_errors=True)
       files.write_atomic(path, files.json_text(report))
     with open(path) as fh:
-      report = json.load(fh)
-    last, mean_last = accuracies(run_dir, f.last_evals)
-    sparse, dense = report["exports"]["sparse"], report["exports"]["dense"]
-    rows.append({
-        "run": name, "last": last, "mean_last": mean_last, "bytes": sparse["size_bytes"],
-        "sparse_ms": sparse["batch1_latency_median_ms"], "dense_ms": dense["batch1_latency_median_ms"],
-        "ratio": report["latency_ratio_sparse_dense"],
-        "pairs": [c["layer"] for c in report.get("pair_sparse_convs", []) if c["rewritten"]],
-    })
+      rows.append(row(name, run_dir, json.load(fh), f.last_evals))
     print(f"{name}: {rows[-1]['sparse_ms']:.4f} ms ({rows[-1]['ratio']:.2f}x dense)", flush=True)
   text = table(rows, f.last_evals)
   print(text)

@@ -171,3 +171,37 @@ def test_kernel_block_feddst_run_keeps_whole_filters_and_exports_conv2_as_pairs(
       f"| run | {evaluated[-1]:.4f} ({mean:.4f}) | {again['exports']['sparse']['size_bytes']:,} |"
   )
   assert lines[2].endswith("| conv2 |") and "run:" in retimed.stdout
+
+
+RESULTS = os.path.join(REPO, "docs", "benchmarks", "kernel_blocks")
+
+
+def test_committed_kernel_block_runs_and_their_quiet_timings():
+  """docs/benchmarks/kernel_blocks: the README's runs. Kernel-block runs
+  keep conv1 and conv2 in 8 and 15 whole filters and their sparse exports
+  run conv2 over its kept pairs; the others never; retimed.md is the
+  table `benchmarks.retime_runs` makes of the committed files."""
+  from benchmarks import retime_runs  # pylint: disable=g-import-not-at-top
+
+  names = sorted(n for n in os.listdir(RESULTS) if n != "latency_quiet")
+  assert len(names) == 11
+  rows = []
+  for name in names:
+    with open(os.path.join(RESULTS, name, "config.json")) as f:
+      config = json.load(f)
+    with open(os.path.join(RESULTS, name, "summary.json")) as f:
+      summary = json.load(f)
+    with open(os.path.join(RESULTS, "latency_quiet", f"{name}.json")) as f:
+      quiet = json.load(f)
+    kernel = name.startswith("kernel_")
+    assert config["conv_block"] == ("kernel" if kernel else "none")
+    assert (config["rounds"], config["sparsity"], config["algorithm"]) == (100, 0.8, "feddst")
+    budgets = summary["layer_budgets"]
+    assert (budgets["conv1"], budgets["conv2"]) == ((200, 375) if kernel else (208, 396))
+    rewritten = [c["layer"] for c in quiet["pair_sparse_convs"] if c["rewritten"]]
+    assert rewritten == (["conv2"] if kernel else [])
+    # The quiet export is the run's own model: the same accuracy.
+    assert quiet["keras"]["accuracy"] == summary["tflite"]["keras"]["accuracy"]
+    rows.append(retime_runs.row(name, os.path.join(RESULTS, name), quiet, 4))
+  with open(os.path.join(RESULTS, "latency_quiet", "retimed.md")) as f:
+    assert f.read() == retime_runs.table(rows, 4) + "\n"
