@@ -135,7 +135,7 @@ MODULE_SECONDS = {
     "test_compact_messages": 60, "test_outputs": 40, "test_run_e2e": 35, "test_tflite_export": 34,
     "test_lotteryfl": 32, "test_structured_run": 29, "test_benchmarks_speed": 27,
     "test_structured": 25, "test_tier_work": 21, "test_prunefl": 21, "test_pruning_init": 21,
-    "test_cli": 18, "test_feddst_process": 14, "test_config": 10, "test_block_masks": 10,
+    "test_cli": 18, "test_feddst_process": 14, "test_config": 10, "test_block_masks": 35,
     "test_schedules": 10, "test_op_profile": 9, "test_benchmarks_report": 4, "test_messages": 3,
     "test_models": 3, "test_masks": 2, "test_data": 2, "test_tiers": 1,
 }
