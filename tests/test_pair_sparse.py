@@ -121,3 +121,14 @@ def test_sparse_export_runs_only_the_kept_pairs_and_equals_keras():
   assert "DEPTHWISE_CONV_2D" not in inspect_model.operators(dense)
   for content in (sparse, dense):
     np.testing.assert_allclose(tfl_eval.predict_logits(content, x), keras_logits, atol=1e-5)
+
+
+def test_a_convolution_used_twice_is_left_as_it_is():
+  """A Conv2D called on two tensors has no single input shape: `costs`
+  gives None and `rewrite` returns the model unchanged."""
+  conv = tf.keras.layers.Conv2D(4, 3, padding="same", name="shared")
+  inputs = tf.keras.Input((6, 6, 4))
+  model = tf.keras.Model(inputs, conv(conv(inputs)))
+  conv.kernel.assign(_pair_masked(conv.kernel.numpy(), 1, seed=0))
+  assert pair_sparse.costs(conv) is None
+  assert pair_sparse.rewrite(model) == (model, [])

@@ -68,10 +68,13 @@ def costs(layer) -> Optional[dict]:
   where `rewrite` does not apply to it (see `_eligible`)."""
   if not _eligible(layer):
     return None
+  try:
+    height, width = _spatial(layer.input.shape)
+    out_h, out_w = _spatial(layer.output.shape)
+  except AttributeError:  # a layer called on several inputs: left as it is
+    return None
   kernel = layer.kernel.numpy()
   k_h, k_w, c_in, c_out = kernel.shape
-  height, width = _spatial(layer.input.shape)
-  out_h, out_w = _spatial(layer.output.shape)
   pairs = int(kept_pairs(kernel).sum())
   dense = out_h * out_w * k_h * k_w * c_in * c_out
   rewritten = height * width * c_in * pairs + out_h * out_w * pairs * (k_h * k_w + c_out)
