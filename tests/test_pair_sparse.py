@@ -123,12 +123,17 @@ def test_sparse_export_runs_only_the_kept_pairs_and_equals_keras():
     np.testing.assert_allclose(tfl_eval.predict_logits(content, x), keras_logits, atol=1e-5)
 
 
-def test_a_convolution_used_twice_is_left_as_it_is():
-  """A Conv2D called on two tensors has no single input shape: `costs`
-  gives None and `rewrite` returns the model unchanged."""
-  conv = tf.keras.layers.Conv2D(4, 3, padding="same", name="shared")
-  inputs = tf.keras.Input((6, 6, 4))
-  model = tf.keras.Model(inputs, conv(conv(inputs)))
-  conv.kernel.assign(_pair_masked(conv.kernel.numpy(), 1, seed=0))
-  assert pair_sparse.costs(conv) is None
-  assert pair_sparse.rewrite(model) == (model, [])
+def test_a_convolution_used_twice_is_rewritten_once_and_computes_the_same():
+  """A Conv2D called on two tensors (of one shape, or of two) becomes one
+  PairSparseConv2D called twice, costed at its first call."""
+  x = np.random.default_rng(3).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  for padding in ("same", "valid"):
+    conv = tf.keras.layers.Conv2D(4, 3, padding=padding, name="shared")
+    inputs = tf.keras.Input((8, 8, 4))
+    model = tf.keras.Model(inputs, conv(conv(inputs)))
+    conv.kernel.assign(_pair_masked(conv.kernel.numpy(), 1, seed=0))
+    out = 8 if padding == "same" else 6
+    assert pair_sparse.costs(conv)["dense_macs"] == out * out * 9 * 16
+    new, names = pair_sparse.rewrite(model)
+    assert names == ["shared"]
+    np.testing.assert_allclose(new(x).numpy(), model(x).numpy(), atol=1e-5)

@@ -68,11 +68,9 @@ def costs(layer) -> Optional[dict]:
   where `rewrite` does not apply to it (see `_eligible`)."""
   if not _eligible(layer):
     return None
-  try:
-    height, width = _spatial(layer.input.shape)
-    out_h, out_w = _spatial(layer.output.shape)
-  except AttributeError:  # a layer called on several inputs: left as it is
-    return None
+  # A layer called more than once is costed at its first call.
+  height, width = _spatial(layer.input.shape)
+  out_h, out_w = _spatial(layer.output.shape)
   kernel = layer.kernel.numpy()
   k_h, k_w, c_in, c_out = kernel.shape
   pairs = int(kept_pairs(kernel).sum())
