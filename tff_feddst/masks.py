@@ -18,7 +18,7 @@ Conventions
   block). Every choice is then made on the block grid [n_in / rows, n_out]
   with a block's score the sum of its entries' |score|, and budgets and k
   are multiples of `rows`. `rows` = 1 is the element-wise mask.
-- Kernel blocks (`--conv_block=kernel`, section 3.8): a convolution's
+- Kernel blocks (`--conv_block=kernel`, section 3.7): a convolution's
   kernel is masked in whole k_h x k_w filters, kernel[:, :, i, o], so
   rows = k_h * k_w. Both kinds are blocks of `rows` consecutive entries of
   one column of a row-major view of the kernel (`block_view`): [n_in /
