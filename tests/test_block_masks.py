@@ -184,7 +184,7 @@ def test_committed_kernel_block_runs_and_their_quiet_timings():
   from benchmarks import retime_runs  # pylint: disable=g-import-not-at-top
 
   names = sorted(n for n in os.listdir(RESULTS) if n != "latency_quiet")
-  assert len(names) == 11
+  assert len(names) == 20
   rows = []
   for name in names:
     with open(os.path.join(RESULTS, name, "config.json")) as f:
