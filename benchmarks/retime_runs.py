@@ -48,6 +48,43 @@ def define_flags() -> None:
   flags.mark_flag_as_required("runs_dir")
 
 
+class Retimer:
+  """Exports and times runs' final models one at a time: `retimer(run_dir,
+  path)` writes `export_and_report`'s report of <run_dir>/final_model.keras
+  (the run's quantisation, 1 thread, `latency_examples` test images) to
+  `path` and returns it. The test data (and 300 training images for int8
+  calibration, as `python -m tflite_export` takes) are read once, from
+  `data_dir` or the first run's."""
+
+  def __init__(self, work_dir: str, latency_examples: int = 1000, data_dir: str | None = None):
+    self._work, self._latency_examples, self._data_dir = work_dir, latency_examples, data_dir
+    self._data = self._representative = None
+
+  def __call__(self, run_dir: str, path: str) -> dict:
+    with open(os.path.join(run_dir, "config.json")) as f:
+      config = json.load(f)
+    if self._data is None:
+      self._data = load_arrays(
+          config.get("dataset", "fashion_mnist"), data_dir=self._data_dir or config.get("data_dir")
+      )
+      rng = np.random.default_rng(0)
+      x_train = self._data.x_train
+      self._representative = x_train[np.sort(rng.choice(len(x_train), 300, replace=False))]
+    model = tf.keras.models.load_model(os.path.join(run_dir, "final_model.keras"), compile=False)
+    shutil.rmtree(self._work, ignore_errors=True)
+    try:
+      report = export_and_report(
+          model, output_dir=self._work, x_test=self._data.x_test, y_test=self._data.y_test,
+          representative_data=self._representative,
+          quantization=config.get("tflite_quantization", "float32"),
+          latency_examples=self._latency_examples, num_threads=1,
+      )
+    finally:
+      shutil.rmtree(self._work, ignore_errors=True)
+    files.write_atomic(path, files.json_text(report))
+    return report
+
+
 def finished_runs(runs_dir: str) -> list[str]:
   """The sub-folders of `runs_dir` with a summary.json and a final model, sorted."""
   return sorted(
@@ -95,30 +132,13 @@ def main(argv) -> int:
   f = flags.FLAGS
   output_dir = f.output_dir or os.path.join(f.runs_dir, "latency_quiet")
   os.makedirs(output_dir, exist_ok=True)
-  work = os.path.join(output_dir, ".work")
-  data, rows = None, []
+  retimer = Retimer(os.path.join(output_dir, ".work"), f.latency_examples, f.data_dir)
+  rows = []
   for name in finished_runs(f.runs_dir):
     run_dir = os.path.join(f.runs_dir, name)
     path = os.path.join(output_dir, f"{name}.json")
     if not os.path.exists(path):
-      with open(os.path.join(run_dir, "config.json")) as fh:
-        config = json.load(fh)
-      if data is None:
-        data = load_arrays(config.get("dataset", "fashion_mnist"), data_dir=f.data_dir or config.get("data_dir"))
-        rng = np.random.default_rng(0)  # int8 calibration: 300 training images
-        representative = data.x_train[np.sort(rng.choice(len(data.x_train), 300, replace=False))]
-      model = tf.keras.models.load_model(os.path.join(run_dir, "final_model.keras"), compile=False)
-      shutil.rmtree(work, ignore_errors=True)
-      try:
-        report = export_and_report(
-            model, output_dir=work, x_test=data.x_test, y_test=data.y_test,
-            representative_data=representative,
-            quantization=config.get("tflite_quantization", "float32"),
-            latency_examples=f.latency_examples, num_threads=1,
-        )
-      finally:
-        shutil.rmtree(work, ignore_errors=True)
-      files.write_atomic(path, files.json_text(report))
+      retimer(run_dir, path)
     with open(path) as fh:
       rows.append(row(name, run_dir, json.load(fh), f.last_evals))
     print(f"{name}: {rows[-1]['sparse_ms']:.4f} ms ({rows[-1]['ratio']:.2f}x dense)", flush=True)

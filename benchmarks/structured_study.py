@@ -47,7 +47,6 @@ import io
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 
@@ -528,11 +527,7 @@ def retime(output_dir: str, settings, seeds, latency_examples: int = 1000,
   network by network, each network's runs between its first seed's FedAvg
   export timed first and last; reports go to
   <output_dir>/latency_quiet/<run>.json."""
-  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  import numpy as np
-  import tensorflow as tf
-  from tff_feddst.data import load_arrays
-  from tflite_export.report import export_and_report
+  from benchmarks.retime_runs import Retimer  # pylint: disable=g-import-not-at-top  (TensorFlow)
 
   latency_dir = os.path.join(output_dir, LATENCY_DIR)
   os.makedirs(latency_dir, exist_ok=True)
@@ -547,27 +542,9 @@ def retime(output_dir: str, settings, seeds, latency_examples: int = 1000,
     runs = [r for r in runs if os.path.exists(os.path.join(r, "summary.json"))]
     first, last = reference_timings(baseline)
     jobs += [(first, reference), *((os.path.basename(r), r) for r in runs), (last, reference)]
-  data = None
+  retimer = Retimer(work, latency_examples, data_dir)
   for name, run_dir in jobs:
-    config = _read_json(os.path.join(run_dir, "config.json"))
-    if data is None:
-      data = load_arrays(config.get("dataset", "fashion_mnist"),
-                         data_dir=data_dir or config.get("data_dir"))
-      # int8 calibration: python -m tflite_export's 300 training images.
-      rng = np.random.default_rng(0)
-      representative = data.x_train[np.sort(rng.choice(len(data.x_train), 300, replace=False))]
-    model = tf.keras.models.load_model(os.path.join(run_dir, "final_model.keras"), compile=False)
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-      report = export_and_report(
-          model, output_dir=work, x_test=data.x_test, y_test=data.y_test,
-          representative_data=representative,
-          quantization=config.get("tflite_quantization", "float32"),
-          latency_examples=latency_examples, num_threads=1,
-      )
-    finally:
-      shutil.rmtree(work, ignore_errors=True)
-    files.write_atomic(os.path.join(latency_dir, f"{name}.json"), files.json_text(report))
+    report = retimer(run_dir, os.path.join(latency_dir, f"{name}.json"))
     log(f"[retime] {name}: {median_ms(report):.3f} ms")
 
 
