@@ -715,6 +715,17 @@ def test_block_readjust_random_against_numpy(rows):
     assert _np(got_mask).sum() == mask.sum()  # the budget is kept exactly
 
 
+def _voted(client_masks, client_values, weights):
+  """(values, support) of the server's voting average, by hand: each
+  position's weighted mean over the clients that kept it, and its vote share."""
+  votes = sum(n * m for n, m in zip(weights, client_masks))
+  values = np.divide(
+      sum(n * v for n, v in zip(weights, client_values)), votes,
+      out=np.zeros_like(votes), where=votes > 0,
+  )
+  return values, votes / sum(weights)
+
+
 def test_block_vote_and_reprune_keep_whole_blocks_and_the_budget():
   """Three clients' block masks voted (support = vote share) and re-pruned
   to 5 blocks: the supported blocks of largest sum |v|, against numpy."""
@@ -722,13 +733,7 @@ def test_block_vote_and_reprune_keep_whole_blocks_and_the_budget():
   rows, n_in, n_out = 4, 24, 3
   client_masks = [np.repeat(rng.random((6, n_out)) < 0.35, rows, axis=0).astype(np.float32) for _ in range(3)]
   client_values = [rng.normal(size=(n_in, n_out)).astype(np.float32) * m for m in client_masks]
-  weights = [3.0, 1.0, 2.0]
-  votes = sum(n * m for n, m in zip(weights, client_masks))
-  values = np.divide(
-      sum(n * v for n, v in zip(weights, client_values)), votes,
-      out=np.zeros_like(votes), where=votes > 0,
-  )
-  support = votes / sum(weights)
+  values, support = _voted(client_masks, client_values, [3.0, 1.0, 2.0])
   got = _np(masks.keep_top_k(tf.constant(values), tf.constant(support), 5 * rows, rows=rows))
   assert _is_blockwise(got, rows) and got.sum() == 5 * rows
   supported = (_block_sums(support, rows) > 0).ravel()
@@ -862,13 +867,7 @@ def test_kernel_block_vote_and_reprune_keep_whole_filters_and_the_budget():
   shape = (3, 3, 4, 6)
   client_masks = [_filters_to_mask(rng.random(shape[2:]) < 0.35, shape) for _ in range(3)]
   client_values = [rng.normal(size=shape).astype(np.float32) * m for m in client_masks]
-  weights = [3.0, 1.0, 2.0]
-  votes = sum(n * m for n, m in zip(weights, client_masks))
-  values = np.divide(
-      sum(n * v for n, v in zip(weights, client_values)), votes,
-      out=np.zeros_like(votes), where=votes > 0,
-  )
-  support = votes / sum(weights)
+  values, support = _voted(client_masks, client_values, [3.0, 1.0, 2.0])
   for reprune in (masks.keep_top_k, masks.keep_top_k_by_sorting):
     got = _np(reprune(tf.constant(values), tf.constant(support), 5 * 9, rows=9))
     assert _whole_filters(got) and got.sum() == 5 * 9
