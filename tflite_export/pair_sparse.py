@@ -84,9 +84,12 @@ def costs(layer) -> Optional[dict]:
   }
 
 
-def qualifies(layer, max_cost: float = MAX_COST) -> bool:
-  cost = costs(layer)
+def _pays(cost: Optional[dict], max_cost: float) -> bool:
   return cost is not None and cost["rewrite_macs"] <= max_cost * cost["dense_macs"]
+
+
+def qualifies(layer, max_cost: float = MAX_COST) -> bool:
+  return _pays(costs(layer), max_cost)
 
 
 class PairSparseConv2D(tf.keras.layers.Layer):
@@ -155,9 +158,5 @@ def report(model: tf.keras.Model, max_cost: float = MAX_COST) -> list[dict]:
   for layer in model.layers:
     cost = costs(layer)
     if cost is not None:
-      rows.append({
-          "layer": layer.name,
-          **cost,
-          "rewritten": cost["rewrite_macs"] <= max_cost * cost["dense_macs"],
-      })
+      rows.append({"layer": layer.name, **cost, "rewritten": _pays(cost, max_cost)})
   return rows
